@@ -1,0 +1,25 @@
+"""Save a randomly initialised open_clip model as a checkpoint, to try wildseg where no weights can be downloaded.
+
+    python examples/make_random_checkpoint.py random_vitb16.pt --model ViT-B-16
+
+Masks from random weights are meaningless; the file exercises the real loading path and the full pipeline.
+"""
+
+import argparse
+
+import open_clip
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="where to write the state dict (.pt)")
+    parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture")
+    parser.add_argument("--seed", type=int, default=0)
+    arguments = parser.parse_args()
+    torch.manual_seed(arguments.seed)
+    torch.save(open_clip.create_model(arguments.model).state_dict(), arguments.path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""The CLIP backbone: open_clip models from pretrained tags or local checkpoints, and label text embeddings.
+
+Weights come from open_clip's registry of pretrained tags (downloaded and cached on first use) or from a
+local file given with `checkpoint`. Label embeddings use a prompt-template ensemble as in CLIP's zero-shot
+classifier (Radford et al. 2021, Sec. 3.1.4): each templated prompt is embedded and normalised, the
+embeddings of a label are averaged and normalised again.
+"""
+
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence, Union
+
+import open_clip
+import torch
+
+from .errors import WildsegError, first_line
+
+TEMPLATE_SETS: dict[str, Sequence[Union[str, Callable[[str], str]]]] = {
+    "imagenet80": open_clip.OPENAI_IMAGENET_TEMPLATES,
+    "photo": ("a photo of a {}.",),
+}
+DEFAULT_TEMPLATES = "imagenet80"
+
+
+def resolve_device(device: str) -> torch.device:
+    """Map 'auto' to CUDA when PyTorch sees a GPU and to the CPU otherwise; check that 'cuda' is usable."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise WildsegError("--device cuda was asked for, but PyTorch sees no CUDA GPU: use --device cpu or auto")
+    if device not in ("cpu", "cuda"):
+        raise WildsegError(f"unknown device {device!r}: use auto, cuda or cpu")
+    return torch.device(device)
+
+
+def default_cache_hint() -> str:
+    """Where open_clip keeps downloaded weights when no cache folder is given."""
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    return f"{HF_HUB_CACHE} (Hugging Face) or ~/.cache/clip"
+
+
+@dataclass
+class Backbone:
+    """A loaded open_clip model in eval mode, with what is needed to feed it images and text."""
+
+    model: torch.nn.Module
+    tokenizer: Callable
+    model_name: str
+    weights: str
+    device: torch.device
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    _label_cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def half_precision(self) -> bool:
+        """Half precision (fp16 autocast) is used on CUDA; the CPU runs in fp32."""
+        return self.device.type == "cuda"
+
+    def autocast(self):
+        """The autocast context for this device: fp16 on CUDA, disabled on CPU."""
+        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half_precision)
+
+    def embed_labels(self, labels: Sequence[str], templates: str = DEFAULT_TEMPLATES) -> torch.Tensor:
+        """Return unit-norm text embeddings (labels x dim, fp32) of the template ensemble of each label.
+
+        Each label is embedded once per template set and then served from a cache.
+        """
+        missing = [label for label in dict.fromkeys(labels) if (label, templates) not in self._label_cache]
+        if missing:
+            with torch.no_grad(), self.autocast():
+                classifier = open_clip.build_zero_shot_classifier(
+                    self.model,
+                    self.tokenizer,
+                    missing,
+                    TEMPLATE_SETS[templates],
+                    num_classes_per_batch=4,
+                    device=self.device,
+                )
+            for label, embedding in zip(missing, classifier.T.float()):
+                self._label_cache[(label, templates)] = embedding
+        return torch.stack([self._label_cache[(label, templates)] for label in labels])
+
+
+def load_backbone(
+    model_name: str = "ViT-B-16",
+    pretrained: Optional[str] = "openai",
+    checkpoint: Optional[Union[str, Path]] = None,
+    device: str = "auto",
+    cache_dir: Optional[Union[str, Path]] = None,
+) -> Backbone:
+    """Build an open_clip model with weights from `checkpoint` if given, else from the `pretrained` tag.
+
+    `pretrained=None` (CLI: `--pretrained none`) keeps open_clip's random initialisation, for speed tests.
+    """
+    torch_device = resolve_device(device)
+    if model_name not in open_clip.list_models():
+        raise WildsegError(f"unknown model {model_name!r}: run `wildseg models` to list the architectures open_clip has")
+    if checkpoint is not None:
+        model, weights = _model_from_checkpoint(model_name, Path(checkpoint)), str(checkpoint)
+    elif pretrained is not None and pretrained.lower() != "none":
+        model, weights = _model_from_tag(model_name, pretrained, cache_dir), pretrained
+    else:
+        model, weights = open_clip.create_model(model_name), "random"
+    model = model.to(torch_device).eval().requires_grad_(False)
+    preprocess = open_clip.get_model_preprocess_cfg(model)
+    size = preprocess.get("size", model.visual.image_size)
+    return Backbone(
+        model=model,
+        tokenizer=open_clip.get_tokenizer(model_name),
+        model_name=model_name,
+        weights=weights,
+        device=torch_device,
+        image_size=size if isinstance(size, int) else size[0],
+        mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
+        std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+    )
+
+
+def _model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Path]]) -> torch.nn.Module:
+    tags = open_clip.list_pretrained_tags_by_model(model_name)
+    if tag not in tags:
+        known = ", ".join(tags) if tags else "none"
+        raise WildsegError(
+            f"model {model_name} has no pretrained weights {tag!r} (known tags: {known}); "
+            "pick one with --pretrained or load a file with --checkpoint"
+        )
+    try:
+        return open_clip.create_model(model_name, pretrained=tag, cache_dir=None if cache_dir is None else str(cache_dir))
+    except Exception as error:
+        where = cache_dir if cache_dir is not None else default_cache_hint()
+        raise WildsegError(
+            f"could not get the {tag!r} weights of {model_name} ({first_line(error)}); open_clip downloads them "
+            f"once into {where}: connect to the network, point --cache-dir at a copy of that cache, or pass "
+            "--checkpoint PATH to a local weights file"
+        ) from None
+
+
+def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
+    if not path.is_file():
+        raise WildsegError(f"checkpoint not found: {path} (check the path given to --checkpoint)")
+    try:
+        if _is_torchscript_archive(path):
+            return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        return open_clip.create_model(model_name, pretrained=str(path))
+    except RuntimeError as error:
+        if "size mismatch" in str(error) or "Missing key" in str(error) or "Unexpected key" in str(error):
+            raise WildsegError(
+                f"checkpoint {path} does not fit model {model_name}: pass the --model it was saved from"
+            ) from None
+        raise _unreadable_checkpoint(path, error) from None
+    except Exception as error:
+        raise _unreadable_checkpoint(path, error) from None
+
+
+def _unreadable_checkpoint(path: Path, error: BaseException) -> WildsegError:
+    return WildsegError(
+        f"cannot read checkpoint {path} ({first_line(error)}): pass an open_clip state dict "
+        "(.pt, .bin, .safetensors) or an OpenAI JIT archive"
+    )
+
+
+def _is_torchscript_archive(path: Path) -> bool:
+    """TorchScript archives are zip files with a `constants.pkl` entry; torch.save files have none."""
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as archive:
+        return any(name.endswith("/constants.pkl") for name in archive.namelist())
+

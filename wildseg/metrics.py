@@ -1,0 +1,43 @@
+"""Segmentation metrics from a confusion matrix accumulated with torch.bincount.
+
+IoU_c = TP_c / (TP_c + FP_c + FN_c); mIoU averages IoU over classes present in the ground truth or the
+prediction (a class absent from both has no IoU); pixel accuracy = trace / total.
+"""
+
+import numpy as np
+import torch
+
+
+def confusion_matrix(
+    prediction: np.ndarray | torch.Tensor,
+    truth: np.ndarray | torch.Tensor,
+    classes: int,
+    ignore_index: int | None = None,
+) -> torch.Tensor:
+    """classes x classes counts, rows = ground truth, columns = prediction; ignored and out-of-range truth skipped."""
+    predicted = torch.as_tensor(prediction).long().flatten()
+    actual = torch.as_tensor(truth).long().flatten()
+    keep = (actual >= 0) & (actual < classes)
+    if ignore_index is not None:
+        keep &= actual != ignore_index
+    pairs = actual[keep] * classes + predicted[keep].clamp(0, classes - 1)
+    return torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+
+
+def per_class_iou(confusion: torch.Tensor) -> torch.Tensor:
+    """IoU per class, NaN for a class that appears in neither ground truth nor prediction."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
+def mean_iou(confusion: torch.Tensor) -> float:
+    """Mean of the defined per-class IoUs."""
+    return float(per_class_iou(confusion).nanmean())
+
+
+def pixel_accuracy(confusion: torch.Tensor) -> float:
+    """Fraction of counted pixels whose predicted class is right."""
+    confusion = confusion.double()
+    return float(confusion.diag().sum() / confusion.sum().clamp(min=1))

@@ -1,0 +1,93 @@
+"""Writing a segmentation to disk: palette PNG mask, colour overlay with legend, JSON record; all atomic."""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+OVERLAY_OPACITY = 0.5
+
+
+def label_palette(count: int) -> np.ndarray:
+    """count x 3 uint8 colours, PASCAL VOC's colour map: class bits spread over the high bits of R, G and B."""
+    colours = np.zeros((count, 3), dtype=np.uint8)
+    for index in range(count):
+        value, shift = index, 7
+        while value:
+            for channel in range(3):
+                colours[index, channel] |= ((value >> channel) & 1) << shift
+            value >>= 3
+            shift -= 1
+    return colours
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """Call `write` on a temporary file beside `path`, then rename it over `path`; never leave a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(handle)
+    try:
+        write(Path(temporary))
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def mask_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
+    """A palette-indexed ('P') image whose pixel values are the class indices."""
+    image = Image.fromarray(mask.astype(np.uint8), mode="P")
+    image.putpalette(palette.flatten().tolist())
+    return image
+
+
+def overlay_image(image: np.ndarray, mask: np.ndarray, labels: list[str], palette: np.ndarray) -> Image.Image:
+    """The photo with each labelled pixel tinted by its class colour, and a legend of the classes present."""
+    colours = palette[mask].astype(np.float32)
+    tinted = np.where(
+        (mask > 0)[..., None], (1 - OVERLAY_OPACITY) * image + OVERLAY_OPACITY * colours, image.astype(np.float32)
+    )
+    overlay = Image.fromarray(np.round(tinted).astype(np.uint8))
+    present = [index for index in range(len(labels)) if np.any(mask == index)]
+    draw = ImageDraw.Draw(overlay)
+    font_size = max(12, min(overlay.size) // 30)
+    font = ImageFont.load_default(size=font_size)
+    swatch = font_size
+    for row, index in enumerate(present):
+        top = 4 + row * (swatch + 4)
+        text_width = draw.textlength(labels[index], font=font)
+        draw.rectangle([4, top - 2, 14 + swatch + text_width, top + swatch + 2], fill=(0, 0, 0))
+        draw.rectangle([6, top, 6 + swatch, top + swatch], fill=tuple(int(c) for c in palette[index]))
+        draw.text((10 + swatch, top), labels[index], fill=(255, 255, 255), font=font)
+    return overlay
+
+
+def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
+    """Where the outputs of `image_path` go: <stem>.png, <stem>_overlay.jpg and <stem>.json in `out_dir`."""
+    stem = image_path.stem
+    return {
+        "mask": out_dir / f"{stem}.png",
+        "overlay": out_dir / f"{stem}_overlay.jpg",
+        "record": out_dir / f"{stem}.json",
+    }
+
+
+def write_outputs(paths: dict[str, Path], image: np.ndarray, mask: np.ndarray, labels: list[str], record: dict) -> None:
+    """Write mask, overlay and JSON record atomically; the JSON comes last and so marks the image as done."""
+    palette = label_palette(256)
+    write_atomically(paths["mask"], lambda path: mask_image(mask, palette).save(path, format="PNG"))
+    overlay = overlay_image(image, mask, labels, palette)
+    write_atomically(paths["overlay"], lambda path: overlay.save(path, format="JPEG", quality=90))
+    text = json.dumps({**record, "palette": palette[: len(labels)].tolist()}, indent=2)
+    write_atomically(paths["record"], lambda path: path.write_text(text + "\n"))

@@ -1,0 +1,38 @@
+"""From merged relevance maps to per-pixel label scores and probabilities, with background as class 0.
+
+Rule (documented in the README): each label's map is min-max normalised over the image to [0, 1]; the
+background gets the constant score `bg_threshold`, so a pixel is background when no label's normalised
+relevance reaches the threshold. Probabilities are a softmax of the scores at temperature
+`temperature` (sharper for smaller values); they are the CRF's unary term.
+"""
+
+import torch
+
+from .errors import WildsegError
+
+DEFAULT_BG_THRESHOLD = 0.4
+DEFAULT_TEMPERATURE = 0.1
+
+
+def normalize_per_label(maps: torch.Tensor) -> torch.Tensor:
+    """Min-max normalise each label's map (labels x H x W) to [0, 1]; a flat map becomes all zeros."""
+    flat = maps.flatten(1)
+    low = flat.min(dim=1).values[:, None, None]
+    span = (flat.max(dim=1).values[:, None, None] - low).clamp(min=torch.finfo(maps.dtype).tiny)
+    return (maps - low) / span
+
+
+def label_scores(maps: torch.Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD) -> torch.Tensor:
+    """Scores (1 + labels) x H x W: row 0 is the background's constant threshold, row i the i-th label's map."""
+    if not 0.0 <= bg_threshold <= 1.0:
+        raise WildsegError(f"--bg-threshold must lie in [0, 1], got {bg_threshold}")
+    normalized = normalize_per_label(maps)
+    background = torch.full_like(normalized[:1], bg_threshold)
+    return torch.cat([background, normalized])
+
+
+def scores_to_probabilities(scores: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
+    """Per-pixel class probabilities softmax(scores / temperature) over the class axis."""
+    if temperature <= 0:
+        raise WildsegError(f"the temperature must be positive, got {temperature}")
+    return torch.softmax(scores / temperature, dim=0)

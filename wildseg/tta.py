@@ -1,0 +1,135 @@
+"""Test-time augmentation: views of an image seen at the model's resolution, and their maps merged back.
+
+A view is a crop box of the image, optionally mirrored left-right, resized to the model's input size.
+Its map (on the patch grid) is warped back exactly: mirrored back, resized to the box with bilinear
+interpolation whose sample positions are pixel centres (`align_corners=False`), and added into the box.
+Each pixel's merged value is the mean over the views that cover it.
+
+Policies (Zabari & Hoshen refine relevance by augmentation; the set of views here is ours):
+
+- ``none``: the whole image.
+- ``default``: the whole image and its mirror; square crops with the side of the image's short side
+  (zoom 1, covering a long image without squashing it) and with half that side (zoom 2), each zoom
+  sliding with half-crop overlap.
+- ``heavy``: as ``default`` with zoom 3 added and every crop also mirrored.
+
+The whole-image view squashes the image to a square; crops are square, so they keep the aspect ratio.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import WildsegError
+
+
+@dataclass(frozen=True)
+class View:
+    """A crop box (left, top, right, bottom in pixels, right and bottom exclusive), mirrored or not."""
+
+    box: tuple[int, int, int, int]
+    mirrored: bool
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which views to take: the whole image (and its mirror), and square crops at the given zooms."""
+
+    mirror_whole: bool
+    zooms: tuple[int, ...]
+    mirror_crops: bool
+
+
+POLICIES = {
+    "none": Policy(mirror_whole=False, zooms=(), mirror_crops=False),
+    "default": Policy(mirror_whole=True, zooms=(1, 2), mirror_crops=False),
+    "heavy": Policy(mirror_whole=True, zooms=(1, 2, 3), mirror_crops=True),
+}
+
+
+def _sliding_starts(length: int, window: int) -> list[int]:
+    """Window starts covering [0, length) with stride at most half a window, the last window flush with the end."""
+    if window >= length:
+        return [0]
+    steps = math.ceil((length - window) / (window / 2))
+    return [round(i * (length - window) / steps) for i in range(steps + 1)]
+
+
+def plan_views(height: int, width: int, policy: str = "default") -> list[View]:
+    """The views a policy takes of an image of this size, whole image first."""
+    if policy not in POLICIES:
+        raise WildsegError(f"unknown TTA policy {policy!r}: use {', '.join(POLICIES)}")
+    plan = POLICIES[policy]
+    whole = (0, 0, width, height)
+    views = [View(whole, False)] + ([View(whole, True)] if plan.mirror_whole else [])
+    crops = []
+    for zoom in plan.zooms:
+        side = max(1, round(min(height, width) / zoom))
+        for top in _sliding_starts(height, side):
+            for left in _sliding_starts(width, side):
+                box = (left, top, left + side, top + side)
+                if box != whole:
+                    crops.append(box)
+    for box in dict.fromkeys(crops):
+        views.append(View(box, False))
+        if plan.mirror_crops:
+            views.append(View(box, True))
+    return views
+
+
+def render_view(image: torch.Tensor, view: View, size: int) -> torch.Tensor:
+    """The view's pixels (channels x size x size) from an image tensor (channels x H x W), antialiased."""
+    left, top, right, bottom = view.box
+    crop = image[None, :, top:bottom, left:right]
+    resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    return resized.flip(-1) if view.mirrored else resized
+
+
+def warp_to_box(maps: torch.Tensor, view: View) -> torch.Tensor:
+    """A view's maps (labels x g x g) in the image coordinates of its box: labels x box height x box width."""
+    left, top, right, bottom = view.box
+    unmirrored = maps.flip(-1) if view.mirrored else maps
+    return F.interpolate(unmirrored[None], size=(bottom - top, right - left), mode="bilinear", align_corners=False)[0]
+
+
+class ViewAccumulator:
+    """Sums warped view maps and coverage counts over the image, and returns their mean."""
+
+    def __init__(self, labels: int, height: int, width: int, device: torch.device):
+        self.total = torch.zeros(labels, height, width, device=device)
+        self.coverage = torch.zeros(height, width, device=device)
+
+    def add(self, maps: torch.Tensor, view: View) -> None:
+        left, top, right, bottom = view.box
+        self.total[:, top:bottom, left:right] += warp_to_box(maps.float(), view)
+        self.coverage[top:bottom, left:right] += 1
+
+    def mean(self) -> torch.Tensor:
+        return self.total / self.coverage.clamp(min=1)
+
+
+def merge_views(
+    image: torch.Tensor,
+    views: list[View],
+    size: int,
+    map_views: Callable[[torch.Tensor], torch.Tensor],
+    batch_size: int = 8,
+    on_batch: Callable[[int], None] = lambda done: None,
+) -> torch.Tensor:
+    """Average `map_views` (views x channels x size x size -> views x labels x g x g) over all views.
+
+    Views are rendered and mapped `batch_size` at a time; `on_batch` receives the number of views done.
+    """
+    accumulator = None
+    for start in range(0, len(views), batch_size):
+        chunk = views[start : start + batch_size]
+        maps = map_views(torch.stack([render_view(image, view, size) for view in chunk]))
+        if accumulator is None:
+            accumulator = ViewAccumulator(maps.shape[1], image.shape[-2], image.shape[-1], maps.device)
+        for view, view_maps in zip(chunk, maps):
+            accumulator.add(view_maps, view)
+        on_batch(start + len(chunk))
+    return accumulator.mean()
