@@ -146,21 +146,22 @@ def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
         if _is_torchscript_archive(path):
             return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
         return open_clip.create_model(model_name, pretrained=str(path))
-    except RuntimeError as error:
-        if "size mismatch" in str(error) or "Missing key" in str(error) or "Unexpected key" in str(error):
-            raise WildsegError(
-                f"checkpoint {path} does not fit model {model_name}: pass the --model it was saved from"
-            ) from None
-        raise _unreadable_checkpoint(path, error) from None
     except Exception as error:
-        raise _unreadable_checkpoint(path, error) from None
+        if _is_architecture_mismatch(error):
+            raise WildsegError(
+                f"checkpoint {path} does not fit model {model_name} ({first_line(error)}): "
+                "pass the --model it was saved from"
+            ) from None
+        raise WildsegError(
+            f"cannot read checkpoint {path} ({first_line(error)}): pass an open_clip state dict "
+            "(.pt, .bin, .safetensors) or an OpenAI JIT archive"
+        ) from None
 
 
-def _unreadable_checkpoint(path: Path, error: BaseException) -> WildsegError:
-    return WildsegError(
-        f"cannot read checkpoint {path} ({first_line(error)}): pass an open_clip state dict "
-        "(.pt, .bin, .safetensors) or an OpenAI JIT archive"
-    )
+def _is_architecture_mismatch(error: Exception) -> bool:
+    """The file was read but its tensors do not fit the model: torch's load_state_dict errors, or open_clip's
+    assertions while resizing positional embeddings."""
+    return isinstance(error, AssertionError) or "Error(s) in loading state_dict" in str(error)
 
 
 def _is_torchscript_archive(path: Path) -> bool:

@@ -18,6 +18,8 @@ from rich.table import Table
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
 from .errors import WildsegError
+from .images import load_image
+from .labels import clean_labels
 from .outputs import output_paths, write_outputs
 from .pseudolabels import DEFAULT_BG_THRESHOLD
 from .refine import REFINEMENTS, CrfSettings
@@ -84,14 +86,16 @@ def main():
               help="First transformer block whose attention enters the relevance (-1 = last only, 0 = all).")
 @click.option("--templates", type=click.Choice(list(TEMPLATE_SETS)), default=DEFAULT_TEMPLATES, show_default=True,
               help="Prompt templates: CLIP's 80 ImageNet templates, or 'a photo of a {}.'.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no table.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary table.")
 def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, device, tta, refine, crf_iters,
             bg_threshold, start_block, templates, quiet):
     """Segment IMAGE into background and the given labels; writes IMAGE's stem .png, _overlay.jpg and .json."""
+    started = time.perf_counter()
     paths = output_paths(image, out_dir)
     _refuse_to_overwrite_input(image, paths.values())
+    names = clean_labels(labels)
+    pixels = load_image(image)
     console = Console(stderr=True, quiet=quiet)
-    started = time.perf_counter()
     with console.status("loading the model", spinner="dots"):
         segmenter = Segmenter(
             model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, cache_dir=cache_dir, tta=tta,
@@ -101,7 +105,7 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"segmenting {image.name}", total=None)
-        result = segmenter.segment(image, labels, on_progress=lambda done, total: progress.update(
+        result = segmenter.segment(pixels, names, on_progress=lambda done, total: progress.update(
             task, completed=done, total=total))
     record = {
         "image": str(image),
@@ -112,8 +116,9 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
         "timings_s": {**result.timings, "total_s": time.perf_counter() - started},
     }
     write_outputs(paths, result.image, result.mask, result.labels, record)
-    console.print(_summary_table(result.summary()))
-    console.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}")
+    report = Console(quiet=quiet)
+    report.print(_summary_table(result.summary()))
+    report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}")
 
 
 def _refuse_to_overwrite_input(image: Path, outputs) -> None:

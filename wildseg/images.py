@@ -58,7 +58,7 @@ def _array_to_rgb(array: np.ndarray) -> np.ndarray:
         array = array[..., :3] if array.shape[2] != 1 else array[..., 0]
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, axis=2)
-    if array.ndim != 3 or array.shape[0] == 0 or array.shape[1] == 0:
+    if array.ndim != 3 or array.shape[2] != 3 or array.shape[0] == 0 or array.shape[1] == 0:
         raise WildsegError(f"an image array must be H x W or H x W x 3 (or 4), got shape {array.shape}")
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)

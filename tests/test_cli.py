@@ -1,0 +1,158 @@
+"""The `wildseg segment` command and the Segmenter API end to end, on a tiny random model."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import TINY_MODEL
+from wildseg import Segmenter, __version__
+from wildseg.cli import main
+from wildseg.errors import WildsegError
+from wildseg.outputs import label_palette
+from wildseg.pseudolabels import label_scores, scores_to_probabilities
+
+
+@pytest.fixture(scope="module")
+def tiny_segmenter(tiny_checkpoint):
+    return Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", refine="none", templates="photo")
+
+
+@pytest.fixture
+def photo(tmp_path):
+    rng = np.random.default_rng(0)
+    pixels = np.zeros((48, 80, 3), dtype=np.uint8)
+    pixels[:, :40] = (220, 60, 40)
+    pixels[:, 40:] = (30, 90, 200)
+    pixels = np.clip(pixels + rng.integers(-10, 10, pixels.shape), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = 6
+    path = tmp_path / "photo.jpg"
+    image.save(path, exif=exif)
+    return path
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def tiny_args(checkpoint):
+    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo"]
+
+
+def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    result = run("segment", photo, "--labels", "cat, sofa", "--out", out, "--crf-iters", 2, *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["photo.json", "photo.png", "photo_overlay.jpg"]
+    mask_image = Image.open(out / "photo.png")
+    assert mask_image.mode == "P" and mask_image.size == (48, 80), "mask follows the EXIF-rotated (displayed) image"
+    assert mask_image.getpalette()[:9] == label_palette(3).flatten().tolist()
+    mask = np.array(mask_image)
+    assert set(np.unique(mask)) <= {0, 1, 2}
+    assert Image.open(out / "photo_overlay.jpg").size == (48, 80)
+    record = json.loads((out / "photo.json").read_text())
+    assert record["labels"] == ["background", "cat", "sofa"]
+    assert record["image_size"] == {"width": 48, "height": 80}
+    assert record["palette"] == label_palette(3).tolist()
+    fractions = [row["pixel_fraction"] for row in record["classes"]]
+    assert fractions == pytest.approx([np.mean(mask == index) for index in range(3)])
+    assert record["settings"]["model"] == TINY_MODEL and record["settings"]["refine"] == "crf"
+    assert record["settings"]["crf"]["iterations"] == 2 and record["settings"]["tta"] == "default"
+    assert record["timings_s"]["total_s"] > 0
+    assert "background" in result.stdout and "photo.png" in result.stdout
+    assert not list(out.glob(".*")), "no temporary files are left"
+
+
+def test_quiet_prints_nothing(photo, tmp_path, tiny_checkpoint):
+    result = run("segment", photo, "-l", "cat", "-o", tmp_path / "q", "-q", "--tta", "none", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_api_result_is_consistent(tiny_segmenter, photo):
+    with pytest.warns(UserWarning, match="duplicate label"):
+        result = tiny_segmenter.segment(Image.open(photo), ["cat", "sofa", "Cat"])
+    assert result.labels == ["background", "cat", "sofa"]
+    assert result.mask.shape == (80, 48) and result.scores.shape == (3, 80, 48)
+    assert np.allclose(result.scores.sum(0), 1.0, atol=1e-5)
+    assert np.array_equal(result.mask, result.scores.argmax(0))
+
+
+def test_api_pipeline_matches_its_stages(tiny_segmenter):
+    """Without refinement, the result is the background rule applied to the TTA-merged relevance."""
+    pixels = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)
+    backbone = tiny_segmenter.backbone
+    text = backbone.embed_labels(["cat", "sofa"], "photo")
+    merged = tiny_segmenter._merged_relevance(pixels, text, lambda done, total: None)
+    expected = scores_to_probabilities(label_scores(merged, 0.4), 0.1).numpy()
+    result = tiny_segmenter.segment(pixels, "cat,sofa")
+    assert np.allclose(result.scores, expected, atol=1e-6)
+    assert merged.shape == (2, 40, 56) and torch.all(merged >= 0)
+
+
+def test_version():
+    result = run("--version")
+    assert result.exit_code == 0 and __version__ in result.stdout
+
+
+@pytest.mark.parametrize(
+    "case,message",
+    [
+        ("missing image", "image not found"),
+        ("text file", "not an image file"),
+        ("empty labels", "no label names given"),
+        ("blank labels", "no label names given"),
+        ("unknown model", "unknown model 'ViT-Q-99'"),
+        ("corrupt checkpoint", "cannot read checkpoint"),
+        ("no labels option", "Missing option '--labels'"),
+        ("bad tta", "Invalid value for '--tta'"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2_and_no_outputs(case, message, photo, tmp_path, tiny_checkpoint):
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"garbage")
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    image = {"missing image": tmp_path / "nope.jpg", "text file": text}.get(case, photo)
+    labels = {"empty labels": "", "blank labels": "  ,  "}.get(case, "cat")
+    args = ["segment", image, "--out", tmp_path / "out", *tiny_args(tiny_checkpoint)]
+    args += {
+        "unknown model": ["--model", "ViT-Q-99"],
+        "corrupt checkpoint": ["--checkpoint", corrupt],
+        "bad tta": ["--tta", "lots"],
+    }.get(case, [])
+    if case != "no labels option":
+        args += ["--labels", labels]
+    result = run(*args)
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("wildseg: error:") and message in lines[0], result.stderr
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_duplicate_labels_are_merged_with_a_warning(photo, tmp_path, tiny_checkpoint):
+    result = run("segment", photo, "-l", "cat,CAT", "-o", tmp_path / "o", "--tta", "none", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0
+    assert "wildseg: warning: duplicate label 'CAT' merged with 'cat'" in result.stderr
+    assert json.loads((tmp_path / "o" / "photo.json").read_text())["labels"] == ["background", "cat"]
+
+
+def test_outputs_never_overwrite_the_input(tmp_path, tiny_checkpoint):
+    image = tmp_path / "picture.png"
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
+    before = image.read_bytes()
+    result = run("segment", image, "-l", "cat", "-o", tmp_path, *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 2 and "would overwrite the input" in result.stderr
+    assert image.read_bytes() == before
+
+
+def test_invalid_settings_are_refused(tiny_checkpoint):
+    with pytest.raises(WildsegError, match="start block 5 is outside"):
+        Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", start_block=5)
+    with pytest.raises(WildsegError, match="unknown refinement 'magic'"):
+        Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", refine="magic")
