@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from wildseg.errors import WildsegError
-from wildseg.pseudolabels import label_scores, normalize_per_label, scores_to_probabilities
+from wildseg.pseudolabels import check_settings, label_scores, normalize_per_label, scores_to_probabilities
 
 
 def test_maps_are_min_max_normalised_per_label():
@@ -29,6 +29,8 @@ def test_probabilities_are_a_softmax_at_the_temperature():
     assert torch.allclose(probabilities[:, 0, 0], expected)
 
 
-def test_threshold_outside_unit_interval_is_refused():
+def test_settings_outside_their_range_are_refused():
     with pytest.raises(WildsegError, match=r"--bg-threshold must lie in \[0, 1\]"):
-        label_scores(torch.zeros(1, 2, 2), bg_threshold=1.5)
+        check_settings(bg_threshold=1.5, temperature=0.1)
+    with pytest.raises(WildsegError, match="temperature must be positive"):
+        check_settings(bg_threshold=0.4, temperature=0.0)

@@ -14,6 +14,14 @@ DEFAULT_BG_THRESHOLD = 0.4
 DEFAULT_TEMPERATURE = 0.1
 
 
+def check_settings(bg_threshold: float, temperature: float) -> None:
+    """Refuse a background threshold outside [0, 1] or a non-positive temperature."""
+    if not 0.0 <= bg_threshold <= 1.0:
+        raise WildsegError(f"--bg-threshold must lie in [0, 1], got {bg_threshold}")
+    if temperature <= 0:
+        raise WildsegError(f"the temperature must be positive, got {temperature}")
+
+
 def normalize_per_label(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each label's map (labels x H x W) to [0, 1]; a flat map becomes all zeros."""
     flat = maps.flatten(1)
@@ -24,8 +32,6 @@ def normalize_per_label(maps: torch.Tensor) -> torch.Tensor:
 
 def label_scores(maps: torch.Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD) -> torch.Tensor:
     """Scores (1 + labels) x H x W: row 0 is the background's constant threshold, row i the i-th label's map."""
-    if not 0.0 <= bg_threshold <= 1.0:
-        raise WildsegError(f"--bg-threshold must lie in [0, 1], got {bg_threshold}")
     normalized = normalize_per_label(maps)
     background = torch.full_like(normalized[:1], bg_threshold)
     return torch.cat([background, normalized])
@@ -33,6 +39,4 @@ def label_scores(maps: torch.Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD)
 
 def scores_to_probabilities(scores: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:
     """Per-pixel class probabilities softmax(scores / temperature) over the class axis."""
-    if temperature <= 0:
-        raise WildsegError(f"the temperature must be positive, got {temperature}")
     return torch.softmax(scores / temperature, dim=0)

@@ -18,7 +18,13 @@ from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS, Backbone, load_backbone
 from .errors import WildsegError
 from .images import ImageInput, load_image
 from .labels import BACKGROUND, clean_labels
-from .pseudolabels import DEFAULT_BG_THRESHOLD, DEFAULT_TEMPERATURE, label_scores, scores_to_probabilities
+from .pseudolabels import (
+    DEFAULT_BG_THRESHOLD,
+    DEFAULT_TEMPERATURE,
+    check_settings,
+    label_scores,
+    scores_to_probabilities,
+)
 from .refine import REFINEMENTS, CrfSettings, dense_crf
 from .relevance import DEFAULT_START_BLOCK, check_vision_tower, relevance_maps, resolve_start_block
 from .tta import POLICIES, merge_views, plan_views
@@ -82,14 +88,13 @@ class Segmenter:
             raise WildsegError(f"--crf-iters must be at least 1, got {crf.iterations}")
         if view_batch < 1:
             raise WildsegError(f"the view batch size must be at least 1, got {view_batch}")
+        check_settings(bg_threshold, temperature)
         self.backbone: Backbone = load_backbone(model, pretrained, checkpoint, device, cache_dir)
         check_vision_tower(self.backbone.model.visual, model)
         resolve_start_block(start_block, len(self.backbone.model.visual.transformer.resblocks))
         self.tta, self.refine, self.crf = tta, refine, crf
         self.bg_threshold, self.temperature = bg_threshold, temperature
         self.start_block, self.templates, self.view_batch = start_block, templates, view_batch
-        label_scores(torch.zeros(1, 1, 1), bg_threshold)
-        scores_to_probabilities(torch.zeros(1, 1, 1), temperature)
 
     def settings(self) -> dict:
         """Everything that determines the output, for records and reports."""
