@@ -95,6 +95,7 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
     _refuse_to_overwrite_input(image, paths.values())
     names = clean_labels(labels)
     pixels = load_image(image)
+    decode_s = time.perf_counter() - started
     console = Console(stderr=True, quiet=quiet)
     with console.status("loading the model", spinner="dots"):
         segmenter = Segmenter(
@@ -113,7 +114,7 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
         "labels": result.labels,
         "classes": result.summary(),
         "settings": segmenter.settings(),
-        "timings_s": {**result.timings, "total_s": time.perf_counter() - started},
+        "timings_s": {**result.timings, "decode_s": decode_s, "total_s": time.perf_counter() - started},
     }
     write_outputs(paths, result.image, result.mask, result.labels, record)
     report = Console(quiet=quiet)
