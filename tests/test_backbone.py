@@ -1,7 +1,5 @@
 """Loading weights from checkpoints and tags, clear errors, and prompt-ensemble text embeddings."""
 
-import warnings
-
 import open_clip
 import pytest
 import torch
@@ -31,17 +29,21 @@ def test_safetensors_checkpoint_loads(tmp_path, tiny_model):
         assert torch.equal(backbone.model.encode_image(IMAGES), tiny_model.encode_image(IMAGES))
 
 
-def test_openai_jit_archive_loads(tmp_path):
+def save_openai_style_archive(path):
     """An archive shaped like OpenAI's: a scripted CLIP with QuickGELU whose attention mask is not a buffer."""
     model = open_clip.create_model(TINY_MODEL, force_quick_gelu=True).eval()
     mask = model.attn_mask
     del model._buffers["attn_mask"]
     model.attn_mask = mask
+    torch.jit.save(torch.jit.script(model), path)
+    return model
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_openai_jit_archive_loads(tmp_path):
     path = tmp_path / "tiny-jit.pt"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.save(torch.jit.script(model), path)
-        backbone = load_backbone(TINY_MODEL, checkpoint=path, device="cpu")
+    model = save_openai_style_archive(path)
+    backbone = load_backbone(TINY_MODEL, checkpoint=path, device="cpu")
     with torch.no_grad():
         difference = (backbone.model.encode_image(IMAGES) - model.encode_image(IMAGES)).abs().max()
     assert difference < 5e-3, "open_clip's OpenAI loader keeps the archive's weights up to fp16 rounding"
@@ -113,3 +115,16 @@ def test_cuda_requested_without_a_gpu(monkeypatch):
 def test_random_weights_when_no_pretrained():
     backbone = load_backbone(TINY_MODEL, pretrained=None, device="cpu")
     assert backbone.weights == "random"
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_jit_archive_of_another_architecture_is_refused(tmp_path):
+    path = tmp_path / "tiny-jit.pt"
+    save_openai_style_archive(path)
+    with pytest.raises(WildsegError, match="does not fit model ViT-B-16 .*vision tower"):
+        load_backbone("ViT-B-16", checkpoint=path, device="cpu")
+
+
+def test_checkpoint_folder_is_named_as_such(tmp_path):
+    with pytest.raises(WildsegError, match="is a folder: pass the weights file inside it"):
+        load_backbone(TINY_MODEL, checkpoint=tmp_path, device="cpu")

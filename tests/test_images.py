@@ -74,3 +74,10 @@ def test_truncated_jpeg_is_a_clear_error(tmp_path):
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
     with pytest.raises(WildsegError, match="cannot decode .*truncated"):
         load_image(tmp_path / "cut.jpg")
+
+
+def test_images_beyond_pillows_safety_limit_are_a_clear_error(tmp_path, monkeypatch):
+    Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    with pytest.raises(WildsegError, match="too large for Pillow's safety limit"):
+        load_image(tmp_path / "big.png")

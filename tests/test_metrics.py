@@ -19,3 +19,11 @@ def test_confusion_matrix_iou_and_accuracy_by_hand():
     assert math.isnan(iou[3])
     assert math.isclose(mean_iou(confusion), (1 / 4 + 2 / 4 + 1 / 2) / 3)
     assert math.isclose(pixel_accuracy(confusion), 4 / 7)
+
+
+def test_predictions_outside_the_classes_are_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match=r"predictions must lie in \[0, 2\]"):
+        confusion_matrix(np.array([0, 255]), np.array([0, 1]), classes=3)
+    assert confusion_matrix(np.array([0, 255]), np.array([0, 255]), classes=3, ignore_index=255).sum() == 1

@@ -140,11 +140,15 @@ def _model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Pa
 
 
 def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
+    if path.is_dir():
+        raise WildsegError(f"--checkpoint {path} is a folder: pass the weights file inside it")
     if not path.is_file():
         raise WildsegError(f"checkpoint not found: {path} (check the path given to --checkpoint)")
     try:
         if _is_torchscript_archive(path):
-            return open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+            _check_vision_shape(model, model_name)
+            return model
         return open_clip.create_model(model_name, pretrained=str(path))
     except Exception as error:
         if _is_architecture_mismatch(error):
@@ -156,6 +160,16 @@ def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
             f"cannot read checkpoint {path} ({first_line(error)}): pass an open_clip state dict "
             "(.pt, .bin, .safetensors) or an OpenAI JIT archive"
         ) from None
+
+
+def _check_vision_shape(model: torch.nn.Module, model_name: str) -> None:
+    """OpenAI archives define their own architecture; it must be the one `model_name` names."""
+    config = open_clip.get_model_config(model_name)["vision_cfg"]
+    visual = model.visual
+    found = (visual.conv1.weight.shape[0], len(visual.transformer.resblocks), visual.conv1.weight.shape[-1])
+    expected = (config.get("width"), config.get("layers"), config.get("patch_size"))
+    if found != expected:
+        raise AssertionError(f"the archive's vision tower (width, layers, patch) is {found}, {model_name}'s is {expected}")
 
 
 def _is_architecture_mismatch(error: Exception) -> bool:

@@ -4,6 +4,7 @@ Every error a user can fix is printed as one line `wildseg: error: ...` with exi
 """
 
 import logging
+import os
 import sys
 import time
 import warnings
@@ -17,7 +18,7 @@ from rich.table import Table
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
-from .errors import WildsegError
+from .errors import WildsegError, first_line
 from .images import load_image
 from .labels import clean_labels
 from .outputs import output_paths, write_outputs
@@ -36,6 +37,9 @@ class OneLineErrors(click.Group):
     def main(self, *args, **kwargs):
         try:
             return super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as help_request:
+            click.echo(help_request.ctx.get_help())
+            sys.exit(0)
         except click.exceptions.Abort:
             _fail("interrupted")
         except click.ClickException as error:
@@ -93,6 +97,7 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
     started = time.perf_counter()
     paths = output_paths(image, out_dir)
     _refuse_to_overwrite_input(image, paths.values())
+    _check_output_folder(out_dir, paths.values())
     names = clean_labels(labels)
     pixels = load_image(image)
     decode_s = time.perf_counter() - started
@@ -116,7 +121,10 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
         "settings": segmenter.settings(),
         "timings_s": {**result.timings, "decode_s": decode_s, "total_s": time.perf_counter() - started},
     }
-    write_outputs(paths, result.image, result.mask, result.labels, record)
+    try:
+        write_outputs(paths, result.image, result.mask, result.labels, record)
+    except OSError as error:
+        raise WildsegError(f"cannot write the outputs into {out_dir}: {first_line(error)}") from None
     report = Console(quiet=quiet)
     report.print(_summary_table(result.summary()))
     report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}")
@@ -125,6 +133,18 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
 def _refuse_to_overwrite_input(image: Path, outputs) -> None:
     if image.exists() and any(path.exists() and path.resolve() == image.resolve() for path in outputs):
         raise WildsegError(f"the output would overwrite the input {image}: choose another --out folder")
+
+
+def _check_output_folder(out_dir: Path, outputs) -> None:
+    """Fail before any work when the outputs could not be written: --out under a file, unwritable, or taken."""
+    nearest = next(folder for folder in (out_dir.absolute(), *out_dir.absolute().parents) if folder.exists())
+    if not nearest.is_dir():
+        raise WildsegError(f"{nearest} is a file, not a folder: choose another --out")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise WildsegError(f"cannot write into {nearest}: choose an --out folder you can write to")
+    for path in outputs:
+        if path.is_dir():
+            raise WildsegError(f"the output path {path} is a folder: move it away or choose another --out")
 
 
 def _summary_table(rows: list[dict]) -> Table:

@@ -32,6 +32,10 @@ def _open_image_file(path: Path) -> Image.Image:
         image.load()
     except UnidentifiedImageError:
         raise WildsegError(f"{path} is not an image file Pillow can read (JPEG, PNG, BMP, TIFF, WebP, ...)") from None
+    except Image.DecompressionBombError:
+        raise WildsegError(
+            f"{path} is too large for Pillow's safety limit ({Image.MAX_IMAGE_PIXELS * 2} pixels): downscale it first"
+        ) from None
     except PermissionError:
         raise WildsegError(f"cannot read {path}: permission denied (check the file's permissions)") from None
     except (OSError, SyntaxError, ValueError) as error:

@@ -14,13 +14,20 @@ def confusion_matrix(
     classes: int,
     ignore_index: int | None = None,
 ) -> torch.Tensor:
-    """classes x classes counts, rows = ground truth, columns = prediction; ignored and out-of-range truth skipped."""
+    """classes x classes counts, rows = ground truth, columns = prediction.
+
+    Ground-truth pixels equal to `ignore_index` or outside [0, classes) are skipped; a prediction outside
+    [0, classes) at a counted pixel is an error.
+    """
     predicted = torch.as_tensor(prediction).long().flatten()
     actual = torch.as_tensor(truth).long().flatten()
     keep = (actual >= 0) & (actual < classes)
     if ignore_index is not None:
         keep &= actual != ignore_index
-    pairs = actual[keep] * classes + predicted[keep].clamp(0, classes - 1)
+    predicted = predicted[keep]
+    if predicted.numel() and (predicted.min() < 0 or predicted.max() >= classes):
+        raise ValueError(f"predictions must lie in [0, {classes - 1}], got values in [{predicted.min()}, {predicted.max()}]")
+    pairs = actual[keep] * classes + predicted
     return torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
 
 

@@ -32,6 +32,8 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.chmod(temporary, 0o666 & ~_current_umask())
         os.replace(temporary, path)
     except BaseException:
@@ -84,7 +86,11 @@ def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
 
 
 def write_outputs(paths: dict[str, Path], image: np.ndarray, mask: np.ndarray, labels: list[str], record: dict) -> None:
-    """Write mask, overlay and JSON record atomically; the JSON comes last and so marks the image as done."""
+    """Write mask, overlay and JSON record atomically; the JSON comes last and so marks the image as done.
+
+    A record left by an earlier run is removed first, so a failure part-way never pairs it with a new mask.
+    """
+    paths["record"].unlink(missing_ok=True)
     palette = label_palette(256)
     write_atomically(paths["mask"], lambda path: mask_image(mask, palette).save(path, format="PNG"))
     overlay = overlay_image(image, mask, labels, palette)

@@ -108,9 +108,10 @@ def relevance_maps(
         one_hot = torch.eye(labels, dtype=logits.dtype, device=logits.device)[:, None, :].expand(labels, batch, labels)
         gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot, is_grads_batched=True)
     tokens = attentions[0].shape[-1]
-    relevance = torch.eye(tokens, device=images.device).expand(labels, batch, tokens, tokens)
-    for attention, gradient in zip(attentions, gradients):
-        weighted = (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
-        relevance = relevance + weighted @ relevance
+    with torch.autocast(images.device.type, enabled=False):
+        relevance = torch.eye(tokens, device=images.device).expand(labels, batch, tokens, tokens)
+        for attention, gradient in zip(attentions, gradients):
+            weighted = (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
+            relevance = relevance + weighted @ relevance
     grid = math.isqrt(tokens - 1)
     return relevance[..., 0, 1:].reshape(labels, batch, grid, grid).transpose(0, 1).contiguous()
