@@ -21,7 +21,11 @@ def coarse_probabilities(
     seed: int = 0,
     ignore_index: int | None = None,
 ) -> np.ndarray:
-    """classes x H x W probabilities from an H x W ground-truth mask; ignored pixels count as no class."""
+    """classes x H x W probabilities from an H x W ground-truth mask.
+
+    Ignored pixels count as no class, and an ignore index inside [0, classes) gets probability 0 everywhere,
+    so it is never predicted.
+    """
     height, width = truth.shape
     one_hot = np.zeros((classes, height, width), dtype=np.float32)
     valid = (truth >= 0) & (truth < classes)
@@ -35,4 +39,6 @@ def coarse_probabilities(
     upsampled = F.interpolate(
         torch.from_numpy(noisy.astype(np.float32))[None], size=(height, width), mode="bilinear", align_corners=False
     )[0].clamp(min=1e-4)
+    if ignore_index is not None and 0 <= ignore_index < classes:
+        upsampled[ignore_index] = 0.0
     return (upsampled / upsampled.sum(dim=0, keepdim=True)).numpy()
