@@ -11,7 +11,6 @@ import argparse
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from rich.console import Console
 from rich.progress import track
@@ -39,12 +38,12 @@ def study(name: str, ignore_index: int, limit: int) -> dict[str, tuple[float, fl
     count = min(limit, len(dataset))
     for index in track(range(count), description=name):
         sample = dataset[index]
-        coarse = coarse_probabilities(sample.truth, classes, seed=index, ignore_index=ignore_index)
+        coarse = coarse_probabilities(sample.truth, classes, seed=index, ignore_index=dataset.ignore_index)
         for option, refine in REFINEMENTS.items():
             started = time.perf_counter()
             refined = refine(sample.image, coarse)
             seconds[option] += time.perf_counter() - started
-            confusions[option] += confusion_matrix(refined.argmax(0), sample.truth, classes, ignore_index)
+            confusions[option] += confusion_matrix(refined.argmax(0), sample.truth, classes, dataset.ignore_index)
     return {
         option: (mean_iou(confusion), pixel_accuracy(confusion), seconds[option] / count)
         for option, confusion in confusions.items()
@@ -65,5 +64,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.seterr(all="ignore")
     main()

@@ -121,7 +121,7 @@ def test_random_weights_when_no_pretrained():
 def test_jit_archive_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "tiny-jit.pt"
     save_openai_style_archive(path)
-    with pytest.raises(WildsegError, match="does not fit model ViT-B-16 .*vision tower"):
+    with pytest.raises(WildsegError, match="does not fit model ViT-B-16 .*vision tower.*pass the --model"):
         load_backbone("ViT-B-16", checkpoint=path, device="cpu")
 
 

@@ -145,11 +145,9 @@ def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
     if not path.is_file():
         raise WildsegError(f"checkpoint not found: {path} (check the path given to --checkpoint)")
     try:
-        if _is_torchscript_archive(path):
-            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
-            _check_vision_shape(model, model_name)
-            return model
-        return open_clip.create_model(model_name, pretrained=str(path))
+        if not _is_torchscript_archive(path):
+            return open_clip.create_model(model_name, pretrained=str(path))
+        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
     except Exception as error:
         if _is_architecture_mismatch(error):
             raise WildsegError(
@@ -160,16 +158,21 @@ def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
             f"cannot read checkpoint {path} ({first_line(error)}): pass an open_clip state dict "
             "(.pt, .bin, .safetensors) or an OpenAI JIT archive"
         ) from None
+    _check_vision_shape(model, model_name, path)
+    return model
 
 
-def _check_vision_shape(model: torch.nn.Module, model_name: str) -> None:
+def _check_vision_shape(model: torch.nn.Module, model_name: str, path: Path) -> None:
     """OpenAI archives define their own architecture; it must be the one `model_name` names."""
     config = open_clip.get_model_config(model_name)["vision_cfg"]
     visual = model.visual
     found = (visual.conv1.weight.shape[0], len(visual.transformer.resblocks), visual.conv1.weight.shape[-1])
     expected = (config.get("width"), config.get("layers"), config.get("patch_size"))
     if found != expected:
-        raise AssertionError(f"the archive's vision tower (width, layers, patch) is {found}, {model_name}'s is {expected}")
+        raise WildsegError(
+            f"checkpoint {path} does not fit model {model_name} (its vision tower's width, layers, patch are "
+            f"{found}, {model_name}'s are {expected}): pass the --model it was saved from"
+        )
 
 
 def _is_architecture_mismatch(error: Exception) -> bool:
