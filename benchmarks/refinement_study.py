@@ -17,7 +17,7 @@ from rich.progress import track
 from rich.table import Table
 
 from wildseg.coarse import coarse_probabilities
-from wildseg.datasets import FolderDataset
+from wildseg.datasets import folder_dataset
 from wildseg.metrics import confusion_matrix, mean_iou, pixel_accuracy
 from wildseg.refine import CrfSettings, dense_crf
 
@@ -31,7 +31,7 @@ REFINEMENTS = {
 
 def study(name: str, ignore_index: int, limit: int) -> dict[str, tuple[float, float, float]]:
     """mIoU, pixel accuracy and seconds per image of each refinement on the first `limit` images."""
-    dataset = FolderDataset(SHARED / name, ignore_index=ignore_index)
+    dataset = folder_dataset(SHARED / name, ignore_index=ignore_index)
     classes = len(dataset.classes)
     confusions = {option: torch.zeros(classes, classes, dtype=torch.long) for option in REFINEMENTS}
     seconds = dict.fromkeys(REFINEMENTS, 0.0)

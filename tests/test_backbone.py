@@ -4,9 +4,9 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 from safetensors.torch import save_file
 
-from conftest import TINY_MODEL
 from wildseg.backbone import TEMPLATE_SETS, load_backbone
 from wildseg.errors import WildsegError
 

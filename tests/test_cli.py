@@ -5,9 +5,9 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import TINY_MODEL
 from PIL import Image
 
-from conftest import TINY_MODEL
 from wildseg import Segmenter, __version__
 from wildseg.cli import main
 from wildseg.errors import WildsegError

@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from conftest import shared_dataset
 from PIL import Image
 
-from conftest import shared_dataset
 from wildseg.coarse import coarse_probabilities
 from wildseg.metrics import confusion_matrix, mean_iou, per_class_iou, pixel_accuracy
 from wildseg.refine import CrfSettings, dense_crf

@@ -3,7 +3,9 @@
 Every error a user can fix is printed as one line `wildseg: error: ...` with exit code 2, no traceback.
 """
 
+import json
 import logging
+import math
 import os
 import sys
 import time
@@ -13,15 +15,27 @@ from pathlib import Path
 import click
 import open_clip
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
+from .datasets import DATASETS, open_dataset
 from .errors import WildsegError, first_line
+from .evaluation import PredictionStore, build_report, evaluate, load_ids, protocol_bg_threshold, run_settings
 from .images import load_image
 from .labels import clean_labels
-from .outputs import output_paths, write_outputs
+from .outputs import output_paths, write_atomically, write_outputs
 from .pseudolabels import DEFAULT_BG_THRESHOLD
 from .refine import REFINEMENTS, CrfSettings
 from .relevance import DEFAULT_START_BLOCK
@@ -65,34 +79,53 @@ def main():
     logging.getLogger().setLevel(logging.ERROR)
 
 
+def segmenter_options(bg_threshold_default, bg_threshold_help):
+    """The options that build a Segmenter, shared by the commands that segment."""
+    options = [
+        click.option("--model", default="ViT-B-16", show_default=True,
+                     help="open_clip architecture (see `wildseg models`)."),
+        click.option("--pretrained", default="openai", show_default=True,
+                     help="open_clip pretrained tag, downloaded and cached on first use; 'none' for random weights."),
+        click.option("--checkpoint", type=click.Path(path_type=Path),
+                     help="Local weights: open_clip state dict (.pt/.bin/.safetensors) or OpenAI JIT archive."),
+        click.option("--cache-dir", type=click.Path(path_type=Path), help="Where open_clip caches downloaded weights."),
+        click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
+                     help="auto = CUDA when available (fp16), else CPU (fp32)."),
+        click.option("--tta", type=click.Choice(list(POLICIES)), default="default", show_default=True,
+                     help="Test-time augmentation views (see README)."),
+        click.option("--refine", type=click.Choice(list(REFINEMENTS)), default="crf", show_default=True,
+                     help="Refinement of the pseudo-labels."),
+        click.option("--crf-iters", type=click.IntRange(min=1), default=CrfSettings.iterations, show_default=True,
+                     help="Mean-field iterations of the dense CRF."),
+        click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), default=bg_threshold_default,
+                     show_default=bg_threshold_default is not None, help=bg_threshold_help),
+        click.option("--start-block", type=int, default=DEFAULT_START_BLOCK, show_default=True,
+                     help="First transformer block whose attention enters the relevance (-1 = last only, 0 = all)."),
+        click.option("--templates", type=click.Choice(list(TEMPLATE_SETS)), default=DEFAULT_TEMPLATES,
+                     show_default=True, help="Prompt templates: CLIP's 80 ImageNet templates, or 'a photo of a {}.'."),
+    ]
+
+    def decorate(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+def _build_segmenter(console: Console, crf_iters: int, **options) -> Segmenter:
+    with console.status("loading the model", spinner="dots"):
+        return Segmenter(crf=CrfSettings(iterations=crf_iters), **options)
+
+
 @main.command()
 @click.argument("image", type=click.Path(path_type=Path))
 @click.option("--labels", "-l", required=True, help='Comma-separated names of what is in the image, e.g. "cat,sofa".')
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"), show_default=True,
               help="Folder for the mask PNG, overlay JPEG and JSON record.")
-@click.option("--model", default="ViT-B-16", show_default=True, help="open_clip architecture (see `wildseg models`).")
-@click.option("--pretrained", default="openai", show_default=True,
-              help="open_clip pretrained tag, downloaded and cached on first use; 'none' for random weights.")
-@click.option("--checkpoint", type=click.Path(path_type=Path),
-              help="Local weights: open_clip state dict (.pt/.bin/.safetensors) or OpenAI JIT archive.")
-@click.option("--cache-dir", type=click.Path(path_type=Path), help="Where open_clip caches downloaded weights.")
-@click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-              help="auto = CUDA when available (fp16), else CPU (fp32).")
-@click.option("--tta", type=click.Choice(list(POLICIES)), default="default", show_default=True,
-              help="Test-time augmentation views (see README).")
-@click.option("--refine", type=click.Choice(list(REFINEMENTS)), default="crf", show_default=True,
-              help="Refinement of the pseudo-labels.")
-@click.option("--crf-iters", type=click.IntRange(min=1), default=CrfSettings.iterations, show_default=True,
-              help="Mean-field iterations of the dense CRF.")
-@click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), default=DEFAULT_BG_THRESHOLD, show_default=True,
-              help="Pixels whose best normalised label relevance is below this are background.")
-@click.option("--start-block", type=int, default=DEFAULT_START_BLOCK, show_default=True,
-              help="First transformer block whose attention enters the relevance (-1 = last only, 0 = all).")
-@click.option("--templates", type=click.Choice(list(TEMPLATE_SETS)), default=DEFAULT_TEMPLATES, show_default=True,
-              help="Prompt templates: CLIP's 80 ImageNet templates, or 'a photo of a {}.'.")
+@segmenter_options(DEFAULT_BG_THRESHOLD, "Pixels whose best normalised label relevance is below this are background.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary table.")
-def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, device, tta, refine, crf_iters,
-            bg_threshold, start_block, templates, quiet):
+def segment(image, labels, out_dir, quiet, **segmenter_arguments):
     """Segment IMAGE into background and the given labels; writes IMAGE's stem .png, _overlay.jpg and .json."""
     started = time.perf_counter()
     paths = output_paths(image, out_dir)
@@ -102,12 +135,7 @@ def segment(image, labels, out_dir, model, pretrained, checkpoint, cache_dir, de
     pixels = load_image(image)
     decode_s = time.perf_counter() - started
     console = Console(stderr=True, quiet=quiet)
-    with console.status("loading the model", spinner="dots"):
-        segmenter = Segmenter(
-            model=model, pretrained=pretrained, checkpoint=checkpoint, device=device, cache_dir=cache_dir, tta=tta,
-            refine=refine, crf=CrfSettings(iterations=crf_iters), bg_threshold=bg_threshold, start_block=start_block,
-            templates=templates,
-        )
+    segmenter = _build_segmenter(console, **segmenter_arguments)
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                   TimeElapsedColumn(), console=console, transient=True) as progress:
         task = progress.add_task(f"segmenting {image.name}", total=None)
@@ -165,3 +193,95 @@ def models():
     for name in open_clip.list_models():
         tags = open_clip.list_pretrained_tags_by_model(name)
         click.echo(f"{name}: {', '.join(tags) if tags else '(no pretrained tags)'}")
+
+
+class RateColumn(ProgressColumn):
+    """Items per second of a progress task."""
+
+    def render(self, task) -> Text:
+        return Text(f"{task.speed:.2f} img/s" if task.speed else "- img/s")
+
+
+def _image_progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+
+
+@main.command(name="eval")
+@click.option("--dataset", "-d", "dataset_name", type=click.Choice(list(DATASETS)), required=True,
+              help="Benchmark (see README for each one's --root layout).")
+@click.option("--root", type=click.Path(path_type=Path), help="The data set's folder in its released layout.")
+@click.option("--split", help="Split to evaluate (default val; folder datasets have none).")
+@click.option("--download", type=click.Path(path_type=Path),
+              help="VOC only: fetch the official VOC2012 trainval archive into this folder (MD5-checked) and use it.")
+@click.option("--ignore-index", type=click.IntRange(0, 65535),
+              help="Folder datasets: mask value that is not scored (e.g. 11 for CamVid's void).")
+@click.option("--class-names", type=click.Path(path_type=Path),
+              help="Own class-name list: one line per class in the data set's order, synonyms after commas.")
+@click.option("--given-labels", is_flag=True,
+              help="Label-given protocol: each image is segmented with the classes of its ground truth.")
+@click.option("--limit", type=click.IntRange(min=1), help="Evaluate only the first N images (after --ids).")
+@click.option("--ids", "ids_file", type=click.Path(path_type=Path), help="Evaluate only the image ids listed here.")
+@click.option("--report", type=click.Path(path_type=Path), help="Write settings, metrics and timings as JSON here.")
+@click.option("--save-predictions", type=click.Path(path_type=Path),
+              help="Save each predicted mask as <id>.png here; a rerun with the same settings reuses them.")
+@segmenter_options(None, "Background threshold; default 0.4 where background is a class, else 0 (no background).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display and no tables.")
+def evaluate_command(dataset_name, root, split, download, ignore_index, class_names, given_labels, limit, ids_file,
+                     report, save_predictions, quiet, bg_threshold, **segmenter_arguments):
+    """Evaluate on a benchmark: per-class IoU, mIoU, pixel and mean class accuracy."""
+    dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
+    ids = load_ids(ids_file, dataset) if ids_file else list(dataset.ids)
+    ids = ids[:limit] if limit else ids
+    if report is not None:
+        _check_output_folder(report.parent, [report])
+    protocol = "given" if given_labels else "open"
+    if bg_threshold is None:
+        bg_threshold = protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)
+    console = Console(stderr=True, quiet=quiet)
+    segmenter = _build_segmenter(console, bg_threshold=bg_threshold, **segmenter_arguments)
+    settings = run_settings(dataset, protocol, segmenter.settings())
+    store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
+    with _image_progress(console) as progress:
+        task = progress.add_task(f"{dataset.name} {dataset.split or ''}", total=len(ids))
+        evaluation = evaluate(segmenter, dataset, ids, protocol, store,
+                              on_image=lambda image_id, outcome: progress.advance(task))
+    selection = {"images": len(ids), "limit": limit, "ids_file": None if ids_file is None else str(ids_file)}
+    result = build_report(dataset, settings, selection, evaluation)
+    output = Console(quiet=quiet)
+    output.print(_per_class_table(result["per_class"]))
+    for failure in evaluation.failed:
+        click.echo(f"wildseg: failed: {failure['id']}: {failure['reason']}", err=True)
+    output.print(_summary_line(result), soft_wrap=True)
+    if report is not None:
+        text = json.dumps(result, indent=2) + "\n"
+        try:
+            write_atomically(report, lambda path: path.write_text(text))
+        except OSError as error:
+            raise WildsegError(f"cannot write the report {report}: {first_line(error)}") from None
+    if evaluation.failed:
+        sys.exit(1)
+
+
+def _per_class_table(rows: list[dict]) -> Table:
+    table = Table()
+    for title in ("class", "name", "IoU %", "acc %", "truth px", "predicted px"):
+        table.add_column(title, justify="left" if title == "name" else "right")
+    for row in rows:
+        table.add_row(str(row["class"]), row["name"], _percent(row["iou"]), _percent(row["accuracy"]),
+                      str(row["truth_pixels"]), str(row["predicted_pixels"]))
+    return table
+
+
+def _summary_line(result: dict) -> str:
+    metrics, images = result["metrics"], result["images"]
+    return (
+        f"{result['dataset']} {result['split'] or ''} ({result['protocol']} protocol), {images['evaluated']} images "
+        f"({images['reused']} reused, {images['failed']} failed): mIoU {_percent(metrics['miou'])}, "
+        f"pixel accuracy {_percent(metrics['pixel_accuracy'])}, "
+        f"mean class accuracy {_percent(metrics['mean_class_accuracy'])}"
+    )
+
+
+def _percent(value) -> str:
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"

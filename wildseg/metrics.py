@@ -1,7 +1,8 @@
 """Segmentation metrics from a confusion matrix accumulated with torch.bincount.
 
 IoU_c = TP_c / (TP_c + FP_c + FN_c); mIoU averages IoU over classes present in the ground truth or the
-prediction (a class absent from both has no IoU); pixel accuracy = trace / total.
+prediction (a class absent from both has no IoU); pixel accuracy = trace / total; class accuracy
+Acc_c = TP_c / (TP_c + FN_c), averaged over the classes present in the ground truth (mean class accuracy).
 """
 
 import numpy as np
@@ -48,3 +49,17 @@ def pixel_accuracy(confusion: torch.Tensor) -> float:
     """Fraction of counted pixels whose predicted class is right."""
     confusion = confusion.double()
     return float(confusion.diag().sum() / confusion.sum().clamp(min=1))
+
+
+def per_class_accuracy(confusion: torch.Tensor) -> torch.Tensor:
+    """Recall per class, TP / ground-truth pixels; NaN for a class absent from the ground truth."""
+    confusion = confusion.double()
+    truth_pixels = confusion.sum(1)
+    return torch.where(
+        truth_pixels > 0, confusion.diag() / truth_pixels.clamp(min=1), torch.full_like(truth_pixels, float("nan"))
+    )
+
+
+def mean_class_accuracy(confusion: torch.Tensor) -> float:
+    """Mean of the per-class accuracies of the classes present in the ground truth."""
+    return float(per_class_accuracy(confusion).nanmean())

@@ -1,0 +1,88 @@
+"""Benchmark data sets for `wildseg eval`: a registry of readers for the official on-disk layouts.
+
+Each entry names what `--root` must point at; `open_dataset` checks the options that only some data sets
+take (`--download` for VOC, `--ignore-index` for folders) and applies an optional class-name list.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..errors import WildsegError
+from .ade20k import ade20k_dataset
+from .base import Sample, SegmentationDataset
+from .cityscapes import cityscapes_dataset
+from .classes import ClassName, read_class_names
+from .coco import CocoObjects, coco_stuff_dataset
+from .context import context_dataset
+from .folder import folder_dataset
+from .voc import voc_dataset
+
+
+DEFAULT_SPLIT = "val"
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A benchmark: its title, what --root holds, and the reader called with (root, split)."""
+
+    title: str
+    root: str
+    reader: Callable[[Path, str], SegmentationDataset]
+
+
+DATASETS: dict[str, DatasetEntry] = {
+    "voc": DatasetEntry("PASCAL VOC 2012, 21 classes (background scored)", "VOCdevkit/VOC2012",
+                        lambda root, split: voc_dataset(root, split, background=True)),
+    "voc20": DatasetEntry("PASCAL VOC 2012, 20 object classes (background ignored)", "VOCdevkit/VOC2012",
+                          lambda root, split: voc_dataset(root, split, background=False)),
+    "context": DatasetEntry("PASCAL Context, 60 classes (background scored)", "VOCdevkit/VOC2010",
+                            lambda root, split: context_dataset(root, split, background=True)),
+    "context59": DatasetEntry("PASCAL Context, 59 classes (background ignored)", "VOCdevkit/VOC2010",
+                              lambda root, split: context_dataset(root, split, background=False)),
+    "coco-object": DatasetEntry("COCO-Object 2017, 80 things + background", "COCO 2017 (annotations/, val2017/)",
+                                CocoObjects),
+    "coco-stuff": DatasetEntry("COCO-Stuff 164k, 171 classes", "cocostuff (images/, annotations/)",
+                               coco_stuff_dataset),
+    "ade20k": DatasetEntry("ADE20K SceneParsing, 150 classes", "ADEChallengeData2016", ade20k_dataset),
+    "cityscapes": DatasetEntry("Cityscapes fine, 19 classes", "cityscapes (leftImg8bit/, gtFine/)",
+                               cityscapes_dataset),
+    "folder": DatasetEntry("images/, masks/, classes.txt", "the folder", folder_dataset),
+}
+
+
+def open_dataset(
+    name: str,
+    root: Optional[Path],
+    split: Optional[str] = None,
+    ignore_index: Optional[int] = None,
+    download: Optional[Path] = None,
+    class_names: Optional[Path] = None,
+) -> SegmentationDataset:
+    """The data set `name` of the registry; see `DATASETS` for what `root` holds. `split` defaults to val."""
+    if name not in DATASETS:
+        raise WildsegError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
+    if split is not None and name == "folder":
+        raise WildsegError("a folder dataset has no splits: leave out --split, or point --root at the split's folder")
+    split = split or DEFAULT_SPLIT
+    if download is not None and name not in ("voc", "voc20"):
+        raise WildsegError(f"--download fetches PASCAL VOC only; download {name} by hand and pass --root")
+    if ignore_index is not None and name != "folder":
+        raise WildsegError(f"--ignore-index is for folder datasets; {name} ignores label 255 by definition")
+    if download is not None:
+        dataset = voc_dataset(root, split, background=name == "voc", download=download)
+    elif root is None:
+        raise WildsegError(f"give --root: the {DATASETS[name].root} folder of {name}")
+    elif not Path(root).is_dir():
+        raise WildsegError(f"--root {root} is not a folder: point it at {DATASETS[name].root}")
+    elif name == "folder":
+        dataset = folder_dataset(Path(root), ignore_index)
+    else:
+        dataset = DATASETS[name].reader(Path(root), split)
+    dataset.split = None if name == "folder" else split
+    if class_names is not None:
+        dataset.rename_classes(read_class_names(class_names))
+    return dataset
+
+
+__all__ = ["DATASETS", "ClassName", "Sample", "SegmentationDataset", "folder_dataset", "open_dataset"]

@@ -1,0 +1,288 @@
+"""Benchmark evaluation: protocols, class scores from synonyms, the confusion matrix over a data set, reports.
+
+Protocols:
+- `open` (open vocabulary): every class of the data set is a candidate for every image; a background class
+  is the segmenter's threshold background together with its stuff words.
+- `given` (Zabari & Hoshen's label-given setting): each image's candidates are the classes present in its
+  ground truth; background comes from the threshold rule alone.
+
+A class scores the max of its synonyms' probabilities; the prediction is the best-scoring candidate class.
+When the data set has no background class, the segmenter's background row is left out of that choice.
+"""
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from .datasets import SegmentationDataset
+from .datasets.base import read_label_image
+from .errors import WildsegError, first_line
+from .images import ImageInput
+from .metrics import confusion_matrix, mean_class_accuracy, mean_iou, per_class_accuracy, per_class_iou, pixel_accuracy
+from .outputs import label_palette, mask_image, write_atomically
+
+PROTOCOLS = {
+    "open": "open vocabulary: every class of the data set is a candidate for every image",
+    "given": "label-given (Zabari & Hoshen): each image gets the classes present in its ground truth",
+}
+SETTINGS_FILE = "settings.json"
+
+
+class SegmenterLike(Protocol):
+    def segment(self, image: ImageInput, labels: list[str]): ...
+
+    def settings(self) -> dict: ...
+
+
+@dataclass(frozen=True)
+class Query:
+    """The labels a segmenter is asked for, and for each candidate class the rows of its scores that it owns.
+
+    Row 0 of a segmentation's scores is its threshold background, row 1 + i is `labels[i]`.
+    """
+
+    labels: list[str]
+    classes: list[int]
+    rows: list[list[int]]
+
+
+def candidate_classes(dataset: SegmentationDataset, truth: np.ndarray, protocol: str) -> list[int]:
+    """The non-background classes a segmenter is asked for on an image with ground truth `truth`."""
+    scored = [index for index in dataset.scored_classes if index != dataset.background_class]
+    if protocol == "open":
+        return scored
+    present = set(np.unique(truth).tolist())
+    return [index for index in scored if index in present]
+
+
+def build_query(dataset: SegmentationDataset, candidates: list[int], protocol: str) -> Query:
+    """Flatten the candidates' synonyms into one label list and remember which rows belong to which class."""
+    labels, classes, rows = [], [], []
+    for index in candidates:
+        prompts = dataset.classes[index].prompts
+        classes.append(index)
+        rows.append(list(range(1 + len(labels), 1 + len(labels) + len(prompts))))
+        labels.extend(prompts)
+    background = dataset.background_class
+    if background is not None:
+        stuff = dataset.classes[background].prompts if protocol == "open" else ()
+        classes.append(background)
+        rows.append([0, *range(1 + len(labels), 1 + len(labels) + len(stuff))])
+        labels.extend(stuff)
+    return Query(labels, classes, rows)
+
+
+def class_prediction(scores: np.ndarray, query: Query) -> np.ndarray:
+    """Per pixel, the candidate class whose best synonym has the highest probability (H x W class indices)."""
+    grouped = np.stack([scores[rows].max(axis=0) for rows in query.rows])
+    return np.asarray(query.classes, dtype=np.uint8)[grouped.argmax(axis=0)]
+
+
+def protocol_bg_threshold(dataset: SegmentationDataset, default: float) -> float:
+    """Background threshold for a data set: `default` where background is a class, 0 (no background) otherwise."""
+    return default if dataset.background_class is not None else 0.0
+
+
+class PredictionStore:
+    """Predicted masks saved as `<id>.png` (palette PNG, value = class index), reusable by a later run.
+
+    `settings.json` records what produced them; a run with other settings is refused the folder rather than
+    mixing predictions.
+    """
+
+    def __init__(self, folder: Path, settings: dict, classes: int):
+        self.folder, self.palette = Path(folder), label_palette(max(classes, 1))
+        record = self.folder / SETTINGS_FILE
+        if self.folder.exists() and not self.folder.is_dir():
+            raise WildsegError(f"--save-predictions {folder} is a file: give a folder")
+        if record.is_file():
+            previous = json.loads(record.read_text())
+            changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
+            if changed:
+                raise WildsegError(
+                    f"{folder} holds predictions made with other settings ({', '.join(changed)} differ): "
+                    "use a new --save-predictions folder, or the same settings to resume"
+                )
+        elif self.folder.is_dir() and any(self.folder.glob("*.png")):
+            raise WildsegError(f"{folder} holds PNG files that wildseg eval did not write: give an empty folder")
+        else:
+            text = json.dumps(settings, indent=2) + "\n"
+            write_atomically(record, lambda path: path.write_text(text))
+
+    def path(self, image_id: str) -> Path:
+        return self.folder / f"{image_id}.png"
+
+    def load(self, image_id: str, shape: tuple[int, int]) -> Optional[np.ndarray]:
+        """A saved prediction of the given shape, or None when there is none (or it does not fit)."""
+        if not self.path(image_id).is_file():
+            return None
+        try:
+            prediction = read_label_image(self.path(image_id))
+        except WildsegError:
+            return None
+        return prediction if prediction.shape == shape else None
+
+    def save(self, image_id: str, prediction: np.ndarray) -> None:
+        write_atomically(self.path(image_id), lambda path: mask_image(prediction, self.palette).save(path, "PNG"))
+
+
+@dataclass
+class Evaluation:
+    """What a run over a data set accumulated."""
+
+    confusion: torch.Tensor
+    evaluated: int = 0
+    reused: int = 0
+    failed: list[dict] = field(default_factory=list)
+    timings_s: dict[str, float] = field(default_factory=dict)
+
+
+def evaluate(
+    segmenter: SegmenterLike,
+    dataset: SegmentationDataset,
+    ids: list[str],
+    protocol: str = "open",
+    store: Optional[PredictionStore] = None,
+    on_image: Callable[[str, str], None] = lambda image_id, outcome: None,
+) -> Evaluation:
+    """Segment every image of `ids` under `protocol` and accumulate the confusion matrix against ground truth.
+
+    An image that cannot be read or segmented is recorded in `failed` and the run goes on. `on_image(id,
+    outcome)` is called after each image with outcome `done`, `reused` or `failed`.
+    """
+    if protocol not in PROTOCOLS:
+        raise WildsegError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
+    classes = len(dataset.classes)
+    evaluation = Evaluation(torch.zeros(classes, classes, dtype=torch.int64))
+    started = time.perf_counter()
+    for image_id in ids:
+        try:
+            clock = time.perf_counter()
+            sample = dataset.load(image_id)
+            _add_time(evaluation.timings_s, "read_s", time.perf_counter() - clock)
+            prediction = store.load(image_id, sample.truth.shape) if store else None
+            outcome = "reused" if prediction is not None else "done"
+            if prediction is None:
+                prediction = _predict(segmenter, dataset, sample.image, sample.truth, protocol, evaluation.timings_s)
+                if store:
+                    store.save(image_id, prediction)
+        except (WildsegError, OSError) as error:
+            evaluation.failed.append({"id": image_id, "reason": first_line(error)})
+            on_image(image_id, "failed")
+            continue
+        evaluation.confusion += confusion_matrix(prediction, sample.truth, classes, dataset.ignore_index)
+        evaluation.reused += outcome == "reused"
+        evaluation.evaluated += 1
+        on_image(image_id, outcome)
+    evaluation.timings_s["total_s"] = time.perf_counter() - started
+    return evaluation
+
+
+def _predict(
+    segmenter: SegmenterLike,
+    dataset: SegmentationDataset,
+    image: np.ndarray,
+    truth: np.ndarray,
+    protocol: str,
+    timings: dict[str, float],
+) -> np.ndarray:
+    query = build_query(dataset, candidate_classes(dataset, truth, protocol), protocol)
+    if not query.labels:
+        fill = query.classes[0] if query.classes else (dataset.ignore_index or 0)
+        return np.full(truth.shape, fill, dtype=np.uint8)
+    result = segmenter.segment(image, query.labels)
+    for stage, seconds in result.timings.items():
+        _add_time(timings, stage, seconds)
+    return class_prediction(result.scores, query)
+
+
+def _add_time(timings: dict[str, float], stage: str, seconds: float) -> None:
+    timings[stage] = timings.get(stage, 0.0) + seconds
+
+
+def run_settings(dataset: SegmentationDataset, protocol: str, segmenter_settings: dict) -> dict:
+    """Everything that determines the saved predictions: data set, split, protocol, class prompts, segmenter."""
+    return {
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "protocol": protocol,
+        "classes": [[name.name, *name.prompts] for name in dataset.classes],
+        "segmenter": segmenter_settings,
+    }
+
+
+def build_report(
+    dataset: SegmentationDataset, settings: dict, selection: dict, evaluation: Evaluation
+) -> dict:
+    """The JSON report: run settings, image selection, metrics, per-class rows, counts, timings, confusion."""
+    timings = dict(evaluation.timings_s)
+    segmented = evaluation.evaluated - evaluation.reused
+    timings["per_segmented_image_s"] = timings["total_s"] / segmented if segmented else None
+    return {
+        **settings,
+        "protocol_description": PROTOCOLS[settings["protocol"]],
+        "background_class": dataset.background_class,
+        "ignore_index": dataset.ignore_index,
+        "selection": {"images_in_split": len(dataset), **selection},
+        "metrics": summary_metrics(evaluation.confusion),
+        "per_class": per_class_rows(dataset, evaluation.confusion),
+        "images": {
+            "evaluated": evaluation.evaluated,
+            "reused": evaluation.reused,
+            "failed": len(evaluation.failed),
+            "failures": evaluation.failed,
+        },
+        "timings_s": timings,
+        "confusion": evaluation.confusion.tolist(),
+    }
+
+
+def per_class_rows(dataset: SegmentationDataset, confusion: torch.Tensor) -> list[dict]:
+    """Per scored class: name, IoU, accuracy (NaN -> None when undefined) and pixel counts."""
+    iou, accuracy = per_class_iou(confusion), per_class_accuracy(confusion)
+    rows = []
+    for index in dataset.scored_classes:
+        rows.append({
+            "class": index,
+            "name": dataset.classes[index].name,
+            "iou": _defined(iou[index]),
+            "accuracy": _defined(accuracy[index]),
+            "truth_pixels": int(confusion[index].sum()),
+            "predicted_pixels": int(confusion[:, index].sum()),
+            "true_positive_pixels": int(confusion[index, index]),
+        })
+    return rows
+
+
+def summary_metrics(confusion: torch.Tensor) -> dict[str, float]:
+    """mIoU, pixel accuracy and mean class accuracy (fractions, not percent)."""
+    return {
+        "miou": mean_iou(confusion),
+        "pixel_accuracy": pixel_accuracy(confusion),
+        "mean_class_accuracy": mean_class_accuracy(confusion),
+    }
+
+
+def _defined(value: torch.Tensor) -> Optional[float]:
+    return None if torch.isnan(value) else float(value)
+
+
+def load_ids(path: Path, dataset: SegmentationDataset) -> list[str]:
+    """Image ids listed one per line in `path`, in the file's order; every id must belong to the data set."""
+    try:
+        wanted = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as error:
+        raise WildsegError(f"cannot read --ids {path}: {first_line(error)}") from None
+    known = set(dataset.ids)
+    unknown = [image_id for image_id in wanted if image_id not in known]
+    if unknown:
+        raise WildsegError(
+            f"{len(unknown)} id(s) in {path} are not in {dataset.name} (first: {unknown[0]!r}): "
+            "list ids of this data set and split"
+        )
+    return list(dict.fromkeys(wanted))
