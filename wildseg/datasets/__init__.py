@@ -67,6 +67,8 @@ def open_dataset(
     split = split or DEFAULT_SPLIT
     if download is not None and name not in ("voc", "voc20"):
         raise WildsegError(f"--download fetches PASCAL VOC only; download {name} by hand and pass --root")
+    if download is not None and root is not None:
+        raise WildsegError("give --root (data already on disk) or --download DIR (fetch it there), not both")
     if ignore_index is not None and name != "folder":
         raise WildsegError(f"--ignore-index is for folder datasets; {name} ignores label 255 by definition")
     if download is not None:

@@ -1,0 +1,267 @@
+"""`wildseg eval`: protocols, synonym scoring, accumulation, saved predictions, reports, end to end."""
+
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import TINY_MODEL, shared_dataset
+from test_datasets import save_image, voc_tree
+from wildseg.cli import main
+from wildseg.datasets import folder_dataset, open_dataset
+from wildseg.datasets.base import PairedFiles
+from wildseg.datasets.classes import parse_class_names
+from wildseg.errors import WildsegError
+from wildseg.evaluation import PredictionStore, build_query, class_prediction, evaluate
+
+
+def small_dataset(tmp_path, lines, truths, ignore_index=255):
+    """A PairedFiles data set of random images with the given ground truths."""
+    images, masks = {}, {}
+    (tmp_path / "masks").mkdir(exist_ok=True)
+    for index, truth in enumerate(truths):
+        image_id = f"im{index}"
+        images[image_id] = tmp_path / "images" / f"{image_id}.png"
+        masks[image_id] = tmp_path / "masks" / f"{image_id}.png"
+        save_image(images[image_id], *np.shape(truth), seed=index)
+        Image.fromarray(np.asarray(truth, dtype=np.uint8)).save(masks[image_id])
+    return PairedFiles("small", parse_class_names(lines, "test"), images, masks, ignore_index)
+
+
+class OracleSegmenter:
+    """Answers each image with its ground truth: probability 1 on the first prompt of the true class.
+
+    It records the labels it is asked for, and shifts its answer by `error_shift` columns to make mistakes.
+    """
+
+    def __init__(self, dataset, error_shift=0):
+        self.dataset, self.error_shift, self.calls = dataset, error_shift, []
+        self.truth_of = {sample.image.tobytes(): sample.truth for sample in dataset}
+
+    def segment(self, image, labels):
+        self.calls.append(list(labels))
+        truth = np.roll(self.truth_of[image.tobytes()], self.error_shift, axis=1)
+        scores = np.zeros((1 + len(labels), *truth.shape), dtype=np.float32)
+        scores[0] = 0.5 if self.dataset.background_class is not None else 0.0
+        for index, name in enumerate(self.dataset.classes):
+            if name.prompts and name.prompts[0] in labels:
+                row = 1 + labels.index(name.prompts[0])
+                scores[row][truth == index] = 1.0
+        return SimpleNamespace(scores=scores, timings={"relevance_s": 0.0})
+
+    def settings(self):
+        return {"oracle": self.error_shift}
+
+
+def test_queries_flatten_synonyms_and_give_background_row_0_and_its_stuff_words(tmp_path):
+    dataset = small_dataset(tmp_path, ["background, sky, wall", "cat, kitty", "dog"], [[[0, 1]]])
+    open_query = build_query(dataset, [1, 2], "open")
+    assert open_query.labels == ["cat", "kitty", "dog", "sky", "wall"]
+    assert open_query.classes == [1, 2, 0] and open_query.rows == [[1, 2], [3], [0, 4, 5]]
+    given_query = build_query(dataset, [1], "given")
+    assert given_query.labels == ["cat", "kitty"] and given_query.rows == [[1, 2], [0]]
+
+
+def test_a_class_scores_the_max_over_its_synonyms(tmp_path):
+    dataset = small_dataset(tmp_path, ["background, sky", "cat, kitty", "dog"], [[[0, 1]]])
+    query = build_query(dataset, [1, 2], "open")  # rows: cat 1,2; dog 3; background 0,4
+    scores = np.array([
+        [[0.30, 0.10, 0.10, 0.10]],  # threshold background
+        [[0.20, 0.40, 0.10, 0.00]],  # cat
+        [[0.10, 0.10, 0.50, 0.00]],  # kitty
+        [[0.25, 0.45, 0.20, 0.20]],  # dog
+        [[0.15, 0.05, 0.10, 0.70]],  # sky
+    ])
+    assert class_prediction(scores, query).tolist() == [[0, 2, 1, 0]]
+
+
+def test_given_labels_asks_for_exactly_each_images_ground_truth_classes(tmp_path):
+    truths = [[[0, 1, 1], [2, 255, 0]], [[0, 0, 0], [0, 0, 255]], [[3, 3, 1], [1, 0, 0]]]
+    dataset = small_dataset(tmp_path, ["background, sky", "cat, kitty", "dog", "bird"], truths)
+    oracle = OracleSegmenter(dataset)
+    evaluation = evaluate(oracle, dataset, dataset.ids, "given")
+    assert oracle.calls == [["cat", "kitty", "dog"], ["cat", "kitty", "bird"]], "image 1 has only background"
+    assert evaluation.evaluated == 3 and np.trace(evaluation.confusion.numpy()) == evaluation.confusion.sum() == 16
+
+    oracle.calls.clear()
+    evaluate(oracle, dataset, dataset.ids, "open")
+    assert oracle.calls == [["cat", "kitty", "dog", "bird", "sky"]] * 3
+
+
+def test_given_labels_on_the_real_voc_image_asks_for_train(tmp_path):
+    (tmp_path / "VOCdevkit").mkdir()
+    (tmp_path / "VOCdevkit" / "VOC2012").symlink_to(shared_dataset("voc2012"))
+    dataset = open_dataset("voc", tmp_path)
+    oracle = OracleSegmenter(dataset)
+    evaluation = evaluate(oracle, dataset, dataset.ids, "given")
+    assert oracle.calls == [["train"]]
+    assert evaluation.confusion[0, 0] == 109174 and evaluation.confusion[19, 19] == 73727
+    assert evaluation.confusion.sum() == 109174 + 73727, "the 255 borders are not counted"
+
+
+def test_metrics_over_camvid_match_an_independent_count(tmp_path):
+    """An oracle shifted by 7 columns makes mistakes at class borders; IoU is recounted pixel by pixel.
+
+    Where the shifted answer is void the oracle scores no class, and the tie goes to the first class, sky.
+    """
+    dataset = folder_dataset(shared_dataset("camvid"), ignore_index=11)
+    ids = dataset.ids[:3]
+    dataset.ids = ids
+    oracle = OracleSegmenter(dataset, error_shift=7)
+    evaluation = evaluate(oracle, dataset, ids, "open")
+    intersections, unions = np.zeros(11), np.zeros(11)
+    for sample in dataset:
+        predicted, valid = np.roll(sample.truth, 7, axis=1), sample.truth != 11
+        predicted[predicted == 11] = 0
+        for index in range(11):
+            intersections[index] += np.sum((predicted == index) & (sample.truth == index) & valid)
+            unions[index] += np.sum(((predicted == index) | (sample.truth == index)) & valid)
+    rows = evaluate_rows(dataset, evaluation)
+    present = unions > 0
+    assert np.allclose([rows[index]["iou"] for index in np.flatnonzero(present)],
+                       (intersections / np.maximum(unions, 1))[present])
+    assert 0.5 < np.mean((intersections / np.maximum(unions, 1))[present]) < 1.0
+
+
+def evaluate_rows(dataset, evaluation):
+    from wildseg.evaluation import per_class_rows
+
+    return {row["class"]: row for row in per_class_rows(dataset, evaluation.confusion)}
+
+
+def test_saved_predictions_are_reused_and_other_settings_are_refused(tmp_path):
+    truths = [[[0, 1], [1, 1]], [[2, 2], [0, 255]]]
+    dataset = small_dataset(tmp_path, ["background", "cat", "dog"], truths)
+    folder = tmp_path / "predictions"
+    oracle = OracleSegmenter(dataset)
+    first = evaluate(oracle, dataset, dataset.ids, "given", PredictionStore(folder, {"a": 1}, 3))
+    assert first.reused == 0 and len(oracle.calls) == 2
+    assert np.array(Image.open(folder / "im0.png")).tolist() == [[0, 1], [1, 1]]
+
+    (folder / "im1.png").write_bytes(b"not a png")
+    again = evaluate(oracle, dataset, dataset.ids, "given", PredictionStore(folder, {"a": 1}, 3))
+    assert again.reused == 1 and len(oracle.calls) == 3, "the unreadable prediction is made again"
+    assert np.array_equal(again.confusion, first.confusion)
+
+    with pytest.raises(WildsegError, match=r"other settings \(a, b differ\)"):
+        PredictionStore(folder, {"a": 2, "b": 0}, 3)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    Image.new("L", (2, 2)).save(foreign / "photo.png")
+    with pytest.raises(WildsegError, match="did not write"):
+        PredictionStore(foreign, {"a": 1}, 3)
+
+
+def test_an_unreadable_image_is_reported_and_the_rest_evaluated(tmp_path):
+    dataset = small_dataset(tmp_path, ["background", "cat"], [[[0, 1]], [[1, 1]]])
+    oracle = OracleSegmenter(dataset)
+    (tmp_path / "images" / "im0.png").write_bytes(b"\x89PNG broken")
+    evaluation = evaluate(oracle, dataset, dataset.ids, "open")
+    assert evaluation.evaluated == 1 and evaluation.failed[0]["id"] == "im0"
+    assert "\n" not in evaluation.failed[0]["reason"] and evaluation.confusion[1, 1] == 2
+
+
+@pytest.fixture
+def synthetic_voc(tmp_path):
+    """Three VOC images: cat (8) on background, dog (12) beside a person (15), each with 255 borders."""
+    first = np.zeros((40, 56), dtype=np.uint8)
+    first[8:30, 10:40], first[7, 10:40] = 8, 255
+    second = np.zeros((48, 40), dtype=np.uint8)
+    second[:, :20], second[10:40, 24:36], second[:, 20] = 12, 15, 255
+    third = np.full((32, 32), 15, dtype=np.uint8)
+    third[:4] = 0
+    return voc_tree(tmp_path / "voc", {"2009_000001": first, "2009_000002": second, "2009_000003": third})
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def tiny_args(checkpoint):
+    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo",
+            "--tta", "none", "--crf-iters", 1]
+
+
+def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_voc, tmp_path, tiny_checkpoint):
+    report, predictions = tmp_path / "report.json", tmp_path / "predictions"
+    result = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report,
+                 "--save-predictions", predictions, *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    assert "mIoU" in result.stdout and "dining table" in result.stdout
+    record = json.loads(report.read_text())
+    assert record["dataset"] == "voc21" and record["split"] == "val" and record["protocol"] == "open"
+    assert record["segmenter"]["model"] == TINY_MODEL and record["segmenter"]["bg_threshold"] == 0.4
+    assert record["images"] == {"evaluated": 3, "reused": 0, "failed": 0, "failures": []}
+    assert record["classes"][0][:3] == ["background", "sky", "wall"] and len(record["per_class"]) == 21
+    assert {"total_s", "relevance_s", "refine_s", "read_s"} <= set(record["timings_s"])
+
+    confusion = np.zeros((21, 21), dtype=np.int64)
+    for image_id in ("2009_000001", "2009_000002", "2009_000003"):
+        truth = np.array(Image.open(synthetic_voc / "SegmentationClass" / f"{image_id}.png"))
+        predicted = np.array(Image.open(predictions / f"{image_id}.png"))
+        assert predicted.shape == truth.shape and predicted.max() <= 20
+        valid = truth != 255
+        np.add.at(confusion, (truth[valid], predicted[valid]), 1)
+    assert record["confusion"] == confusion.tolist()
+    union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
+    assert record["metrics"]["miou"] == pytest.approx(np.mean(np.diag(confusion)[union > 0] / union[union > 0]))
+    assert record["metrics"]["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+
+    again = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--save-predictions",
+                predictions, *tiny_args(tiny_checkpoint))
+    assert again.exit_code == 0 and json.loads(report.read_text())["images"]["reused"] == 3
+    assert json.loads(report.read_text())["confusion"] == record["confusion"]
+
+    mixed = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--save-predictions", predictions,
+                "--given-labels", *tiny_args(tiny_checkpoint))
+    assert mixed.exit_code == 2 and mixed.stderr.count("\n") == 1 and "protocol differ" in mixed.stderr
+
+
+def test_eval_subsets_with_ids_and_limit_and_counts_failures(synthetic_voc, tmp_path, tiny_checkpoint):
+    ids = tmp_path / "ids.txt"
+    ids.write_text("2009_000003\n2009_000001\n2009_000002\n")
+    (synthetic_voc / "JPEGImages" / "2009_000001.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    report = tmp_path / "report.json"
+    result = run("eval", "-d", "voc20", "--root", synthetic_voc, "--ids", ids, "--limit", 2, "--report", report,
+                 "--given-labels", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 1, "an image failed"
+    assert "wildseg: failed: 2009_000001:" in result.stderr
+    record = json.loads(report.read_text())
+    assert record["selection"]["images"] == 2 and record["images"]["evaluated"] == 1
+    assert record["images"]["failures"][0]["id"] == "2009_000001"
+    assert len(record["per_class"]) == 20 and record["segmenter"]["bg_threshold"] == 0.0
+    assert sum(row["truth_pixels"] for row in record["per_class"]) == 28 * 32, "VOC20 ignores background"
+
+    ids.write_text("2009_000003\nnot_an_id\n")
+    unknown = run("eval", "-d", "voc20", "--root", synthetic_voc, "--ids", ids, *tiny_args(tiny_checkpoint))
+    assert unknown.exit_code == 2 and "1 id(s) in" in unknown.stderr and "not_an_id" in unknown.stderr
+
+
+def test_eval_runs_on_the_real_camvid_folder(tmp_path, tiny_checkpoint):
+    report = tmp_path / "camvid.json"
+    result = run("eval", "--dataset", "folder", "--root", shared_dataset("camvid"), "--ignore-index", 11,
+                 "--limit", 2, "--report", report, "-q", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    assert result.stdout == ""
+    record = json.loads(report.read_text())
+    assert record["dataset"] == "camvid" and record["split"] is None and record["ignore_index"] == 11
+    assert [row["name"] for row in record["per_class"]][:3] == ["sky", "building", "pole"]
+    assert record["images"]["evaluated"] == 2 and 0.0 <= record["metrics"]["miou"] <= 1.0
+    counted = sum(row["truth_pixels"] for row in record["per_class"])
+    truth = [np.array(Image.open(shared_dataset("camvid") / "masks" / f"{image_id}.png"))
+             for image_id in sorted(path.stem for path in (shared_dataset("camvid") / "masks").iterdir())[:2]]
+    assert counted == sum(int(np.sum(mask != 11)) for mask in truth)
+
+
+def test_eval_usage_errors_are_one_line(tmp_path, tiny_checkpoint):
+    for args, message in [
+        (["-d", "voc"], "give --root"),
+        (["-d", "ade20k", "--root", tmp_path], "ADE20K: folder"),
+        (["-d", "folder", "--root", tmp_path, "--split", "val"], "has no splits"),
+        (["-d", "nope"], "Invalid value for '--dataset'"),
+    ]:
+        result = run("eval", *args, *tiny_args(tiny_checkpoint))
+        assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
