@@ -42,5 +42,7 @@ def test_a_name_shared_by_two_classes_is_refused(tmp_path):
         read_class_names(path)
     with pytest.raises(WildsegError, match="may only start a line"):
         parse_class_names(["cat, background"], "test")
+    with pytest.raises(WildsegError, match="only one line may start with 'background'"):
+        parse_class_names(["background, sky", "cat", "background"], "test")
     with pytest.raises(WildsegError, match="lists no class names"):
         parse_class_names(["", " , "], "test")

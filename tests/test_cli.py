@@ -13,6 +13,7 @@ from wildseg.cli import main
 from wildseg.errors import WildsegError
 from wildseg.outputs import label_palette
 from wildseg.pseudolabels import label_scores, scores_to_probabilities
+from wildseg.tta import merge_views, plan_views
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,7 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
     assert fractions == pytest.approx([np.mean(mask == index) for index in range(3)])
     assert record["settings"]["model"] == TINY_MODEL and record["settings"]["refine"] == "crf"
     assert record["settings"]["crf"]["iterations"] == 2 and record["settings"]["tta"] == "default"
-    assert record["timings_s"]["total_s"] > 0
+    assert record["timings_s"]["decode_s"] > 0 and record["timings_s"]["refine_s"] > 0
     assert "background" in result.stdout and "photo.png" in result.stdout
     assert not list(out.glob(".*")), "no temporary files are left"
 
@@ -86,7 +87,9 @@ def test_api_pipeline_matches_its_stages(tiny_segmenter):
     pixels = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     backbone = tiny_segmenter.backbone
     text = backbone.embed_labels(["cat", "sofa"], "photo")
-    merged = tiny_segmenter._merged_relevance(pixels, text, lambda done, total: None)
+    views = plan_views(40, 56, tiny_segmenter.tta)
+    merged = merge_views(tiny_segmenter._normalized(pixels), views, backbone.image_size,
+                         tiny_segmenter._map_views(text), batch_size=3)
     expected = scores_to_probabilities(label_scores(merged, 0.4), 0.1).numpy()
     result = tiny_segmenter.segment(pixels, "cat,sofa")
     assert np.allclose(result.scores, expected, atol=1e-6)
@@ -102,21 +105,18 @@ def test_version():
     "case,message",
     [
         ("missing image", "image not found"),
-        ("text file", "not an image file"),
         ("empty labels", "no label names given"),
         ("blank labels", "no label names given"),
         ("unknown model", "unknown model 'ViT-Q-99'"),
         ("corrupt checkpoint", "cannot read checkpoint"),
-        ("no labels option", "Missing option '--labels'"),
+        ("no labels option", "give --labels"),
         ("bad tta", "Invalid value for '--tta'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_outputs(case, message, photo, tmp_path, tiny_checkpoint):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"garbage")
-    text = tmp_path / "notes.jpg"
-    text.write_text("not a picture")
-    image = {"missing image": tmp_path / "nope.jpg", "text file": text}.get(case, photo)
+    image = {"missing image": tmp_path / "nope.jpg"}.get(case, photo)
     labels = {"empty labels": "", "blank labels": "  ,  "}.get(case, "cat")
     args = ["segment", image, "--out", tmp_path / "out", *tiny_args(tiny_checkpoint)]
     args += {
@@ -168,17 +168,31 @@ def test_unwritable_outputs_fail_before_any_work(photo, tmp_path, tiny_checkpoin
     assert result.exit_code == 2 and "is a folder" in result.stderr and len(result.stderr.splitlines()) == 1
 
 
-def test_rerun_replaces_outputs_and_drops_the_old_record_first(photo, tmp_path, tiny_checkpoint, monkeypatch):
+def test_a_file_that_is_not_an_image_fails_in_one_line_with_exit_1(tmp_path, tiny_checkpoint):
+    text = tmp_path / "notes.jpg"
+    text.write_text("not a picture")
+    result = run("segment", text, "-l", "cat", "-o", tmp_path / "out", "-q", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [f"wildseg: failed: {text}: {text} is not an image file Pillow can "
+                                                  "read (JPEG, PNG, BMP, TIFF, WebP, ...)"]
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo, tmp_path, tiny_checkpoint,
+                                                                         monkeypatch):
     out = tmp_path / "out"
     assert run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint)).exit_code == 0
+    again = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint))
+    assert again.exit_code == 0 and "0 done, 1 skipped" in again.stdout
+    assert json.loads((out / "photo.json").read_text())["labels"] == ["background", "cat"]
     import wildseg.outputs
 
     def failing_overlay(*args):
         raise OSError("disk full")
 
     monkeypatch.setattr(wildseg.outputs, "overlay_image", failing_overlay)
-    result = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint))
-    assert result.exit_code == 2 and "cannot write the outputs" in result.stderr and "disk full" in result.stderr
+    result = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", "--overwrite", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 1 and "cannot write the outputs" in result.stderr and "disk full" in result.stderr
     assert not (out / "photo.json").exists(), "no record marks the half-replaced outputs as done"
     assert not list(out.glob(".*"))
 

@@ -15,7 +15,16 @@ from wildseg.datasets import folder_dataset, open_dataset
 from wildseg.datasets.base import PairedFiles
 from wildseg.datasets.classes import parse_class_names
 from wildseg.errors import WildsegError
-from wildseg.evaluation import PredictionStore, build_query, class_prediction, evaluate
+from wildseg.evaluation import (
+    PredictionStore,
+    build_query,
+    check_dataset,
+    class_prediction,
+    evaluate,
+    load_ids,
+    scored_confusion,
+    summary_metrics,
+)
 
 
 def small_dataset(tmp_path, lines, truths, ignore_index=255):
@@ -265,3 +274,42 @@ def test_eval_usage_errors_are_one_line(tmp_path, tiny_checkpoint):
     ]:
         result = run("eval", *args, *tiny_args(tiny_checkpoint))
         assert result.exit_code == 2 and message in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+def test_a_background_class_at_the_ignore_index_is_neither_predicted_nor_averaged(tmp_path):
+    dataset = small_dataset(tmp_path, ["background", "cat", "dog"], [[[0, 1, 2, 2]]], ignore_index=0)
+    assert dataset.background_class is None and dataset.scored_classes == [1, 2]
+    oracle = OracleSegmenter(dataset, error_shift=1)  # predicts [dog, ?, cat, dog]; ? = tie -> first class, cat
+    evaluation = evaluate(oracle, dataset, dataset.ids, "open")
+    metrics = summary_metrics(scored_confusion(dataset, evaluation.confusion))
+    # truth cat, dog, dog against cat, cat, dog: cat IoU 1/2, dog IoU 1/2
+    assert metrics["miou"] == pytest.approx(0.5) and metrics["pixel_accuracy"] == pytest.approx(2 / 3)
+
+
+def test_what_no_image_could_pass_is_refused_up_front(tmp_path):
+    many = small_dataset(tmp_path, [f"class {index}, synonym {index}" for index in range(130)], [[[0]]])
+    with pytest.raises(WildsegError, match="260 class names and synonyms"):
+        check_dataset(many, "open")
+    check_dataset(many, "given")
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "settings.json").write_text("{broken")
+    with pytest.raises(WildsegError, match="cannot read .*settings.json"):
+        PredictionStore(store, {"a": 1}, 3)
+    (tmp_path / "empty.txt").write_text("\n")
+    with pytest.raises(WildsegError, match="lists no image id"):
+        load_ids(tmp_path / "empty.txt", many)
+
+
+def test_saved_predictions_of_another_ignore_index_are_not_reused(tmp_path, tiny_checkpoint):
+    root = tmp_path / "data"
+    truths = [[[0, 1], [2, 2]], [[1, 1], [2, 0]]]
+    for index, truth in enumerate(truths):
+        save_image(root / "images" / f"im{index}.png", 2, 2, seed=index)
+        (root / "masks").mkdir(exist_ok=True)
+        Image.fromarray(np.asarray(truth, dtype=np.uint8)).save(root / "masks" / f"im{index}.png")
+    (root / "classes.txt").write_text("unlabeled\ncat\ndog\n")
+    args = ["eval", "-d", "folder", "--root", root, "--save-predictions", tmp_path / "p", *tiny_args(tiny_checkpoint)]
+    assert run(*args, "--ignore-index", 0).exit_code == 0
+    other = run(*args)
+    assert other.exit_code == 2 and "ignore_index" in other.stderr

@@ -3,10 +3,12 @@
 Every error a user can fix is printed as one line `wildseg: error: ...` with exit code 2, no traceback.
 """
 
+import contextlib
 import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
 import warnings
@@ -32,17 +34,27 @@ from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
 from .datasets import DATASETS, open_dataset
 from .errors import WildsegError, first_line
-from .evaluation import PredictionStore, build_report, evaluate, load_ids, protocol_bg_threshold, run_settings
-from .images import load_image
+from .evaluation import (
+    PredictionStore,
+    build_report,
+    check_dataset,
+    evaluate,
+    load_ids,
+    protocol_bg_threshold,
+    run_settings,
+)
 from .labels import clean_labels
-from .outputs import output_paths, write_atomically, write_outputs
+from .inputs import expand_inputs, read_labels_file
+from .outputs import is_done, output_paths, remove_stale_temporaries, write_atomically, write_outputs
 from .pseudolabels import DEFAULT_BG_THRESHOLD
 from .refine import REFINEMENTS, CrfSettings
 from .relevance import DEFAULT_START_BLOCK
-from .segmenter import Segmenter
+from .resolution import DEFAULT_MAX_SIDE
+from .segmenter import MIN_WORKING_SIDE, Segmenter
 from .tta import POLICIES
 
 USAGE_ERROR = 2
+INTERRUPTED = 130
 
 
 class OneLineErrors(click.Group):
@@ -119,60 +131,170 @@ def _build_segmenter(console: Console, crf_iters: int, **options) -> Segmenter:
 
 
 @main.command()
-@click.argument("image", type=click.Path(path_type=Path))
-@click.option("--labels", "-l", required=True, help='Comma-separated names of what is in the image, e.g. "cat,sofa".')
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--labels", "-l", help='Comma-separated names of what is in every image, e.g. "cat,sofa".')
+@click.option("--labels-file", type=click.Path(path_type=Path),
+              help="Per-image labels: CSV rows `image,label,...` or a JSON object {image: labels}.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"), show_default=True,
-              help="Folder for the mask PNG, overlay JPEG and JSON record.")
+              help="Folder for each image's mask PNG, overlay JPEG and JSON record (sub-folders mirror the inputs).")
+@click.option("--recursive", "-r", is_flag=True, help="Search folders and ** patterns into their sub-folders.")
+@click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
+@click.option("--summary", "summary_path", type=click.Path(path_type=Path),
+              help="Write the run's summary, with every failure and its reason, as JSON here.")
+@click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE), default=DEFAULT_MAX_SIDE, show_default=True,
+              help="Working resolution: larger images are segmented at this long side; masks are full size.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads decoding images ahead of the model.")
+@click.option("--refine-workers", type=click.IntRange(min=0),
+              help="Processes running the CRF beside the model (default: half the cores on GPU, 0 on CPU).")
 @segmenter_options(DEFAULT_BG_THRESHOLD, "Pixels whose best normalised label relevance is below this are background.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary table.")
-def segment(image, labels, out_dir, quiet, **segmenter_arguments):
-    """Segment IMAGE into background and the given labels; writes IMAGE's stem .png, _overlay.jpg and .json."""
+@click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
+def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_path, max_side, workers,
+            refine_workers, quiet, **segmenter_arguments):
+    """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
+
+    Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are
+    skipped unless --overwrite. Exit code 0: all done, 1: some images failed, 2: usage error.
+    """
     started = time.perf_counter()
-    paths = output_paths(image, out_dir)
-    _refuse_to_overwrite_input(image, paths.values())
-    _check_output_folder(out_dir, paths.values())
-    names = clean_labels(labels)
-    pixels = load_image(image)
-    decode_s = time.perf_counter() - started
+    labels_of = _labels_source(labels, labels_file)
+    _check_output_folder(out_dir, [])
+    images = expand_inputs(inputs, recursive, exclude=out_dir)
+    if not images:
+        raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
+    jobs = {image.path: output_paths(image.stem, out_dir) for image in images}
+    _refuse_to_overwrite_inputs(jobs)
+    _check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
+    remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
+    todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
-    segmenter = _build_segmenter(console, **segmenter_arguments)
-    with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                  TimeElapsedColumn(), console=console, transient=True) as progress:
-        task = progress.add_task(f"segmenting {image.name}", total=None)
-        result = segmenter.segment(pixels, names, on_progress=lambda done, total: progress.update(
-            task, completed=done, total=total))
+    segmenter = _build_segmenter(console, max_side=max_side, **segmenter_arguments)
+    run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
+    with _image_progress(console) as progress, _sigterm_as_interrupt():
+        task = progress.add_task("segmenting", total=len(todo))
+        try:
+            for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
+                _save(item, jobs[item.source], segmenter, run)
+                if item.source in run.failures:
+                    _report_failure(progress.console, item.source, run.failures[item.source])
+                progress.advance(task)
+        except KeyboardInterrupt:
+            run.interrupted = True
+    run.seconds = time.perf_counter() - started
+    report = Console(quiet=quiet)
+    if len(jobs) == 1 and run.last_result is not None:
+        paths = next(iter(jobs.values()))
+        report.print(_summary_table(run.last_result.summary()))
+        report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
+    report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
+    if summary_path is not None:
+        text = json.dumps(run.as_dict(), indent=2) + "\n"
+        write_atomically(summary_path, lambda path: path.write_text(text))
+    sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
+
+
+def _report_failure(console: Console, image: Path, reason: str) -> None:
+    """One line per failed image on stderr, above the progress bar, also with -q."""
+    line = f"wildseg: failed: {image}: {reason}"
+    if console.quiet:
+        click.echo(line, err=True)
+    else:
+        console.print(line, soft_wrap=True, markup=False, highlight=False)
+
+
+def _labels_source(labels, labels_file):
+    """The labels of an image: the same --labels for all, or its entry in --labels-file."""
+    if (labels is None) == (labels_file is None):
+        raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
+    if labels is not None:
+        names = clean_labels(labels)
+        return lambda path: names
+    table = read_labels_file(labels_file)
+
+    def labels_of(path: Path) -> list[str]:
+        if path.absolute() not in table:
+            raise WildsegError(f"no labels for this image in {labels_file}")
+        return table[path.absolute()]
+
+    return labels_of
+
+
+def _save(item, paths: dict[str, Path], segmenter: Segmenter, run: "BatchSummary") -> None:
+    """Write one image's outputs (JSON last) or record why it failed."""
+    if item.error is not None:
+        run.failures[item.source] = item.error
+        return
+    result = item.result
     record = {
-        "image": str(image),
+        "image": str(item.source),
         "image_size": {"width": int(result.mask.shape[1]), "height": int(result.mask.shape[0])},
         "labels": result.labels,
         "classes": result.summary(),
         "settings": segmenter.settings(),
-        "timings_s": {**result.timings, "decode_s": decode_s, "total_s": time.perf_counter() - started},
+        "timings_s": result.timings,
     }
     try:
-        write_outputs(paths, result.image, result.mask, result.labels, record)
+        write_outputs(paths, *result.preview(), result.mask, result.labels, record)
     except OSError as error:
-        raise WildsegError(f"cannot write the outputs into {out_dir}: {first_line(error)}") from None
-    report = Console(quiet=quiet)
-    report.print(_summary_table(result.summary()))
-    report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}")
+        run.failures[item.source] = f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}"
+        return
+    run.done += 1
+    run.last_result = result
 
 
-def _refuse_to_overwrite_input(image: Path, outputs) -> None:
-    if image.exists() and any(path.exists() and path.resolve() == image.resolve() for path in outputs):
-        raise WildsegError(f"the output would overwrite the input {image}: choose another --out folder")
+class BatchSummary:
+    """Counts of a batch run, its failures with their reasons, and whether it was interrupted."""
+
+    def __init__(self, total: int, skipped: int):
+        self.total, self.skipped, self.done, self.seconds = total, skipped, 0, 0.0
+        self.failures: dict[Path, str] = {}
+        self.interrupted, self.last_result = False, None
+
+    def line(self) -> str:
+        state = "interrupted: " if self.interrupted else ""
+        rate = self.done / self.seconds if self.seconds else 0.0
+        return (f"{state}{self.done} done, {self.skipped} skipped (done before), {len(self.failures)} failed, "
+                f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s)")
+
+    def as_dict(self) -> dict:
+        return {
+            "images": self.total,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": len(self.failures),
+            "interrupted": self.interrupted,
+            "seconds": self.seconds,
+            "failures": [{"image": str(path), "reason": reason} for path, reason in self.failures.items()],
+        }
 
 
-def _check_output_folder(out_dir: Path, outputs) -> None:
-    """Fail before any work when the outputs could not be written: --out under a file, unwritable, or taken."""
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM stops a run the way Ctrl-C does: finished images are kept, the summary is written."""
+    previous = signal.signal(signal.SIGTERM, lambda number, frame: signal.default_int_handler(number, frame))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _refuse_to_overwrite_inputs(jobs: dict[Path, dict[str, Path]]) -> None:
+    inputs = {path.absolute() for path in jobs}
+    for image, paths in jobs.items():
+        if any(path.absolute() in inputs for path in paths.values()):
+            raise WildsegError(f"the outputs of {image} would overwrite the input images: choose another --out folder")
+
+
+def _check_output_folder(out_dir: Path, outputs, option: str = "--out") -> None:
+    """Fail before any work when the outputs could not be written: the folder under a file, unwritable, or taken."""
     nearest = next(folder for folder in (out_dir.absolute(), *out_dir.absolute().parents) if folder.exists())
     if not nearest.is_dir():
-        raise WildsegError(f"{nearest} is a file, not a folder: choose another --out")
+        raise WildsegError(f"{nearest} is a file, not a folder: choose another {option}")
     if not os.access(nearest, os.W_OK | os.X_OK):
-        raise WildsegError(f"cannot write into {nearest}: choose an --out folder you can write to")
+        raise WildsegError(f"cannot write into {nearest}: choose a {option} you can write to")
     for path in outputs:
         if path.is_dir():
-            raise WildsegError(f"the output path {path} is a folder: move it away or choose another --out")
+            raise WildsegError(f"the output path {path} is a folder: move it away or choose another {option}")
 
 
 def _summary_table(rows: list[dict]) -> Table:
@@ -233,9 +355,12 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
     dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
     ids = load_ids(ids_file, dataset) if ids_file else list(dataset.ids)
     ids = ids[:limit] if limit else ids
-    if report is not None:
-        _check_output_folder(report.parent, [report])
     protocol = "given" if given_labels else "open"
+    check_dataset(dataset, protocol)
+    if save_predictions is not None:
+        _check_output_folder(save_predictions, [], "--save-predictions")
+    if report is not None:
+        _check_output_folder(report.parent, [report], "--report")
     if bg_threshold is None:
         bg_threshold = protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)
     console = Console(stderr=True, quiet=quiet)
@@ -276,7 +401,8 @@ def _per_class_table(rows: list[dict]) -> Table:
 def _summary_line(result: dict) -> str:
     metrics, images = result["metrics"], result["images"]
     return (
-        f"{result['dataset']} {result['split'] or ''} ({result['protocol']} protocol), {images['evaluated']} images "
+        f"{' '.join(filter(None, (result['dataset'], result['split'])))} ({result['protocol']} protocol), "
+        f"{images['evaluated']} images "
         f"({images['reused']} reused, {images['failed']} failed): mIoU {_percent(metrics['miou'])}, "
         f"pixel accuracy {_percent(metrics['pixel_accuracy'])}, "
         f"mean class accuracy {_percent(metrics['mean_class_accuracy'])}"

@@ -25,6 +25,7 @@ from .errors import WildsegError, first_line
 from .images import ImageInput
 from .metrics import confusion_matrix, mean_class_accuracy, mean_iou, per_class_accuracy, per_class_iou, pixel_accuracy
 from .outputs import label_palette, mask_image, write_atomically
+from .segmenter import MAX_LABELS
 
 PROTOCOLS = {
     "open": "open vocabulary: every class of the data set is a candidate for every image",
@@ -101,7 +102,7 @@ class PredictionStore:
         if self.folder.exists() and not self.folder.is_dir():
             raise WildsegError(f"--save-predictions {folder} is a file: give a folder")
         if record.is_file():
-            previous = json.loads(record.read_text())
+            previous = _read_settings(record)
             changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
             if changed:
                 raise WildsegError(
@@ -112,7 +113,10 @@ class PredictionStore:
             raise WildsegError(f"{folder} holds PNG files that wildseg eval did not write: give an empty folder")
         else:
             text = json.dumps(settings, indent=2) + "\n"
-            write_atomically(record, lambda path: path.write_text(text))
+            try:
+                write_atomically(record, lambda path: path.write_text(text))
+            except OSError as error:
+                raise WildsegError(f"cannot write into --save-predictions {folder}: {first_line(error)}") from None
 
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.png"
@@ -129,6 +133,29 @@ class PredictionStore:
 
     def save(self, image_id: str, prediction: np.ndarray) -> None:
         write_atomically(self.path(image_id), lambda path: mask_image(prediction, self.palette).save(path, "PNG"))
+
+
+def _read_settings(record: Path) -> dict:
+    try:
+        settings = json.loads(record.read_text())
+    except (OSError, ValueError) as error:
+        raise WildsegError(f"cannot read {record} ({first_line(error)}): delete it with the predictions beside it, "
+                           "or use a new --save-predictions folder") from None
+    if not isinstance(settings, dict):
+        raise WildsegError(f"{record} is not a wildseg eval settings file: use a new --save-predictions folder")
+    return settings
+
+
+def check_dataset(dataset: SegmentationDataset, protocol: str) -> None:
+    """Refuse up front what no image could pass: too many classes for a mask, too many prompts for a segmenter."""
+    if len(dataset.classes) > MAX_LABELS:
+        raise WildsegError(f"{dataset.name} has {len(dataset.classes)} classes; predictions hold at most {MAX_LABELS}")
+    prompts = sum(len(dataset.classes[index].prompts) for index in dataset.scored_classes)
+    if protocol == "open" and prompts > MAX_LABELS:
+        raise WildsegError(
+            f"{dataset.name} has {prompts} class names and synonyms, a segmentation takes at most {MAX_LABELS}: "
+            "shorten the list (--class-names) or use --given-labels"
+        )
 
 
 @dataclass
@@ -171,7 +198,7 @@ def evaluate(
                 prediction = _predict(segmenter, dataset, sample.image, sample.truth, protocol, evaluation.timings_s)
                 if store:
                     store.save(image_id, prediction)
-        except (WildsegError, OSError) as error:
+        except (WildsegError, OSError, torch.cuda.OutOfMemoryError) as error:
             evaluation.failed.append({"id": image_id, "reason": first_line(error)})
             on_image(image_id, "failed")
             continue
@@ -206,13 +233,19 @@ def _add_time(timings: dict[str, float], stage: str, seconds: float) -> None:
 
 
 def run_settings(dataset: SegmentationDataset, protocol: str, segmenter_settings: dict) -> dict:
-    """Everything that determines the saved predictions: data set, split, protocol, class prompts, segmenter."""
+    """Everything that determines the saved predictions: data set (folder, split, ignore index, class prompts),
+    protocol, segmenter settings and the weights file's size and modification time."""
+    weights = Path(segmenter_settings["weights"])
     return {
         "dataset": dataset.name,
+        "root": None if dataset.root is None else str(dataset.root),
         "split": dataset.split,
+        "ignore_index": dataset.ignore_index,
         "protocol": protocol,
         "classes": [[name.name, *name.prompts] for name in dataset.classes],
         "segmenter": segmenter_settings,
+        "weights_file": {"bytes": weights.stat().st_size, "modified_ns": weights.stat().st_mtime_ns}
+        if weights.is_file() else None,
     }
 
 
@@ -229,7 +262,7 @@ def build_report(
         "background_class": dataset.background_class,
         "ignore_index": dataset.ignore_index,
         "selection": {"images_in_split": len(dataset), **selection},
-        "metrics": summary_metrics(evaluation.confusion),
+        "metrics": summary_metrics(scored_confusion(dataset, evaluation.confusion)),
         "per_class": per_class_rows(dataset, evaluation.confusion),
         "images": {
             "evaluated": evaluation.evaluated,
@@ -259,8 +292,16 @@ def per_class_rows(dataset: SegmentationDataset, confusion: torch.Tensor) -> lis
     return rows
 
 
-def summary_metrics(confusion: torch.Tensor) -> dict[str, float]:
-    """mIoU, pixel accuracy and mean class accuracy (fractions, not percent)."""
+def scored_confusion(dataset: SegmentationDataset, confusion: torch.Tensor) -> torch.Tensor:
+    """The confusion matrix without the rows and columns of an ignore index inside the class range."""
+    scored = torch.tensor(dataset.scored_classes)
+    return confusion[scored][:, scored]
+
+
+def summary_metrics(confusion: torch.Tensor) -> dict[str, Optional[float]]:
+    """mIoU, pixel accuracy and mean class accuracy (fractions, not percent; None without counted pixels)."""
+    if confusion.sum() == 0:
+        return {"miou": None, "pixel_accuracy": None, "mean_class_accuracy": None}
     return {
         "miou": mean_iou(confusion),
         "pixel_accuracy": pixel_accuracy(confusion),
@@ -278,6 +319,8 @@ def load_ids(path: Path, dataset: SegmentationDataset) -> list[str]:
         wanted = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as error:
         raise WildsegError(f"cannot read --ids {path}: {first_line(error)}") from None
+    if not wanted:
+        raise WildsegError(f"--ids {path} lists no image id: give one id per line")
     known = set(dataset.ids)
     unknown = [image_id for image_id in wanted if image_id not in known]
     if unknown:

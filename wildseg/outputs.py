@@ -10,6 +10,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 OVERLAY_OPACITY = 0.5
+TEMPORARY_SUFFIX = ".part"
 
 
 def label_palette(count: int) -> np.ndarray:
@@ -28,7 +29,7 @@ def label_palette(count: int) -> np.ndarray:
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """Call `write` on a temporary file beside `path`, then rename it over `path`; never leave a partial file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
     os.close(handle)
     try:
         write(Path(temporary))
@@ -75,25 +76,54 @@ def overlay_image(image: np.ndarray, mask: np.ndarray, labels: list[str], palett
     return overlay
 
 
-def output_paths(image_path: Path, out_dir: Path) -> dict[str, Path]:
-    """Where the outputs of `image_path` go: <stem>.png, <stem>_overlay.jpg and <stem>.json in `out_dir`."""
-    stem = image_path.stem
+def output_paths(stem: Path, out_dir: Path) -> dict[str, Path]:
+    """Where an image's outputs go: <stem>.png, <stem>_overlay.jpg and <stem>.json under `out_dir`.
+
+    `stem` may hold sub-folders (mirroring where the image was found).
+    """
+    base = out_dir / stem
     return {
-        "mask": out_dir / f"{stem}.png",
-        "overlay": out_dir / f"{stem}_overlay.jpg",
-        "record": out_dir / f"{stem}.json",
+        "mask": base.with_name(f"{base.name}.png"),
+        "overlay": base.with_name(f"{base.name}_overlay.jpg"),
+        "record": base.with_name(f"{base.name}.json"),
     }
 
 
-def write_outputs(paths: dict[str, Path], image: np.ndarray, mask: np.ndarray, labels: list[str], record: dict) -> None:
+def is_done(paths: dict[str, Path]) -> bool:
+    """An image is done when its JSON record (written last) is readable and its mask exists."""
+    try:
+        record = json.loads(paths["record"].read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and "labels" in record and paths["mask"].is_file()
+
+
+def remove_stale_temporaries(folders) -> None:
+    """Delete temporary files that `write_atomically` left behind in `folders` when a run was killed."""
+    for folder in folders:
+        if folder.is_dir():
+            for leftover in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+                if leftover.is_file():
+                    leftover.unlink(missing_ok=True)
+
+
+def write_outputs(
+    paths: dict[str, Path],
+    preview_image: np.ndarray,
+    preview_mask: np.ndarray,
+    mask: np.ndarray,
+    labels: list[str],
+    record: dict,
+) -> None:
     """Write mask, overlay and JSON record atomically; the JSON comes last and so marks the image as done.
 
-    A record left by an earlier run is removed first, so a failure part-way never pairs it with a new mask.
+    The overlay is drawn on the preview (the image at working resolution, for very large images). A record
+    left by an earlier run is removed first, so a failure part-way never pairs it with a new mask.
     """
     paths["record"].unlink(missing_ok=True)
     palette = label_palette(256)
     write_atomically(paths["mask"], lambda path: mask_image(mask, palette).save(path, format="PNG"))
-    overlay = overlay_image(image, mask, labels, palette)
+    overlay = overlay_image(preview_image, preview_mask, labels, palette)
     write_atomically(paths["overlay"], lambda path: overlay.save(path, format="JPEG", quality=90))
     text = json.dumps({**record, "palette": palette[: len(labels)].tolist()}, indent=2)
     write_atomically(paths["record"], lambda path: path.write_text(text + "\n"))

@@ -5,10 +5,16 @@ back into image coordinates, normalised into per-pixel label scores with a backg
 (`pseudolabels`), refined by a dense CRF (`refine`).
 """
 
+import itertools
+import multiprocessing
+import os
+import signal
 import time
+from collections import deque
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional, Union
+from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -27,17 +33,20 @@ from .pseudolabels import (
 )
 from .refine import REFINEMENTS, CrfSettings, dense_crf
 from .relevance import DEFAULT_START_BLOCK, check_vision_tower, relevance_maps, resolve_start_block
-from .tta import POLICIES, merge_views, plan_views
+from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_argmax, working_size
+from .tta import POLICIES, ViewStream, merge_views, plan_views
 
 MAX_LABELS = 255
+MIN_WORKING_SIDE = 32
 
 
 @dataclass
 class SegmentationResult:
     """A segmentation of one image.
 
-    `mask` (H x W) holds class indices: 0 is background, i the i-th label given. `scores` (classes x H x W)
-    are per-pixel class probabilities (after refinement) in the same order, `labels[i]` names class i.
+    `mask` (H x W, the image as displayed) holds class indices: 0 is background, i the i-th label given.
+    `scores` (classes x h x w) are per-pixel class probabilities (after refinement) in the same order at the
+    working resolution (the image's size unless its long side exceeds `max_side`); `labels[i]` names class i.
     """
 
     mask: np.ndarray
@@ -46,15 +55,32 @@ class SegmentationResult:
     image: np.ndarray = field(repr=False)
     timings: dict[str, float] = field(default_factory=dict)
 
+    def preview(self) -> tuple[np.ndarray, np.ndarray]:
+        """The image and its mask at the working resolution (the full ones unless the image is large)."""
+        if self.mask.shape == self.scores.shape[1:]:
+            return self.image, self.mask
+        return downscale(self.image, self.scores.shape[1:]), self.scores.argmax(axis=0).astype(np.uint8)
+
     def summary(self) -> list[dict]:
-        """Per class: name, fraction of the image's pixels and mean probability over those pixels."""
+        """Per class: name, fraction of the image's pixels and mean probability over those pixels (the latter
+        at working resolution)."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.labels))
+        working_mask = self.preview()[1]
         rows = []
         for index, name in enumerate(self.labels):
-            selected = self.mask == index
-            mean_score = float(self.scores[index][selected].mean()) if counts[index] else 0.0
+            selected = working_mask == index
+            mean_score = float(self.scores[index][selected].mean()) if selected.any() else 0.0
             rows.append({"label": name, "pixel_fraction": counts[index] / self.mask.size, "mean_score": mean_score})
         return rows
+
+
+@dataclass
+class BatchItem:
+    """The outcome for one image of `Segmenter.segment_many`: a result, or the one-line reason it failed."""
+
+    source: ImageInput
+    result: Optional[SegmentationResult] = None
+    error: Optional[str] = None
 
 
 class Segmenter:
@@ -80,12 +106,15 @@ class Segmenter:
         start_block: int = DEFAULT_START_BLOCK,
         templates: str = DEFAULT_TEMPLATES,
         view_batch: int = 8,
+        max_side: int = DEFAULT_MAX_SIDE,
     ):
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
         _check_choice("template set", templates, TEMPLATE_SETS)
         if crf.iterations < 1:
             raise WildsegError(f"--crf-iters must be at least 1, got {crf.iterations}")
+        if max_side < MIN_WORKING_SIDE:
+            raise WildsegError(f"--max-side must be at least {MIN_WORKING_SIDE} pixels, got {max_side}")
         if view_batch < 1:
             raise WildsegError(f"the view batch size must be at least 1, got {view_batch}")
         check_settings(bg_threshold, temperature)
@@ -95,6 +124,7 @@ class Segmenter:
         self.tta, self.refine, self.crf = tta, refine, crf
         self.bg_threshold, self.temperature = bg_threshold, temperature
         self.start_block, self.templates, self.view_batch = start_block, templates, view_batch
+        self.max_side = max_side
 
     def settings(self) -> dict:
         """Everything that determines the output, for records and reports."""
@@ -109,6 +139,7 @@ class Segmenter:
             "templates": self.templates,
             "start_block": self.start_block,
             "tta": self.tta,
+            "max_side": self.max_side,
             "bg_threshold": self.bg_threshold,
             "temperature": self.temperature,
             "refine": self.refine,
@@ -127,10 +158,8 @@ class Segmenter:
         """
         timings = {}
         clock = time.perf_counter()
-        names = clean_labels(labels)
-        if len(names) > MAX_LABELS:
-            raise WildsegError(f"{len(names)} labels given, at most {MAX_LABELS} fit in one mask: split the label list")
-        rgb = load_image(image)
+        names = _checked_labels(labels)
+        rgb, working = _decode(image, self.max_side)
         timings["decode_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -138,43 +167,215 @@ class Segmenter:
         timings["text_s"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        relevance = self._merged_relevance(rgb, text, on_progress)
+        views = plan_views(*working.shape[:2], self.tta)
+        on_progress(0, len(views))
+        relevance = merge_views(self._normalized(working), views, self.backbone.image_size, self._map_views(text),
+                                self.view_batch, on_batch=lambda done: on_progress(done, len(views)))
         timings["relevance_s"] = time.perf_counter() - clock
 
-        clock = time.perf_counter()
-        probabilities = scores_to_probabilities(label_scores(relevance, self.bg_threshold), self.temperature).numpy()
-        if self.refine == "crf":
-            probabilities = dense_crf(rgb, probabilities, self.crf)
-        mask = probabilities.argmax(axis=0).astype(np.uint8)
-        timings["refine_s"] = time.perf_counter() - clock
+        probabilities = self._probabilities(relevance)
+        mask, probabilities, timings["refine_s"] = finish_segmentation(
+            working, probabilities, self.refine, self.crf, rgb.shape[:2]
+        )
         return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
 
-    def _merged_relevance(
-        self, rgb: np.ndarray, text: torch.Tensor, on_progress: Callable[[int, int], None]
-    ) -> torch.Tensor:
-        """Relevance maps of all labels averaged over the test-time views, at image resolution, on the CPU."""
+    def segment_many(
+        self,
+        images: Iterable[ImageInput],
+        labels: Union[str, Iterable[str], Callable[[ImageInput], Union[str, Iterable[str]]]],
+        decode_workers: int = 2,
+        refine_workers: Optional[int] = None,
+    ) -> Iterator[BatchItem]:
+        """Segment many images, yielding a BatchItem for each as it finishes (not necessarily in order).
+
+        `labels` is one label list for every image, or a function from an image to its labels. Images are
+        decoded by `decode_workers` threads ahead of the model; views of successive images with the same
+        labels share model batches; the dense CRF runs in `refine_workers` processes while the model goes on
+        (default: half the CPU cores when the model is on a GPU; 0, in this process, when the model already
+        keeps the CPU busy). A failure (unreadable image, missing labels,
+        out of GPU memory with one view per batch) is yielded as that item's `error`; the others go on.
+        """
+        labels_of = labels if callable(labels) else (lambda source: labels)
+        if refine_workers is None:
+            refine_workers = max(1, (os.cpu_count() or 2) // 2) if self.backbone.device.type == "cuda" else 0
+        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self.refine == "crf" else 0)
+        try:
+            yield from run.items(iter(images))
+        finally:
+            run.close()
+
+    def _normalized(self, rgb: np.ndarray) -> torch.Tensor:
+        """The image as a normalised float tensor (3 x H x W) on the model's device."""
         backbone = self.backbone
-        height, width = rgb.shape[:2]
-        views = plan_views(height, width, self.tta)
         pixels = torch.from_numpy(rgb).to(backbone.device).permute(2, 0, 1).float() / 255.0
         mean = torch.tensor(backbone.mean, device=backbone.device)[:, None, None]
         std = torch.tensor(backbone.std, device=backbone.device)[:, None, None]
-        normalized = (pixels - mean) / std
+        return (pixels - mean) / std
+
+    def _map_views(self, text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Relevance maps (views x labels x g x g) of a batch of rendered views for the labels' `text`."""
+        backbone = self.backbone
 
         def map_views(batch: torch.Tensor) -> torch.Tensor:
             with backbone.autocast():
                 return relevance_maps(backbone.model, batch, text.to(backbone.device), self.start_block)
 
-        on_progress(0, len(views))
-        merged = merge_views(
-            normalized,
-            views,
-            backbone.image_size,
-            map_views,
-            batch_size=self.view_batch,
-            on_batch=lambda done: on_progress(done, len(views)),
+        return map_views
+
+    def _probabilities(self, relevance: torch.Tensor) -> np.ndarray:
+        """Per-pixel class probabilities (background first) from merged relevance maps, on the CPU."""
+        scores = label_scores(relevance.cpu(), self.bg_threshold)
+        return scores_to_probabilities(scores, self.temperature).numpy()
+
+
+def finish_segmentation(
+    working: np.ndarray,
+    probabilities: np.ndarray,
+    refine: str,
+    crf: CrfSettings,
+    full_size: tuple[int, int],
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Refine probabilities at working resolution; return the full-size mask, the probabilities, the seconds."""
+    clock = time.perf_counter()
+    if refine == "crf":
+        probabilities = dense_crf(working, probabilities, crf)
+    mask = upsample_argmax(probabilities, *full_size)
+    return mask, probabilities, time.perf_counter() - clock
+
+
+def _checked_labels(labels: Union[str, Iterable[str]]) -> list[str]:
+    names = clean_labels(labels)
+    if len(names) > MAX_LABELS:
+        raise WildsegError(f"{len(names)} labels given, at most {MAX_LABELS} fit in one mask: split the label list")
+    return names
+
+
+def _decode(image: ImageInput, max_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """The image as displayed (RGB uint8) and its copy at working resolution."""
+    rgb = load_image(image)
+    return rgb, downscale(rgb, working_size(*rgb.shape[:2], max_side))
+
+
+def _start_refine_worker() -> None:
+    """A refinement worker uses one thread and leaves Ctrl-C to the main process, which stops it."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+
+
+@dataclass
+class _Pending:
+    """An image between decoding and its finished result."""
+
+    source: ImageInput
+    names: list[str]
+    rgb: np.ndarray
+    working: np.ndarray
+    timings: dict[str, float]
+
+
+class _BatchRun:
+    """The machinery of one `segment_many` call: decode threads, a view stream per label list, CRF processes."""
+
+    def __init__(self, segmenter: "Segmenter", labels_of, decode_workers: int, refine_workers: int):
+        self.segmenter, self.labels_of = segmenter, labels_of
+        self.decoder = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="wildseg-decode")
+        self.prefetch = 2 * max(1, decode_workers)
+        self.refiner = (
+            ProcessPoolExecutor(refine_workers, mp_context=multiprocessing.get_context("spawn"),
+                                initializer=_start_refine_worker)
+            if refine_workers > 0 else None
         )
-        return merged.cpu()
+        self.max_refining = 2 * max(1, refine_workers)
+        self.stream, self.stream_names, self.pending, self.keys = None, None, {}, itertools.count()
+        self.refining: dict[Future, _Pending] = {}
+
+    def items(self, sources: Iterator[ImageInput]) -> Iterator[BatchItem]:
+        decoding: deque = deque()
+        self._top_up(decoding, sources)
+        while decoding:
+            source, decoded = decoding.popleft()
+            self._top_up(decoding, sources)
+            try:
+                names = _checked_labels(self.labels_of(source))
+                (rgb, working), decode_s = decoded.result()
+            except WildsegError as error:
+                yield BatchItem(source, error=str(error))
+                continue
+            if names != self.stream_names:
+                yield from self._drain_stream()
+                self._open_stream(names)
+            key = next(self.keys)
+            self.pending[key] = _Pending(source, names, rgb, working, {"decode_s": decode_s})
+            yield from self._map(lambda: self.stream.add(key, self.segmenter._normalized(working),
+                                                         plan_views(*working.shape[:2], self.segmenter.tta)))
+            yield from self._collect(block=len(self.refining) >= self.max_refining)
+        yield from self._drain_stream()
+        while self.refining:
+            yield from self._collect(block=True)
+
+    def close(self) -> None:
+        self.decoder.shutdown(wait=True, cancel_futures=True)
+        if self.refiner is not None:
+            self.refiner.shutdown(wait=True, cancel_futures=True)
+
+    def _top_up(self, decoding: deque, sources: Iterator[ImageInput]) -> None:
+        while len(decoding) < self.prefetch:
+            source = next(sources, _END)
+            if source is _END:
+                return
+            decoding.append((source, self.decoder.submit(_timed, _decode, source, self.segmenter.max_side)))
+
+    def _open_stream(self, names: list[str]) -> None:
+        segmenter = self.segmenter
+        text = segmenter.backbone.embed_labels(names, segmenter.templates)
+        self.stream = ViewStream(segmenter.backbone.image_size, segmenter._map_views(text), segmenter.view_batch)
+        self.stream_names = names
+
+    def _drain_stream(self) -> Iterator[BatchItem]:
+        if self.stream is not None:
+            yield from self._map(self.stream.flush)
+
+    def _map(self, step) -> Iterator[BatchItem]:
+        """Run a view-stream step; hand finished images to refinement. Out of memory fails the stream's images."""
+        try:
+            finished = step()
+        except torch.cuda.OutOfMemoryError:
+            failed, self.pending, self.stream, self.stream_names = list(self.pending.values()), {}, None, None
+            for lost in failed:
+                yield BatchItem(lost.source, error="out of GPU memory even with one view per batch: lower max_side")
+            return
+        for key, relevance in finished:
+            self._refine(self.pending.pop(key), relevance)
+
+    def _refine(self, item: _Pending, relevance: torch.Tensor) -> None:
+        segmenter = self.segmenter
+        probabilities = segmenter._probabilities(relevance)
+        arguments = (item.working, probabilities, segmenter.refine, segmenter.crf, item.rgb.shape[:2])
+        if self.refiner is None:
+            future = Future()
+            future.set_result(finish_segmentation(*arguments))
+        else:
+            future = self.refiner.submit(finish_segmentation, *arguments)
+        self.refining[future] = item
+
+    def _collect(self, block: bool) -> Iterator[BatchItem]:
+        if not self.refining:
+            return
+        done, _ = wait(self.refining, timeout=None if block else 0, return_when=FIRST_COMPLETED)
+        for future in done:
+            item = self.refining.pop(future)
+            mask, probabilities, refine_s = future.result()
+            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.rgb,
+                                        {**item.timings, "refine_s": refine_s})
+            yield BatchItem(item.source, result=result)
+
+
+_END = object()
+
+
+def _timed(function, *arguments):
+    clock = time.perf_counter()
+    return function(*arguments), time.perf_counter() - clock
 
 
 def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:

@@ -111,6 +111,71 @@ class ViewAccumulator:
         return self.total / self.coverage.clamp(min=1)
 
 
+class ViewStream:
+    """Maps the views of successive images in full batches, across image boundaries, and averages them per image.
+
+    `add(key, image, views)` queues an image (channels x H x W); whenever `batch_size` views are waiting they
+    are rendered, mapped by `map_views` (views x channels x size x size -> views x labels x g x g) and warped
+    back. `add` and `flush` return the (key, merged maps) of the images all of whose views are done. A batch
+    that runs out of CUDA memory is split in halves and `batch_size` lowered for the rest of the stream.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        map_views: Callable[[torch.Tensor], torch.Tensor],
+        batch_size: int = 8,
+        on_batch: Callable[[int], None] = lambda done: None,
+    ):
+        self.size, self.map_views, self.batch_size, self.on_batch = size, map_views, batch_size, on_batch
+        self.waiting: list[tuple[_Job, View]] = []
+        self.views_done = 0
+
+    def add(self, key, image: torch.Tensor, views: list[View]) -> list[tuple[object, torch.Tensor]]:
+        job = _Job(key, image, len(views))
+        self.waiting.extend((job, view) for view in views)
+        finished = []
+        while len(self.waiting) >= self.batch_size:
+            finished += self._run(self.batch_size)
+        return finished
+
+    def flush(self) -> list[tuple[object, torch.Tensor]]:
+        finished = []
+        while self.waiting:
+            finished += self._run(self.batch_size)
+        return finished
+
+    def _run(self, count: int) -> list[tuple[object, torch.Tensor]]:
+        batch, self.waiting = self.waiting[:count], self.waiting[count:]
+        try:
+            maps = self.map_views(torch.stack([render_view(job.image, view, self.size) for job, view in batch]))
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            torch.cuda.empty_cache()
+            self.batch_size = max(1, len(batch) // 2)
+            self.waiting = batch + self.waiting
+            return self._run(self.batch_size)
+        finished = []
+        for (job, view), view_maps in zip(batch, maps):
+            if job.accumulator is None:
+                job.accumulator = ViewAccumulator(maps.shape[1], job.image.shape[-2], job.image.shape[-1], maps.device)
+            job.accumulator.add(view_maps, view)
+            job.remaining -= 1
+            if job.remaining == 0:
+                finished.append((job.key, job.accumulator.mean()))
+        self.views_done += len(batch)
+        self.on_batch(self.views_done)
+        return finished
+
+
+class _Job:
+    """An image in a ViewStream: its pixels, its accumulator, and how many of its views are still to map."""
+
+    def __init__(self, key, image: torch.Tensor, views: int):
+        self.key, self.image, self.remaining, self.accumulator = key, image, views, None
+
+
 def merge_views(
     image: torch.Tensor,
     views: list[View],
@@ -119,17 +184,7 @@ def merge_views(
     batch_size: int = 8,
     on_batch: Callable[[int], None] = lambda done: None,
 ) -> torch.Tensor:
-    """Average `map_views` (views x channels x size x size -> views x labels x g x g) over all views.
-
-    Views are rendered and mapped `batch_size` at a time; `on_batch` receives the number of views done.
-    """
-    accumulator = None
-    for start in range(0, len(views), batch_size):
-        chunk = views[start : start + batch_size]
-        maps = map_views(torch.stack([render_view(image, view, size) for view in chunk]))
-        if accumulator is None:
-            accumulator = ViewAccumulator(maps.shape[1], image.shape[-2], image.shape[-1], maps.device)
-        for view, view_maps in zip(chunk, maps):
-            accumulator.add(view_maps, view)
-        on_batch(start + len(chunk))
-    return accumulator.mean()
+    """Average `map_views` over all views of one image (a ViewStream of a single image)."""
+    stream = ViewStream(size, map_views, batch_size, on_batch)
+    finished = stream.add(None, image, views) + stream.flush()
+    return finished[0][1]

@@ -82,6 +82,7 @@ def open_dataset(
     else:
         dataset = DATASETS[name].reader(Path(root), split)
     dataset.split = None if name == "folder" else split
+    dataset.root = Path(download if download is not None else root).resolve()
     if class_names is not None:
         dataset.rename_classes(read_class_names(class_names))
     return dataset

@@ -32,11 +32,12 @@ class Sample:
 class SegmentationDataset(ABC):
     """Base of the readers: `ids` in a fixed order, `classes`, `ignore_index`, and `load(image_id)`.
 
-    `split` names the official split read, None for a folder dataset.
+    `split` names the official split read (None for a folder dataset) and `root` the folder read.
     """
 
     name: str
     split: Optional[str] = None
+    root: Optional[Path] = None
     classes: list[ClassName]
     ignore_index: Optional[int]
     ids: list[str]
@@ -56,8 +57,9 @@ class SegmentationDataset(ABC):
 
     @property
     def background_class(self) -> Optional[int]:
-        """Index of the background class, or None when background is not a class of this data set."""
-        return next((index for index, name in enumerate(self.classes) if name.is_background), None)
+        """Index of the background class, or None when background is not a scored class of this data set."""
+        index = next((index for index, name in enumerate(self.classes) if name.is_background), None)
+        return None if index == self.ignore_index else index
 
     @property
     def scored_classes(self) -> list[int]:
@@ -101,6 +103,9 @@ class PairedFiles(SegmentationDataset):
                 f"but its image is {image.shape[1]}x{image.shape[0]}"
             )
         if self.lookup is not None:
+            if truth.max() >= len(self.lookup):
+                raise WildsegError(f"label file {self._masks[image_id].name} holds value {truth.max()}, "
+                                   f"which {self.name} does not define")
             truth = self.lookup[truth]
         return Sample(image_id, image, truth)
 

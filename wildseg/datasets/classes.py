@@ -32,6 +32,8 @@ def parse_class_names(lines: Iterable[str], source: str) -> list[ClassName]:
         if not names:
             continue
         is_background = names[0].casefold() == BACKGROUND
+        if is_background and any(name.is_background for name in classes):
+            raise WildsegError(f"{source}: only one line may start with 'background'")
         prompts = tuple(names[1:] if is_background else names)
         for prompt in prompts:
             key = prompt.casefold()

@@ -12,7 +12,7 @@ from torchvision.datasets.utils import check_integrity
 from torchvision.datasets.voc import DATASET_YEAR_DICT
 
 from ..errors import WildsegError, first_line
-from .base import IGNORE, PairedFiles, shifted_lookup
+from .base import IGNORE, PairedFiles, ids_from_list, shifted_lookup
 from .classes import builtin_class_names
 
 VOC_FOLDER = Path("VOCdevkit", "VOC2012")
@@ -30,6 +30,8 @@ def voc_dataset(root: Optional[Path], split: str = "val", background: bool = Tru
         torchvision_root = _download(Path(download))
     elif root is None:
         raise WildsegError("give --root (the VOCdevkit/VOC2012 folder) or --download DIR to fetch VOC2012")
+    elif _has_voc_layout(Path(root)) and Path(root).parts[-2:] != VOC_FOLDER.parts:
+        return _renamed_voc_folder(Path(root), split, background)
     else:
         torchvision_root = _torchvision_root(Path(root))
     try:
@@ -39,9 +41,25 @@ def voc_dataset(root: Optional[Path], split: str = "val", background: bool = Tru
     ids = [Path(path).stem for path in voc.images]
     images = dict(zip(ids, map(Path, voc.images)))
     masks = dict(zip(ids, map(Path, voc.masks)))
+    return _voc_pairs(images, masks, background)
+
+
+def _voc_pairs(images: dict[str, Path], masks: dict[str, Path], background: bool) -> PairedFiles:
     if background:
         return PairedFiles("voc21", builtin_class_names("voc21"), images, masks, IGNORE, shifted_lookup(0, 21))
     return PairedFiles("voc20", builtin_class_names("voc20"), images, masks, IGNORE, shifted_lookup(1, 20))
+
+
+def _has_voc_layout(root: Path) -> bool:
+    return all((root / part).is_dir() for part in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"))
+
+
+def _renamed_voc_folder(root: Path, split: str, background: bool) -> PairedFiles:
+    """A VOC2012 folder moved out of VOCdevkit/, which torchvision cannot be pointed at: same files, read here."""
+    ids = ids_from_list(root / "ImageSets" / "Segmentation" / f"{split}.txt", "PASCAL VOC 2012")
+    images = {image_id: root / "JPEGImages" / f"{image_id}.jpg" for image_id in ids}
+    masks = {image_id: root / "SegmentationClass" / f"{image_id}.png" for image_id in ids}
+    return _voc_pairs(images, masks, background)
 
 
 def _torchvision_root(root: Path) -> Path:

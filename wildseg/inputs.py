@@ -1,0 +1,157 @@
+"""What `wildseg segment` is given: image files, folders, glob patterns and `@list.txt` files, and per-image labels.
+
+Every image gets an output stem that mirrors where it was found: relative to the folder it was found in
+(folder inputs), to the fixed part of a glob pattern, or to the common folder of the files named directly or
+in lists. Two images never share a stem.
+"""
+
+import csv
+import glob
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Optional
+
+from .errors import WildsegError, first_line
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+GLOB_CHARACTERS = "*?["
+
+
+@dataclass(frozen=True)
+class InputImage:
+    """An image path and the output stem (relative path without suffix) its outputs are written under."""
+
+    path: Path
+    stem: Path
+
+
+def has_image_suffix(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_inputs(arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None) -> list[InputImage]:
+    """Images named by `arguments`, in order, each once, with output stems that do not collide.
+
+    A folder contributes its files with an image extension (any letter case; with `recursive`, those of its
+    sub-folders too); a glob pattern its matches; `@FILE` the paths listed in FILE, one per line; anything
+    else is an image path (any extension; it fails on its own if it is not an image). Folders and
+    patterns skip what lies under `exclude` (the output folder).
+    """
+    found: list[InputImage] = []
+    loose: list[Path] = []
+    for argument in arguments:
+        if argument.startswith("@"):
+            loose.extend(_listed_paths(Path(argument[1:])))
+        elif Path(argument).is_dir():
+            folder = Path(argument)
+            found.extend(InputImage(path, path.relative_to(folder).with_suffix("")) for path in _scan(folder, recursive, exclude))
+        elif any(character in argument for character in GLOB_CHARACTERS):
+            matches = sorted(Path(match) for match in glob.glob(argument, recursive=recursive))
+            matches = [path for path in matches if has_image_suffix(path) and not _inside(path, exclude)]
+            if not matches:
+                raise WildsegError(f"the pattern {argument!r} matches no image: check it, or quote it for the shell")
+            base = _fixed_prefix(argument)
+            found.extend(InputImage(path, path.relative_to(base).with_suffix("")) for path in matches)
+        elif Path(argument).exists():
+            loose.append(Path(argument))
+        else:
+            raise WildsegError(f"image not found: {argument} (check the path)")
+    if loose:
+        base = Path(os.path.commonpath([path.absolute().parent for path in loose]))
+        found.extend(InputImage(path, path.absolute().relative_to(base).with_suffix("")) for path in loose)
+    return _without_repeats(found)
+
+
+def _scan(folder: Path, recursive: bool, exclude: Optional[Path]) -> list[Path]:
+    """Entries of `folder` named like images, sorted, outside `exclude`.
+
+    Recursively, files only (sub-folders are searched); otherwise a folder named like an image is kept so
+    that it fails with its own message.
+    """
+    entries = (path for path in folder.rglob("*") if path.is_file()) if recursive else folder.iterdir()
+    return sorted(path for path in entries if has_image_suffix(path) and not _inside(path, exclude))
+
+
+def _inside(path: Path, folder: Optional[Path]) -> bool:
+    return folder is not None and path.absolute().is_relative_to(folder.absolute())
+
+
+def _fixed_prefix(pattern: str) -> Path:
+    """The folder part of a glob pattern before its first wildcard."""
+    parts = Path(pattern).parts
+    fixed = [part for part in parts[: next(i for i, part in enumerate(parts) if set(part) & set(GLOB_CHARACTERS))]]
+    return Path(*fixed) if fixed else Path(".")
+
+
+def _listed_paths(list_file: Path) -> list[Path]:
+    """Paths listed one per line in `list_file`, relative ones taken from the list's folder."""
+    try:
+        lines = list_file.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise WildsegError(f"cannot read the image list @{list_file}: {first_line(error)}") from None
+    return [list_file.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+def _without_repeats(images: list[InputImage]) -> list[InputImage]:
+    """Drop repeated images; refuse two different images that would write the same outputs."""
+    by_path: dict[Path, InputImage] = {}
+    owner: dict[str, Path] = {}
+    for image in images:
+        key = image.path.absolute()
+        if key in by_path:
+            continue
+        stem = image.stem.as_posix().casefold()
+        if stem in owner:
+            raise WildsegError(
+                f"{owner[stem]} and {image.path} would write the same outputs {image.stem}.*: "
+                "give their common folder instead, or segment them in two runs"
+            )
+        owner[stem], by_path[key] = image.path, image
+    return list(by_path.values())
+
+
+def read_labels_file(path: Path) -> dict[Path, list[str]]:
+    """Per-image labels from a JSON object {image: "a,b" or ["a", "b"]} or a CSV whose rows are
+    `image,label,label,...` (a cell may hold several comma-separated labels; a header row `image,labels` is
+    skipped). Relative image paths are taken from the labels file's folder; keys are absolute paths."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise WildsegError(f"cannot read --labels-file {path}: {first_line(error)}") from None
+    if path.suffix.lower() == ".json":
+        entries = _json_entries(text, path)
+    else:
+        entries = _csv_entries(text)
+    labels = {}
+    for image, names in entries:
+        names = [name.strip() for cell in names for name in cell.split(",") if name.strip()]
+        labels[(path.parent / image).absolute()] = names
+    if not labels:
+        raise WildsegError(f"--labels-file {path} gives no image: write one `image,label,...` row per image")
+    return labels
+
+
+def _json_entries(text: str, path: Path) -> list[tuple[str, list[str]]]:
+    try:
+        mapping = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise WildsegError(f"--labels-file {path} is not valid JSON: {error}") from None
+    if not isinstance(mapping, dict):
+        raise WildsegError(f"--labels-file {path} must hold a JSON object mapping image paths to labels")
+    entries = []
+    for image, names in mapping.items():
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+            raise WildsegError(f"--labels-file {path}: the labels of {image!r} must be a string or a list of strings")
+        entries.append((image, names))
+    return entries
+
+
+def _csv_entries(text: str) -> list[tuple[str, list[str]]]:
+    rows = [row for row in csv.reader(text.splitlines()) if row and row[0].strip()]
+    if rows and [cell.strip().casefold() for cell in rows[0][:2]] == ["image", "labels"]:
+        rows = rows[1:]
+    return [(row[0].strip(), row[1:]) for row in rows]
