@@ -84,7 +84,10 @@ def test_a_class_scores_the_max_over_its_synonyms(tmp_path):
         [[0.25, 0.45, 0.20, 0.20]],  # dog
         [[0.15, 0.05, 0.10, 0.70]],  # sky
     ])
-    assert class_prediction(scores, query).tolist() == [[0, 2, 1, 0]]
+    assert class_prediction(scores, query, (1, 4)).tolist() == [[0, 2, 1, 0]]
+    # x2 bilinear (half-pixel centres) of the class scores cat, dog, background, e.g. at x = 1 (source 0.25):
+    # cat 0.25, dog 0.30, background 0.25 -> dog; at x = 5 (source 2.25): cat 0.375, dog 0.2, background 0.25
+    assert class_prediction(scores, query, (2, 8)).tolist() == [[0, 2, 2, 1, 1, 1, 0, 0]] * 2
 
 
 def test_given_labels_asks_for_exactly_each_images_ground_truth_classes(tmp_path):
@@ -191,7 +194,7 @@ def run(*args):
 
 def tiny_args(checkpoint):
     return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo",
-            "--tta", "none", "--crf-iters", 1]
+            "--tta", "none", "--crf-iters", 1, "--max-side", 40]
 
 
 def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_voc, tmp_path, tiny_checkpoint):

@@ -111,6 +111,9 @@ def segmenter_options(bg_threshold_default, bg_threshold_help):
                      help="Mean-field iterations of the dense CRF."),
         click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), default=bg_threshold_default,
                      show_default=bg_threshold_default is not None, help=bg_threshold_help),
+        click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE), default=DEFAULT_MAX_SIDE,
+                     show_default=True,
+                     help="Working resolution: larger images are segmented at this long side; masks are full size."),
         click.option("--start-block", type=int, default=DEFAULT_START_BLOCK, show_default=True,
                      help="First transformer block whose attention enters the relevance (-1 = last only, 0 = all)."),
         click.option("--templates", type=click.Choice(list(TEMPLATE_SETS)), default=DEFAULT_TEMPLATES,
@@ -141,15 +144,13 @@ def _build_segmenter(console: Console, crf_iters: int, **options) -> Segmenter:
 @click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path),
               help="Write the run's summary, with every failure and its reason, as JSON here.")
-@click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE), default=DEFAULT_MAX_SIDE, show_default=True,
-              help="Working resolution: larger images are segmented at this long side; masks are full size.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
               help="Threads decoding images ahead of the model.")
 @click.option("--refine-workers", type=click.IntRange(min=0),
               help="Processes running the CRF beside the model (default: half the cores on GPU, 0 on CPU).")
 @segmenter_options(DEFAULT_BG_THRESHOLD, "Pixels whose best normalised label relevance is below this are background.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
-def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_path, max_side, workers,
+def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_path, workers,
             refine_workers, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
@@ -168,7 +169,7 @@ def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_
     remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
-    segmenter = _build_segmenter(console, max_side=max_side, **segmenter_arguments)
+    segmenter = _build_segmenter(console, **segmenter_arguments)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with _image_progress(console) as progress, _sigterm_as_interrupt():
         task = progress.add_task("segmenting", total=len(todo))

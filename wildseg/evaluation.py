@@ -25,6 +25,7 @@ from .errors import WildsegError, first_line
 from .images import ImageInput
 from .metrics import confusion_matrix, mean_class_accuracy, mean_iou, per_class_accuracy, per_class_iou, pixel_accuracy
 from .outputs import label_palette, mask_image, write_atomically
+from .resolution import upsample_argmax
 from .segmenter import MAX_LABELS
 
 PROTOCOLS = {
@@ -78,10 +79,13 @@ def build_query(dataset: SegmentationDataset, candidates: list[int], protocol: s
     return Query(labels, classes, rows)
 
 
-def class_prediction(scores: np.ndarray, query: Query) -> np.ndarray:
-    """Per pixel, the candidate class whose best synonym has the highest probability (H x W class indices)."""
+def class_prediction(scores: np.ndarray, query: Query, size: tuple[int, int]) -> np.ndarray:
+    """Per pixel of an image of `size`, the candidate class whose best synonym has the highest probability.
+
+    `scores` may be at a lower working resolution; the class scores are then bilinearly upsampled.
+    """
     grouped = np.stack([scores[rows].max(axis=0) for rows in query.rows])
-    return np.asarray(query.classes, dtype=np.uint8)[grouped.argmax(axis=0)]
+    return np.asarray(query.classes, dtype=np.uint8)[upsample_argmax(grouped, *size)]
 
 
 def protocol_bg_threshold(dataset: SegmentationDataset, default: float) -> float:
@@ -225,7 +229,7 @@ def _predict(
     result = segmenter.segment(image, query.labels)
     for stage, seconds in result.timings.items():
         _add_time(timings, stage, seconds)
-    return class_prediction(result.scores, query)
+    return class_prediction(result.scores, query, truth.shape)
 
 
 def _add_time(timings: dict[str, float], stage: str, seconds: float) -> None:
