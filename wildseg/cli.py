@@ -15,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import click
+from PIL import Image
 import open_clip
 from rich.console import Console
 from rich.progress import (
@@ -88,6 +89,7 @@ def _warn_in_one_line(message, category, filename, lineno, file=None, line=None)
 def main():
     """Training-free zero-shot semantic segmentation with CLIP."""
     warnings.showwarning = _warn_in_one_line
+    warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
     logging.getLogger().setLevel(logging.ERROR)
 
 
@@ -171,11 +173,12 @@ def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_
     console = Console(stderr=True, quiet=quiet)
     segmenter = _build_segmenter(console, **segmenter_arguments)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
-    with _image_progress(console) as progress, _sigterm_as_interrupt():
+    with _image_progress(console) as progress, Interrupts() as interrupts:
         task = progress.add_task("segmenting", total=len(todo))
         try:
             for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
-                _save(item, jobs[item.source], segmenter, run)
+                with interrupts.deferred():
+                    _save(item, jobs[item.source], segmenter, run)
                 if item.source in run.failures:
                     _report_failure(progress.console, item.source, run.failures[item.source])
                 progress.advance(task)
@@ -269,14 +272,36 @@ class BatchSummary:
         }
 
 
-@contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM stops a run the way Ctrl-C does: finished images are kept, the summary is written."""
-    previous = signal.signal(signal.SIGTERM, lambda number, frame: signal.default_int_handler(number, frame))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+class Interrupts:
+    """Ctrl-C and SIGTERM stop a batch: at once during model work, after the current image while its outputs
+    are being written, so that no output is left half-written."""
+
+    def __init__(self):
+        self.writing, self.pending = False, False
+
+    def __enter__(self):
+        self.previous = {number: signal.signal(number, self._stop) for number in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def __exit__(self, *exc_info):
+        for number, handler in self.previous.items():
+            signal.signal(number, handler)
+
+    def _stop(self, number, frame):
+        if self.writing:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.writing = True
+        try:
+            yield
+        finally:
+            self.writing = False
+        if self.pending:
+            raise KeyboardInterrupt
 
 
 def _refuse_to_overwrite_inputs(jobs: dict[Path, dict[str, Path]]) -> None:

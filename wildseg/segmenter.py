@@ -243,7 +243,9 @@ def finish_segmentation(
     return mask, probabilities, time.perf_counter() - clock
 
 
-def _checked_labels(labels: Union[str, Iterable[str]]) -> list[str]:
+def _checked_labels(labels: Optional[Union[str, Iterable[str]]]) -> list[str]:
+    if labels is None:
+        raise WildsegError("no labels given for this image")
     names = clean_labels(labels)
     if len(names) > MAX_LABELS:
         raise WildsegError(f"{len(names)} labels given, at most {MAX_LABELS} fit in one mask: split the label list")

@@ -1,0 +1,228 @@
+"""Batch segmentation: inputs and output mirroring, label files, a folder with every kind of file, resuming."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from conftest import TINY_MODEL
+from wildseg import Segmenter
+from wildseg.cli import main
+from wildseg.errors import WildsegError
+from wildseg.inputs import expand_inputs, read_labels_file
+from wildseg.resolution import upsample_argmax
+from wildseg.tta import ViewStream, View
+
+CONFIG = Path(__file__).parent / "configs" / f"{TINY_MODEL}.json"
+
+
+def picture(path: Path, size=(40, 30), seed=0, mode="RGB", **save_options) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).convert(mode).save(path, **save_options)
+    return path
+
+
+def tiny_args(checkpoint):
+    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo",
+            "--tta", "none", "--crf-iters", 1, "--max-side", 64]
+
+
+def test_outputs_mirror_where_images_were_found(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for name in ("a/x.jpg", "a/sub/x.JPG", "a/notes.txt", "b/x.png", "c/y.webp", "out/old.png"):
+        picture(tmp_path / name) if not name.endswith(".txt") else (tmp_path / name).write_text("no")
+    (tmp_path / "list.txt").write_text("c/y.webp\n# a comment\nb/x.png\n")
+    found = expand_inputs(["a", "@list.txt", "a/x.jpg"], recursive=True, exclude=Path("out"))
+    assert [(str(image.path), str(image.stem)) for image in found] == [
+        ("a/sub/x.JPG", "sub/x"), ("a/x.jpg", "x"), ("c/y.webp", "c/y"), ("b/x.png", "b/x")]
+    flat = expand_inputs(["a"], recursive=False)
+    assert [str(image.stem) for image in flat] == ["x"], "without --recursive sub-folders are not searched"
+    assert [str(image.stem) for image in expand_inputs(["*/x.*"])] == ["a/x", "b/x"]
+    assert expand_inputs(["."], recursive=True, exclude=Path("out"))[-1].path == Path("c/y.webp")
+    with pytest.raises(WildsegError, match="would write the same outputs x"):
+        expand_inputs(["a", "b"])
+    with pytest.raises(WildsegError, match="image not found: missing.jpg"):
+        expand_inputs(["missing.jpg"])
+    with pytest.raises(WildsegError, match="matches no image"):
+        expand_inputs(["zzz*.jpg"])
+
+
+def test_labels_files_in_csv_and_json(tmp_path):
+    csv_file = tmp_path / "labels.csv"
+    csv_file.write_text('image,labels\nphotos/a.jpg,"cat, sofa"\nphotos/b.jpg,dog,ball\n')
+    assert read_labels_file(csv_file) == {
+        (tmp_path / "photos/a.jpg").absolute(): ["cat", "sofa"], (tmp_path / "photos/b.jpg").absolute(): ["dog", "ball"]}
+    json_file = tmp_path / "labels.json"
+    json_file.write_text(json.dumps({"a.jpg": ["cat", "sofa"], "/abs/b.png": "dog,ball"}))
+    assert read_labels_file(json_file) == {(tmp_path / "a.jpg").absolute(): ["cat", "sofa"],
+                                           Path("/abs/b.png"): ["dog", "ball"]}
+    json_file.write_text(json.dumps({"a.jpg": 3}))
+    with pytest.raises(WildsegError, match="must be a string or a list of strings"):
+        read_labels_file(json_file)
+    json_file.write_text("[1, 2]")
+    with pytest.raises(WildsegError, match="must hold a JSON object"):
+        read_labels_file(json_file)
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """51 images in three folders, with every awkward kind of file the batch must survive or handle."""
+    root = tmp_path / "photos"
+    for index in range(38):
+        picture(root / ("trip" if index % 2 else "home") / f"img{index:02d}.jpg", seed=index)
+    special = {
+        "grey.png": picture(root / "grey.png", mode="L"),
+        "rgba.png": picture(root / "rgba.png", mode="RGBA"),
+        "cmyk.jpg": picture(root / "cmyk.jpg", mode="CMYK"),
+        "upper.JPEG": picture(root / "upper.JPEG"),
+        "bitmap.bmp": picture(root / "bitmap.bmp"),
+        "scan.tiff": picture(root / "scan.tiff"),
+    }
+    palette = Image.new("P", (40, 30))
+    palette.putpalette([index % 256 for index in range(768)])
+    palette.info["transparency"] = 0
+    palette.save(root / "palette.png", transparency=0)
+    Image.fromarray((np.arange(30 * 40).reshape(30, 40) * 50).astype(np.uint16)).save(root / "deep16.png")
+    rotated = Image.fromarray(np.zeros((30, 40, 3), dtype=np.uint8))
+    exif = rotated.getexif()
+    exif[0x0112] = 6
+    rotated.save(root / "rotated.jpg", exif=exif)
+    picture(root / "large.jpg", size=(3000, 2000), quality=70)
+    (root / "empty.jpg").write_bytes(b"")
+    (root / "text.jpg").write_text("this is not a picture")
+    (root / "truncated.jpg").write_bytes(picture(tmp_path / "whole.jpg").read_bytes()[:300])
+    (root / "album.png").mkdir()
+    return root, special
+
+
+def test_a_folder_with_every_case_completes_and_counts_failures(mixed_folder, tmp_path, tiny_checkpoint):
+    root, _ = mixed_folder
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    result = CliRunner().invoke(main, [str(arg) for arg in [
+        "segment", root, "-r", "-l", "cat,sofa", "-o", out, "--summary", summary, *tiny_args(tiny_checkpoint)]])
+    assert result.exit_code == 1, result.output
+    record = json.loads(summary.read_text())
+    failed = {Path(failure["image"]).name for failure in record["failures"]}
+    assert failed == {"empty.jpg", "text.jpg", "truncated.jpg"}
+    assert record["images"] == 51 and record["done"] == 48 and record["skipped"] == 0
+    assert sorted(line.split(": ")[2].rsplit("/", 1)[-1] for line in result.stderr.splitlines()
+                  if line.startswith("wildseg: failed:")) == sorted(failed)
+    for name in ("empty", "text", "truncated"):
+        assert not list(out.glob(f"{name}*")), "a failed image leaves no output"
+    assert (out / "trip" / "img01.png").is_file() and (out / "home" / "img00.json").is_file()
+    assert Image.open(out / "rotated.png").size == (30, 40), "the mask follows the EXIF-rotated image"
+    assert Image.open(out / "large.png").size == (3000, 2000) and Image.open(out / "large_overlay.jpg").size == (64, 43)
+    for name in ("grey", "rgba", "palette", "deep16", "cmyk", "upper", "bitmap", "scan"):
+        assert json.loads((out / f"{name}.json").read_text())["image_size"] == {"width": 40, "height": 30}
+    assert not list(out.rglob("*.part"))
+
+    flat = CliRunner().invoke(main, [str(arg) for arg in ["segment", root, "-l", "cat", "-o", tmp_path / "flat", "-q",
+                                                          *tiny_args(tiny_checkpoint)]])
+    assert "album.png is a folder" in flat.stderr and flat.exit_code == 1
+
+
+def test_large_images_are_segmented_at_the_working_resolution(tiny_checkpoint):
+    segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
+                          refine="none", max_side=100)
+    image = np.random.default_rng(0).integers(0, 255, (1000, 1500, 3), dtype=np.uint8)
+    result = segmenter.segment(image, "cat,sofa")
+    assert result.mask.shape == (1000, 1500) and result.scores.shape == (3, 67, 100)
+    assert np.array_equal(result.mask, upsample_argmax(result.scores, 1000, 1500))
+    preview_image, preview_mask = result.preview()
+    assert preview_image.shape == (67, 100, 3) and np.array_equal(preview_mask, result.scores.argmax(0))
+
+
+def test_segment_many_gives_what_segment_gives_with_crf_in_a_worker_process(tiny_checkpoint, tmp_path):
+    segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
+                          view_batch=5, crf=__import__("wildseg").refine.CrfSettings(iterations=2))
+    paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
+    labels = {paths[0]: "cat", paths[1]: "cat", paths[2]: "dog,ball", paths[3]: "dog,ball"}
+    items = list(segmenter.segment_many(paths + [tmp_path / "missing.png"], lambda path: labels.get(path, "cat"),
+                                        refine_workers=1))
+    failures = [item for item in items if item.error]
+    assert len(failures) == 1 and "image not found" in failures[0].error
+    by_path = {item.source: item.result for item in items if item.result is not None}
+    for path in paths:
+        alone = segmenter.segment(path, labels[path])
+        assert by_path[path].labels == alone.labels
+        assert np.allclose(by_path[path].scores, alone.scores, atol=1e-5)
+        assert np.array_equal(by_path[path].mask, alone.mask)
+
+
+def test_a_view_batch_out_of_gpu_memory_is_split_and_retried():
+    sizes = []
+
+    def map_views(batch):
+        sizes.append(len(batch))
+        if len(batch) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return batch[:, :1, ::8, ::8] * 2
+
+    image = torch.rand(3, 32, 48)
+    views = [View((0, 0, 48, 32), False), View((0, 0, 32, 32), False), View((16, 0, 48, 32), True)]
+    stream = ViewStream(32, map_views, batch_size=8)
+    finished = stream.add("a", image, views) + stream.add("b", image, views) + stream.flush()
+    assert [key for key, _ in finished] == ["a", "b"] and stream.batch_size == 1
+    assert sizes[:2] == [6, 3] and set(sizes[2:]) == {1} and len(sizes) == 2 + 6, "halved until it fits"
+    reference = ViewStream(32, map_views, batch_size=1)
+    expected = reference.add("a", image, views) + reference.flush()
+    assert torch.allclose(finished[0][1], expected[0][1])
+
+
+RUNNER = (
+    "import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
+    "from wildseg.cli import main; main(sys.argv[2:])"
+)
+
+
+def start_run(folder, out, checkpoint, *extra):
+    arguments = [sys.executable, "-c", RUNNER, str(CONFIG), "segment", str(folder), "-l", "cat,dog", "-o", str(out),
+                 "-q", *map(str, tiny_args(checkpoint)), "--tta", "default", *extra]
+    return subprocess.Popen(arguments, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_records(out: Path, count: int, process, timeout=120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while len(list(out.rglob("*.json"))) < count:
+        assert process.poll() is None, "the run ended before it could be interrupted"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_run_resumes_and_processes_every_image_exactly_once(stop, tmp_path, tiny_checkpoint):
+    folder, out = tmp_path / "many", tmp_path / "out"
+    for index in range(60):
+        picture(folder / f"{index:02d}.png", size=(96, 72), seed=index)
+    first = start_run(folder, out, tiny_checkpoint)
+    wait_for_records(out, 5, first)
+    first.send_signal(stop)
+    _, errors = first.communicate(timeout=60)
+    assert first.returncode == (130 if stop == signal.SIGTERM else -signal.SIGKILL), errors
+    assert "Traceback" not in errors
+    done_first = {path.stem: path.stat().st_mtime_ns for path in out.glob("*.json")}
+    assert 5 <= len(done_first) < 60
+    if stop == signal.SIGTERM:
+        assert not list(out.glob(".*")), "a stopped run leaves no temporary file"
+    (out / ".05.png.leftover.part").write_bytes(b"half")
+
+    second = start_run(folder, out, tiny_checkpoint, "--summary", tmp_path / "summary.json")
+    _, errors = second.communicate(timeout=120)
+    assert second.returncode == 0, errors
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["skipped"] == len(done_first) and summary["done"] == 60 - len(done_first)
+    for stem, modified in done_first.items():
+        assert (out / f"{stem}.json").stat().st_mtime_ns == modified, "done images are not segmented again"
+    for index in range(60):
+        assert json.loads((out / f"{index:02d}.json").read_text())["labels"] == ["background", "cat", "dog"]
+        assert Image.open(out / f"{index:02d}.png").size == (96, 72)
+    assert not list(out.glob(".*")), "no temporary file remains"
