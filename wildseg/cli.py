@@ -161,7 +161,6 @@ def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_
     """
     started = time.perf_counter()
     labels_of = _labels_source(labels, labels_file)
-    _check_output_folder(out_dir, [])
     images = expand_inputs(inputs, recursive, exclude=out_dir)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")

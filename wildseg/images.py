@@ -9,6 +9,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from .errors import WildsegError, first_line
 
 ImageInput = Union[str, Path, Image.Image, np.ndarray]
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 def load_image(source: ImageInput) -> np.ndarray:

@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from .errors import WildsegError, first_line
+from .images import IMAGE_SUFFIXES
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 GLOB_CHARACTERS = "*?["
 
 
@@ -81,8 +81,8 @@ def _inside(path: Path, folder: Optional[Path]) -> bool:
 def _fixed_prefix(pattern: str) -> Path:
     """The folder part of a glob pattern before its first wildcard."""
     parts = Path(pattern).parts
-    fixed = [part for part in parts[: next(i for i, part in enumerate(parts) if set(part) & set(GLOB_CHARACTERS))]]
-    return Path(*fixed) if fixed else Path(".")
+    first_wildcard = next(index for index, part in enumerate(parts) if set(part) & set(GLOB_CHARACTERS))
+    return Path(*parts[:first_wildcard]) if first_wildcard else Path(".")
 
 
 def _listed_paths(list_file: Path) -> list[Path]:

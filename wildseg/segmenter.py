@@ -55,17 +55,22 @@ class SegmentationResult:
     image: np.ndarray = field(repr=False)
     timings: dict[str, float] = field(default_factory=dict)
 
+    @property
+    def working_mask(self) -> np.ndarray:
+        """The mask at the working resolution of `scores` (the mask itself unless the image is large)."""
+        if self.mask.shape == self.scores.shape[1:]:
+            return self.mask
+        return self.scores.argmax(axis=0).astype(np.uint8)
+
     def preview(self) -> tuple[np.ndarray, np.ndarray]:
         """The image and its mask at the working resolution (the full ones unless the image is large)."""
-        if self.mask.shape == self.scores.shape[1:]:
-            return self.image, self.mask
-        return downscale(self.image, self.scores.shape[1:]), self.scores.argmax(axis=0).astype(np.uint8)
+        return downscale(self.image, self.scores.shape[1:]), self.working_mask
 
     def summary(self) -> list[dict]:
         """Per class: name, fraction of the image's pixels and mean probability over those pixels (the latter
         at working resolution)."""
         counts = np.bincount(self.mask.ravel(), minlength=len(self.labels))
-        working_mask = self.preview()[1]
+        working_mask = self.working_mask
         rows = []
         for index, name in enumerate(self.labels):
             selected = working_mask == index

@@ -47,7 +47,7 @@ DATASETS: dict[str, DatasetEntry] = {
     "ade20k": DatasetEntry("ADE20K SceneParsing, 150 classes", "ADEChallengeData2016", ade20k_dataset),
     "cityscapes": DatasetEntry("Cityscapes fine, 19 classes", "cityscapes (leftImg8bit/, gtFine/)",
                                cityscapes_dataset),
-    "folder": DatasetEntry("images/, masks/, classes.txt", "the folder", folder_dataset),
+    "folder": DatasetEntry("images/, masks/, classes.txt", "the folder", lambda root, split: folder_dataset(root)),
 }
 
 
@@ -77,10 +77,10 @@ def open_dataset(
         raise WildsegError(f"give --root: the {DATASETS[name].root} folder of {name}")
     elif not Path(root).is_dir():
         raise WildsegError(f"--root {root} is not a folder: point it at {DATASETS[name].root}")
-    elif name == "folder":
-        dataset = folder_dataset(Path(root), ignore_index)
     else:
         dataset = DATASETS[name].reader(Path(root), split)
+    if ignore_index is not None:
+        dataset.ignore_index = ignore_index
     dataset.split = None if name == "folder" else split
     dataset.root = Path(download if download is not None else root).resolve()
     if class_names is not None:

@@ -17,7 +17,6 @@ from ..images import load_image
 from .classes import ClassName
 
 IGNORE = 255
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
 @dataclass(frozen=True)
@@ -141,12 +140,8 @@ def ids_from_list(list_file: Path, what: str) -> list[str]:
     return [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
 
 
-def files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str, strip: str = "") -> dict[str, Path]:
-    """Files in `folder` with one of `suffixes` (any letter case), keyed by name without suffix and `strip`."""
+def files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
+    """Files in `folder` with one of `suffixes` (any letter case), keyed by their name without suffix."""
     if not folder.is_dir():
         raise WildsegError(f"{what}: folder {folder} not found; check --root and --split")
-    found = {}
-    for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in suffixes and path.stem.endswith(strip):
-            found[path.stem[: len(path.stem) - len(strip)]] = path
-    return found
+    return {path.stem: path for path in sorted(folder.iterdir()) if path.suffix.lower() in suffixes}

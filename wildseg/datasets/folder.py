@@ -5,7 +5,8 @@ from pathlib import Path
 from typing import Optional
 
 from ..errors import WildsegError
-from .base import IMAGE_SUFFIXES, PairedFiles, files_by_stem
+from ..images import IMAGE_SUFFIXES
+from .base import PairedFiles, files_by_stem
 from .classes import read_class_names
 
 
