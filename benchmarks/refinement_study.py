@@ -2,7 +2,7 @@
 
 Coarse maps are derived from ground truth the way a ViT-B/16 sees an image (`wildseg/coarse.py`: class
 one-hot averaged over a 14 x 14 patch grid, Gaussian blur of 1 cell, Gaussian noise 0.1 with seed = image
-index, bilinear upsampling), then refined by each option; mIoU and pixel accuracy are printed per option.
+index, bilinear upsampling), then refined by each option (PAMR with the paper's dilations and with NACLIP's (8, 16)); mIoU and pixel accuracy are printed per option.
 
     python benchmarks/refinement_study.py --limit 50
 """
@@ -19,13 +19,18 @@ from rich.table import Table
 from wildseg.coarse import coarse_probabilities
 from wildseg.datasets import folder_dataset
 from wildseg.metrics import confusion_matrix, mean_iou, pixel_accuracy
+from wildseg.pamr import PamrSettings, pamr_numpy
 from wildseg.refine import CrfSettings, dense_crf
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 DATASETS = {"camvid": 11, "nyuv2": 0}
+NACLIP_PAMR = PamrSettings(iterations=10, dilations=(8, 16))
 REFINEMENTS = {
     "none": lambda image, probabilities: probabilities,
     "crf": lambda image, probabilities: dense_crf(image, probabilities, CrfSettings()),
+    "pamr": lambda image, probabilities: pamr_numpy(image, probabilities),
+    "pamr (8, 16)": lambda image, probabilities: pamr_numpy(image, probabilities, NACLIP_PAMR),
+    "pamr+crf": lambda image, probabilities: dense_crf(image, pamr_numpy(image, probabilities), CrfSettings()),
 }
 
 
