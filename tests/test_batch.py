@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from conftest import TINY_MODEL
 from PIL import Image
 
-from conftest import TINY_MODEL
 from wildseg import Segmenter
 from wildseg.cli import main
 from wildseg.errors import WildsegError
 from wildseg.inputs import expand_inputs, read_labels_file
 from wildseg.resolution import upsample_argmax
-from wildseg.tta import ViewStream, View
+from wildseg.tta import View, ViewStream
 
 CONFIG = Path(__file__).parent / "configs" / f"{TINY_MODEL}.json"
 

@@ -2,7 +2,11 @@
 
 import pytest
 
-from wildseg.datasets.classes import builtin_class_names, parse_class_names, read_class_names
+from wildseg.datasets.classes import (
+    builtin_class_names,
+    parse_class_names,
+    read_class_names,
+)
 from wildseg.errors import WildsegError
 
 SIZES = {"voc21": 21, "voc20": 20, "context60": 60, "context59": 59, "coco_object": 81, "coco_stuff": 171,

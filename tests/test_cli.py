@@ -63,7 +63,7 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
     assert fractions == pytest.approx([np.mean(mask == index) for index in range(3)])
     assert record["settings"]["model"] == TINY_MODEL and record["settings"]["refine"] == "crf"
     assert record["settings"]["crf"]["iterations"] == 2 and record["settings"]["tta"] == "default"
-    assert record["timings_s"]["decode_s"] > 0 and record["timings_s"]["refine_s"] > 0
+    assert record["timings_s"]["decode_s"] > 0 and record["timings_s"]["crf_s"] > 0
     assert "background" in result.stdout and "photo.png" in result.stdout
     assert not list(out.glob(".*")), "no temporary files are left"
 
@@ -200,3 +200,31 @@ def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo,
 def test_bare_command_prints_help():
     result = run()
     assert result.exit_code == 0 and "segment" in result.stdout
+
+
+def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    result = run("segment", photo, "--labels", "cat, sofa", "--out", out, "--method", "dense", "--attention",
+                 "clearclip", "--window", 32, "--short-side", 64, "--refine", "pamr", "--pamr-iters", 3,
+                 *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out / "photo.json").read_text())
+    settings = record["settings"]
+    assert settings["method"] == "dense" and settings["start_block"] is None and settings["crf"] is None
+    assert settings["dense"] == {"attention": "clearclip", "window": 32, "stride": 16, "short_side": 64,
+                                 "logit_scale": 40.0, "background_words": settings["dense"]["background_words"]}
+    assert settings["dense"]["background_words"][:3] == ["sky", "wall", "tree"]
+    assert settings["pamr"]["iterations"] == 3 and settings["bg_threshold"] == 0.1
+    assert np.array(Image.open(out / "photo.png")).shape == (80, 48)
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--window", "64"], "--window is an option of the dense method"),
+    (["--method", "dense", "--start-block", "0"], "--start-block is an option of the relevance method"),
+    (["--method", "dense", "--attention", "qk"], "Invalid value for '--attention'"),
+    (["--method", "dense", "--window", "64", "--short-side", "32"], "--short-side (32) must be at least the window"),
+])
+def test_dense_usage_errors_are_one_line(photo, tmp_path, tiny_checkpoint, arguments, message):
+    result = run("segment", photo, "--labels", "cat", "--out", tmp_path / "out", *arguments, *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

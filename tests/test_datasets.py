@@ -10,9 +10,9 @@ import threading
 import numpy as np
 import pytest
 import torchvision.datasets.voc
+from conftest import shared_dataset
 from PIL import Image
 
-from conftest import shared_dataset
 from wildseg.coarse import coarse_probabilities
 from wildseg.datasets import folder_dataset, open_dataset
 from wildseg.datasets.classes import parse_class_names

@@ -6,10 +6,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from PIL import Image
-
 from conftest import TINY_MODEL, shared_dataset
+from PIL import Image
 from test_datasets import save_image, voc_tree
+
 from wildseg.cli import main
 from wildseg.datasets import folder_dataset, open_dataset
 from wildseg.datasets.base import PairedFiles
@@ -20,6 +20,7 @@ from wildseg.evaluation import (
     build_query,
     check_dataset,
     class_prediction,
+    dense_protocol,
     evaluate,
     load_ids,
     scored_confusion,
@@ -59,7 +60,7 @@ class OracleSegmenter:
             if name.prompts and name.prompts[0] in labels:
                 row = 1 + labels.index(name.prompts[0])
                 scores[row][truth == index] = 1.0
-        return SimpleNamespace(scores=scores, timings={"relevance_s": 0.0})
+        return SimpleNamespace(scores=scores, timings={"maps_s": 0.0})
 
     def settings(self):
         return {"oracle": self.error_shift}
@@ -208,7 +209,7 @@ def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_
     assert record["segmenter"]["model"] == TINY_MODEL and record["segmenter"]["bg_threshold"] == 0.4
     assert record["images"] == {"evaluated": 3, "reused": 0, "failed": 0, "failures": []}
     assert record["classes"][0][:3] == ["background", "sky", "wall"] and len(record["per_class"]) == 21
-    assert {"total_s", "relevance_s", "refine_s", "read_s"} <= set(record["timings_s"])
+    assert {"total_s", "maps_s", "pamr_s", "crf_s", "read_s"} <= set(record["timings_s"])
 
     confusion = np.zeros((21, 21), dtype=np.int64)
     for image_id in ("2009_000001", "2009_000002", "2009_000003"):
@@ -316,3 +317,28 @@ def test_saved_predictions_of_another_ignore_index_are_not_reused(tmp_path, tiny
     assert run(*args, "--ignore-index", 0).exit_code == 0
     other = run(*args)
     assert other.exit_code == 2 and "ignore_index" in other.stderr
+
+
+def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_it(synthetic_voc, tmp_path,
+                                                                                   tiny_checkpoint):
+    report = tmp_path / "report.json"
+    result = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--method", "dense",
+                 "--window", 32, "--short-side", 64, *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    record = json.loads(report.read_text())
+    segmenter, defaults = record["segmenter"], record["protocol_defaults"]
+    assert defaults["bg_threshold"] == 0.1 and defaults["short_side"] == 336 and defaults["refine"] == "pamr"
+    assert segmenter["bg_threshold"] == 0.1 and segmenter["tta"] == "none" and segmenter["refine"] == "pamr"
+    assert segmenter["pamr"]["dilations"] == [8, 16] and segmenter["crf"] is None
+    assert segmenter["dense"] == {"attention": "naclip", "window": 32, "stride": 16, "short_side": 64,
+                                  "logit_scale": 40.0, "background_words": []}
+
+
+def test_dense_protocols_per_data_set(tmp_path):
+    no_background = small_dataset(tmp_path, ["sky", "road"], [np.zeros((4, 4), dtype=np.uint8)])
+    assert dense_protocol("cityscapes", no_background)["short_side"] == 560
+    assert dense_protocol("coco-stuff", no_background)["short_side"] == 448
+    assert dense_protocol("ade20k", no_background)["bg_threshold"] == 0.0
+    with_background = small_dataset(tmp_path, ["background", "cat"], [np.zeros((4, 4), dtype=np.uint8)])
+    assert dense_protocol("folder", with_background)["bg_threshold"] == 0.1
+    assert dense_protocol("voc", with_background)["window"] == 224

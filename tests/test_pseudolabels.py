@@ -4,7 +4,12 @@ import pytest
 import torch
 
 from wildseg.errors import WildsegError
-from wildseg.pseudolabels import check_settings, label_scores, normalize_per_label, scores_to_probabilities
+from wildseg.pseudolabels import (
+    check_settings,
+    label_scores,
+    normalize_per_label,
+    scores_to_probabilities,
+)
 
 
 def test_maps_are_min_max_normalised_per_label():

@@ -5,7 +5,12 @@ import torch
 import torch.nn.functional as F
 
 from wildseg.errors import WildsegError
-from wildseg.relevance import check_vision_tower, forward_with_attention, relevance_maps, resolve_start_block
+from wildseg.relevance import (
+    check_vision_tower,
+    forward_with_attention,
+    relevance_maps,
+    resolve_start_block,
+)
 
 
 def test_explicit_attention_forward_matches_open_clip(tiny_model):

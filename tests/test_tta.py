@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from wildseg.errors import WildsegError
-from wildseg.tta import POLICIES, View, merge_views, plan_views, render_view, warp_to_box
+from wildseg.tta import (
+    POLICIES,
+    View,
+    merge_views,
+    plan_views,
+    render_view,
+    warp_to_box,
+)
 
 SIZES = [(75, 100), (100, 75), (64, 64), (37, 211)]
 

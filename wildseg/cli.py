@@ -12,18 +12,18 @@ import signal
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 
 import click
-from PIL import Image
 import open_clip
+from PIL import Image
 from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
     ProgressColumn,
-    SpinnerColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
@@ -32,28 +32,47 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
+from .autolabels import (
+    DEFAULT_VOCABULARY,
+    VOCABULARIES,
+    AutoLabelRule,
+    auto_label_record,
+    find_labels,
+    found_labels,
+    load_vocabulary,
+)
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
 from .datasets import DATASETS, open_dataset
+from .dense import ATTENTION_VARIANTS, DEFAULT_ATTENTION, DenseSettings
 from .errors import WildsegError, first_line
 from .evaluation import (
     PredictionStore,
     build_report,
     check_dataset,
+    dense_protocol,
     evaluate,
     load_ids,
     protocol_bg_threshold,
     run_settings,
 )
-from .labels import clean_labels
 from .inputs import expand_inputs, read_labels_file
-from .outputs import is_done, output_paths, remove_stale_temporaries, write_atomically, write_outputs
+from .labels import clean_labels
+from .outputs import (
+    is_done,
+    output_paths,
+    remove_stale_temporaries,
+    write_atomically,
+    write_outputs,
+)
+from .pamr import PamrSettings
 from .pseudolabels import DEFAULT_BG_THRESHOLD
 from .refine import REFINEMENTS, CrfSettings
 from .relevance import DEFAULT_START_BLOCK
 from .resolution import DEFAULT_MAX_SIDE
-from .segmenter import MIN_WORKING_SIDE, Segmenter
+from .segmenter import METHODS, MIN_WORKING_SIDE, Segmenter, default_background_words
 from .tta import POLICIES
 
+AUTO = "auto"
 USAGE_ERROR = 2
 INTERRUPTED = 130
 
@@ -93,8 +112,10 @@ def main():
     logging.getLogger().setLevel(logging.ERROR)
 
 
-def segmenter_options(bg_threshold_default, bg_threshold_help):
-    """The options that build a Segmenter, shared by the commands that segment."""
+def segmenter_options(bg_threshold_help: str, defaults_help: str):
+    """The options that build a Segmenter, shared by the commands that segment. Options whose default depends
+    on the method or the command (`defaults_help` says how) default to None here and are resolved by
+    `build_segmenter`."""
     options = [
         click.option("--model", default="ViT-B-16", show_default=True,
                      help="open_clip architecture (see `wildseg models`)."),
@@ -105,19 +126,37 @@ def segmenter_options(bg_threshold_default, bg_threshold_help):
         click.option("--cache-dir", type=click.Path(path_type=Path), help="Where open_clip caches downloaded weights."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="auto = CUDA when available (fp16), else CPU (fp32)."),
-        click.option("--tta", type=click.Choice(list(POLICIES)), default="default", show_default=True,
-                     help="Test-time augmentation views (see README)."),
-        click.option("--refine", type=click.Choice(list(REFINEMENTS)), default="crf", show_default=True,
-                     help="Refinement of the pseudo-labels."),
-        click.option("--crf-iters", type=click.IntRange(min=1), default=CrfSettings.iterations, show_default=True,
-                     help="Mean-field iterations of the dense CRF."),
-        click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), default=bg_threshold_default,
-                     show_default=bg_threshold_default is not None, help=bg_threshold_help),
+        click.option("--method", type=click.Choice(list(METHODS)), default="relevance", show_default=True,
+                     help="relevance: Chefer et al. relevance (Zabari & Hoshen); dense: patch tokens with a "
+                          "changed last block (MaskCLIP/SCLIP/ClearCLIP/NACLIP)."),
+        click.option("--attention", type=click.Choice(list(ATTENTION_VARIANTS)),
+                     help=f"Dense method: last-block attention [default: {DEFAULT_ATTENTION}]."),
+        click.option("--window", type=click.IntRange(min=16),
+                     help=f"Dense method: sliding-window side in pixels [default: {DenseSettings.window}]."),
+        click.option("--stride", type=click.IntRange(min=1),
+                     help="Dense method: window stride [default: half the window]."),
+        click.option("--short-side", type=click.IntRange(min=16),
+                     help="Dense method: the image is seen at this short side "
+                          f"[default: {DenseSettings.short_side}]."),
+        click.option("--logit-scale", type=click.FloatRange(min=0, min_open=True),
+                     help="Dense method: softmax scale of the patch-label cosines "
+                          f"[default: {DenseSettings.logit_scale:g}]."),
+        click.option("--tta", type=click.Choice(list(POLICIES)),
+                     help="Test-time augmentation views (see README) [default: default]."),
+        click.option("--refine", type=click.Choice(list(REFINEMENTS)),
+                     help="Refinement of the pseudo-labels: dense CRF, PAMR (on the model's device), both "
+                          "[default: crf]."),
+        click.option("--crf-iters", type=click.IntRange(min=1),
+                     help=f"Mean-field iterations of the dense CRF [default: {CrfSettings.iterations}]."),
+        click.option("--pamr-iters", type=click.IntRange(min=1),
+                     help=f"PAMR iterations [default: {PamrSettings.iterations}]."),
+        click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), help=bg_threshold_help),
         click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE), default=DEFAULT_MAX_SIDE,
                      show_default=True,
                      help="Working resolution: larger images are segmented at this long side; masks are full size."),
-        click.option("--start-block", type=int, default=DEFAULT_START_BLOCK, show_default=True,
-                     help="First transformer block whose attention enters the relevance (-1 = last only, 0 = all)."),
+        click.option("--start-block", type=int,
+                     help=f"Relevance method: first block whose attention enters the relevance (-1 = last only, "
+                          f"0 = all) [default: {DEFAULT_START_BLOCK}]."),
         click.option("--templates", type=click.Choice(list(TEMPLATE_SETS)), default=DEFAULT_TEMPLATES,
                      show_default=True, help="Prompt templates: CLIP's 80 ImageNet templates, or 'a photo of a {}.'."),
     ]
@@ -125,19 +164,47 @@ def segmenter_options(bg_threshold_default, bg_threshold_help):
     def decorate(command):
         for option in reversed(options):
             command = option(command)
+        command.__doc__ = f"{command.__doc__.rstrip()}\n\n    {defaults_help}"
         return command
 
     return decorate
 
 
-def _build_segmenter(console: Console, crf_iters: int, **options) -> Segmenter:
+DENSE_OPTIONS = ("attention", "window", "stride", "short_side", "logit_scale")
+
+
+def build_segmenter(console: Console, method: str, protocol: dict, background_words: tuple[str, ...],
+                    **options) -> Segmenter:
+    """A Segmenter from CLI options: given values win over `protocol` (defaults of a command or benchmark),
+    which win over the library's defaults. Dense-only options are refused with the relevance method."""
+    given = {name: value for name, value in options.items() if value is not None}
+    misplaced = [name for name in (*DENSE_OPTIONS, "start_block") if name in given
+                 and (name == "start_block") == (method == "dense")]
+    if misplaced:
+        needed = "relevance" if misplaced[0] == "start_block" else "dense"
+        raise WildsegError(f"--{misplaced[0].replace('_', '-')} is an option of the {needed} method: "
+                           f"add --method {needed} or leave it out")
+    values = {**protocol, **given}
+    dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values},
+                          background_words=background_words)
+    crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
+    pamr = PamrSettings(**{field: values.pop(option) for option, field in
+                           (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
+    values.pop("source", None)
     with console.status("loading the model", spinner="dots"):
-        return Segmenter(crf=CrfSettings(iterations=crf_iters), **options)
+        return Segmenter(method=method, dense=dense, crf=crf, pamr_settings=pamr, **values)
 
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--labels", "-l", help='Comma-separated names of what is in every image, e.g. "cat,sofa".')
+@click.option("--labels", "-l",
+              help='Comma-separated names of what is in every image, e.g. "cat,sofa"; "auto" finds them in --vocab.')
+@click.option("--vocab", help=f"With --labels auto: {', '.join(VOCABULARIES)} or a class-name file "
+                              f"[default: {DEFAULT_VOCABULARY}].")
+@click.option("--auto-min-area", type=click.FloatRange(0.0, 1.0), default=AutoLabelRule.min_area, show_default=True,
+              help="With --labels auto: least share of the image a found class covers.")
+@click.option("--auto-min-score", type=click.FloatRange(0.0, 1.0), default=AutoLabelRule.min_score,
+              show_default=True, help="With --labels auto: least mean score of a found class over its pixels.")
 @click.option("--labels-file", type=click.Path(path_type=Path),
               help="Per-image labels: CSV rows `image,label,...` or a JSON object {image: labels}.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"), show_default=True,
@@ -150,17 +217,22 @@ def _build_segmenter(console: Console, crf_iters: int, **options) -> Segmenter:
               help="Threads decoding images ahead of the model.")
 @click.option("--refine-workers", type=click.IntRange(min=0),
               help="Processes running the CRF beside the model (default: half the cores on GPU, 0 on CPU).")
-@segmenter_options(DEFAULT_BG_THRESHOLD, "Pixels whose best normalised label relevance is below this are background.")
+@segmenter_options("Background threshold: relevance method, normalised relevance (default 0.4); dense method, "
+                   "label probability (default 0.1); below it a pixel is background.",
+                   "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale "
+                   "40, background words of PASCAL VOC's background class; both methods: tta default, refine crf.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
-def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_path, workers,
-            refine_workers, quiet, **segmenter_arguments):
+def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, recursive, overwrite,
+            summary_path, workers, refine_workers, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
     Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are
     skipped unless --overwrite. Exit code 0: all done, 1: some images failed, 2: usage error.
+    With --labels auto, each image is first segmented with the whole vocabulary and the classes that cover
+    --auto-min-area of it with mean score --auto-min-score are segmented as given (see README).
     """
     started = time.perf_counter()
-    labels_of = _labels_source(labels, labels_file)
+    labels_source = _labels_source(labels, labels_file, vocab, AutoLabelRule(auto_min_area, auto_min_score))
     images = expand_inputs(inputs, recursive, exclude=out_dir)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
@@ -170,14 +242,16 @@ def segment(inputs, labels, labels_file, out_dir, recursive, overwrite, summary_
     remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
-    segmenter = _build_segmenter(console, **segmenter_arguments)
+    segmenter = build_segmenter(console, protocol={}, background_words=default_background_words(),
+                                **segmenter_arguments)
+    labels_of = labels_source(segmenter)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with _image_progress(console) as progress, Interrupts() as interrupts:
         task = progress.add_task("segmenting", total=len(todo))
         try:
             for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
                 with interrupts.deferred():
-                    _save(item, jobs[item.source], segmenter, run)
+                    _save(item, jobs[item.source], segmenter, run, getattr(labels_of, "records", {}))
                 if item.source in run.failures:
                     _report_failure(progress.console, item.source, run.failures[item.source])
                 progress.advance(task)
@@ -205,13 +279,19 @@ def _report_failure(console: Console, image: Path, reason: str) -> None:
         console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
-def _labels_source(labels, labels_file):
-    """The labels of an image: the same --labels for all, or its entry in --labels-file."""
+def _labels_source(labels, labels_file, vocab, rule: AutoLabelRule):
+    """Checks the label options; returns a function from the segmenter to the labels of an image: the same
+    --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary."""
     if (labels is None) == (labels_file is None):
         raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
+    if vocab is not None and labels != AUTO:
+        raise WildsegError(f"--vocab is for --labels {AUTO}: leave it out, or ask for automatic labels")
+    if labels == AUTO:
+        vocabulary_name = vocab or DEFAULT_VOCABULARY
+        return partial(AutoLabeler, vocabulary_name, load_vocabulary(vocabulary_name), rule)
     if labels is not None:
         names = clean_labels(labels)
-        return lambda path: names
+        return lambda segmenter: lambda path: names
     table = read_labels_file(labels_file)
 
     def labels_of(path: Path) -> list[str]:
@@ -219,11 +299,26 @@ def _labels_source(labels, labels_file):
             raise WildsegError(f"no labels for this image in {labels_file}")
         return table[path.absolute()]
 
-    return labels_of
+    return lambda segmenter: labels_of
 
 
-def _save(item, paths: dict[str, Path], segmenter: Segmenter, run: "BatchSummary") -> None:
-    """Write one image's outputs (JSON last) or record why it failed."""
+class AutoLabeler:
+    """The labels of an image found in a vocabulary; keeps each image's candidates for its JSON record."""
+
+    def __init__(self, vocabulary_name: str, vocabulary, rule: AutoLabelRule, segmenter: Segmenter):
+        self.vocabulary_name, self.vocabulary, self.rule, self.segmenter = vocabulary_name, vocabulary, rule, segmenter
+        self.records: dict[Path, dict] = {}
+
+    def __call__(self, path: Path) -> list[str]:
+        candidates = find_labels(self.segmenter, path, self.vocabulary, self.rule)
+        self.records[path] = auto_label_record(self.vocabulary_name, self.rule, candidates)
+        return found_labels(candidates, self.rule)
+
+
+def _save(item, paths: dict[str, Path], segmenter: Segmenter, run: "BatchSummary", auto_labels: dict) -> None:
+    """Write one image's outputs (JSON last) or record why it failed; `auto_labels` holds the automatic-label
+    records by image."""
+    auto_record = auto_labels.pop(item.source, None)
     if item.error is not None:
         run.failures[item.source] = item.error
         return
@@ -235,6 +330,7 @@ def _save(item, paths: dict[str, Path], segmenter: Segmenter, run: "BatchSummary
         "classes": result.summary(),
         "settings": segmenter.settings(),
         "timings_s": result.timings,
+        **({"auto_labels": auto_record} if auto_record is not None else {}),
     }
     try:
         write_outputs(paths, *result.preview(), result.mask, result.labels, record)
@@ -372,7 +468,11 @@ def _image_progress(console: Console) -> Progress:
 @click.option("--report", type=click.Path(path_type=Path), help="Write settings, metrics and timings as JSON here.")
 @click.option("--save-predictions", type=click.Path(path_type=Path),
               help="Save each predicted mask as <id>.png here; a rerun with the same settings reuses them.")
-@segmenter_options(None, "Background threshold; default 0.4 where background is a class, else 0 (no background).")
+@segmenter_options("Background threshold; default where background is a class 0.4 (relevance) or the protocol's "
+                   "(dense), else 0 (no background).",
+                   "With --method dense, options not given follow the published protocol of the dense family for "
+                   "the data set (wildseg/dense_protocols.json: NACLIP's short side, window 224, stride half the "
+                   "window, logit scale 40, background threshold, PAMR, no TTA); the report records them.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no tables.")
 def evaluate_command(dataset_name, root, split, download, ignore_index, class_names, given_labels, limit, ids_file,
                      report, save_predictions, quiet, bg_threshold, **segmenter_arguments):
@@ -386,11 +486,13 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
         _check_output_folder(save_predictions, [], "--save-predictions")
     if report is not None:
         _check_output_folder(report.parent, [report], "--report")
-    if bg_threshold is None:
-        bg_threshold = protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)
+    defaults = (dense_protocol(dataset_name, dataset) if segmenter_arguments["method"] == "dense"
+                else {"bg_threshold": protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)})
     console = Console(stderr=True, quiet=quiet)
-    segmenter = _build_segmenter(console, bg_threshold=bg_threshold, **segmenter_arguments)
-    settings = run_settings(dataset, protocol, segmenter.settings())
+    segmenter = build_segmenter(console, protocol=defaults, background_words=(), bg_threshold=bg_threshold,
+                                **segmenter_arguments)
+    settings = {**run_settings(dataset, protocol, segmenter.settings()),
+                "protocol_defaults": defaults if segmenter_arguments["method"] == "dense" else None}
     store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
     with _image_progress(console) as progress:
         task = progress.add_task(f"{dataset.name} {dataset.split or ''}", total=len(ids))

@@ -13,6 +13,7 @@ When the data set has no background class, the segmenter's background row is lef
 import json
 import time
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional, Protocol
 
@@ -23,8 +24,16 @@ from .datasets import SegmentationDataset
 from .datasets.base import read_label_image
 from .errors import WildsegError, first_line
 from .images import ImageInput
-from .metrics import confusion_matrix, mean_class_accuracy, mean_iou, per_class_accuracy, per_class_iou, pixel_accuracy
+from .metrics import (
+    confusion_matrix,
+    mean_class_accuracy,
+    mean_iou,
+    per_class_accuracy,
+    per_class_iou,
+    pixel_accuracy,
+)
 from .outputs import label_palette, mask_image, write_atomically
+from .pseudolabels import DEFAULT_DENSE_BG_THRESHOLD
 from .resolution import upsample_argmax
 from .segmenter import MAX_LABELS
 
@@ -91,6 +100,16 @@ def class_prediction(scores: np.ndarray, query: Query, size: tuple[int, int]) ->
 def protocol_bg_threshold(dataset: SegmentationDataset, default: float) -> float:
     """Background threshold for a data set: `default` where background is a class, 0 (no background) otherwise."""
     return default if dataset.background_class is not None else 0.0
+
+
+def dense_protocol(dataset_key: str, dataset: SegmentationDataset) -> dict:
+    """The dense family's published evaluation settings for a data set of the registry, as option values:
+    `common` with the data set's entry of wildseg/dense_protocols.json on top; where the entry gives no
+    background threshold, 0.1 if background is a class, else 0."""
+    table = json.loads(resources.files("wildseg").joinpath("dense_protocols.json").read_text(encoding="utf-8"))
+    settings = {**table["common"], **table["datasets"].get(dataset_key, {})}
+    settings.setdefault("bg_threshold", protocol_bg_threshold(dataset, DEFAULT_DENSE_BG_THRESHOLD))
+    return {**settings, "pamr_dilations": tuple(settings["pamr_dilations"]), "source": table["source"]}
 
 
 class PredictionStore:

@@ -1,9 +1,16 @@
-"""From merged relevance maps to per-pixel label scores and probabilities, with background as class 0.
+"""From merged label maps to per-pixel label scores and probabilities, with background as class 0.
 
-Rule (documented in the README): each label's map is min-max normalised over the image to [0, 1]; the
-background gets the constant score `bg_threshold`, so a pixel is background when no label's normalised
-relevance reaches the threshold. Probabilities are a softmax of the scores at temperature
-`temperature` (sharper for smaller values); they are the CRF's unary term.
+Relevance method (documented in the README): each label's map is min-max normalised over the image to
+[0, 1]; the background gets the constant score `bg_threshold`, so a pixel is background when no label's
+normalised relevance reaches the threshold.
+
+Dense method (as the training-free dense segmenters score patches): the labels' cosine maps, with those of
+any background words, go through softmax(logit_scale * cosine) over all of them; a label scores its
+probability, the background the larger of `bg_threshold` and its words' best probability. So a pixel is
+background when no label is at least `bg_threshold` likely or a background word is likelier.
+
+Probabilities are a softmax of the scores at temperature `temperature` (sharper for smaller values); the
+argmax is unchanged, and they are the refinement's input.
 """
 
 import torch
@@ -11,6 +18,7 @@ import torch
 from .errors import WildsegError
 
 DEFAULT_BG_THRESHOLD = 0.4
+DEFAULT_DENSE_BG_THRESHOLD = 0.1
 DEFAULT_TEMPERATURE = 0.1
 
 
@@ -35,6 +43,15 @@ def label_scores(maps: torch.Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD)
     normalized = normalize_per_label(maps)
     background = torch.full_like(normalized[:1], bg_threshold)
     return torch.cat([background, normalized])
+
+
+def dense_scores(cosines: torch.Tensor, labels: int, logit_scale: float, bg_threshold: float) -> torch.Tensor:
+    """Scores (1 + labels) x H x W from cosine maps ((labels + background words) x H x W) by the dense rule."""
+    probabilities = torch.softmax(logit_scale * cosines, dim=0)
+    background = probabilities[labels:].amax(dim=0, keepdim=True) if len(cosines) > labels else None
+    threshold = torch.full_like(probabilities[:1], bg_threshold)
+    background = threshold if background is None else torch.maximum(threshold, background)
+    return torch.cat([background, probabilities[:labels]])
 
 
 def scores_to_probabilities(scores: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE) -> torch.Tensor:

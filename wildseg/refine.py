@@ -13,7 +13,7 @@ import numpy as np
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
-REFINEMENTS = ("crf", "none")
+REFINEMENTS = ("crf", "pamr", "pamr+crf", "none")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,10 @@
 """`Segmenter`: the one object users call. Image + label names -> mask, scores (Zabari & Hoshen, 2112.03185).
 
-Pipeline: Chefer et al. relevance of each label in every test-time view (`relevance`, `tta`), views merged
-back into image coordinates, normalised into per-pixel label scores with a background class
-(`pseudolabels`), refined by a dense CRF (`refine`).
+Pipeline: a map of each label in every test-time view, by one of two methods: Chefer et al. relevance
+(`relevance`, the paper's method) or patch-text cosines with a changed last block (`dense`) over sliding
+windows; views merged back into image coordinates (`tta`), turned into per-pixel label scores with a
+background class (`pseudolabels`), refined by PAMR on the model's device and/or a dense CRF (`pamr`,
+`refine`).
 """
 
 import itertools
@@ -11,8 +13,15 @@ import os
 import signal
 import time
 from collections import deque
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    Future,
+    ProcessPoolExecutor,
+    ThreadPoolExecutor,
+    wait,
+)
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional, Union
 
@@ -21,23 +30,43 @@ import torch
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS, Backbone, load_backbone
+from .datasets.classes import builtin_class_names
+from .dense import DenseSettings, check_attention, dense_label_maps
 from .errors import WildsegError
 from .images import ImageInput, load_image
 from .labels import BACKGROUND, clean_labels
+from .pamr import PamrSettings, pamr
 from .pseudolabels import (
     DEFAULT_BG_THRESHOLD,
+    DEFAULT_DENSE_BG_THRESHOLD,
     DEFAULT_TEMPERATURE,
     check_settings,
+    dense_scores,
     label_scores,
     scores_to_probabilities,
 )
 from .refine import REFINEMENTS, CrfSettings, dense_crf
-from .relevance import DEFAULT_START_BLOCK, check_vision_tower, relevance_maps, resolve_start_block
+from .relevance import (
+    DEFAULT_START_BLOCK,
+    check_vision_tower,
+    relevance_maps,
+    resolve_start_block,
+)
 from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_argmax, working_size
-from .tta import POLICIES, ViewStream, merge_views, plan_views
+from .tta import POLICIES, View, ViewStream, merge_views, plan_views, plan_windows
 
 MAX_LABELS = 255
 MIN_WORKING_SIDE = 32
+METHODS = {
+    "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
+    "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
+}
+DEFAULT_BG_THRESHOLDS = {"relevance": DEFAULT_BG_THRESHOLD, "dense": DEFAULT_DENSE_BG_THRESHOLD}
+
+
+def default_background_words() -> tuple[str, ...]:
+    """Stuff words the dense method scores as background: those of the PASCAL VOC background class."""
+    return next(entry.prompts for entry in builtin_class_names("voc21") if entry.is_background)
 
 
 @dataclass
@@ -103,21 +132,32 @@ class Segmenter:
         checkpoint: Optional[Union[str, Path]] = None,
         device: str = "auto",
         cache_dir: Optional[Union[str, Path]] = None,
+        method: str = "relevance",
+        dense: Optional[DenseSettings] = None,
         tta: str = "default",
         refine: str = "crf",
         crf: CrfSettings = CrfSettings(),
-        bg_threshold: float = DEFAULT_BG_THRESHOLD,
+        pamr_settings: PamrSettings = PamrSettings(),
+        bg_threshold: Optional[float] = None,
         temperature: float = DEFAULT_TEMPERATURE,
         start_block: int = DEFAULT_START_BLOCK,
         templates: str = DEFAULT_TEMPLATES,
         view_batch: int = 8,
         max_side: int = DEFAULT_MAX_SIDE,
     ):
+        """`dense` defaults to DenseSettings with the VOC background words; `bg_threshold` to the method's
+        (0.4 for relevance, 0.1 for dense)."""
+        _check_choice("method", method, METHODS)
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
         _check_choice("template set", templates, TEMPLATE_SETS)
+        dense = dense if dense is not None else DenseSettings(background_words=default_background_words())
+        _check_dense(dense)
         if crf.iterations < 1:
             raise WildsegError(f"--crf-iters must be at least 1, got {crf.iterations}")
+        if pamr_settings.iterations < 1:
+            raise WildsegError(f"--pamr-iters must be at least 1, got {pamr_settings.iterations}")
+        bg_threshold = DEFAULT_BG_THRESHOLDS[method] if bg_threshold is None else bg_threshold
         if max_side < MIN_WORKING_SIDE:
             raise WildsegError(f"--max-side must be at least {MIN_WORKING_SIDE} pixels, got {max_side}")
         if view_batch < 1:
@@ -125,7 +165,11 @@ class Segmenter:
         check_settings(bg_threshold, temperature)
         self.backbone: Backbone = load_backbone(model, pretrained, checkpoint, device, cache_dir)
         check_vision_tower(self.backbone.model.visual, model)
+        patch = self.backbone.model.visual.patch_size[0]
+        if method == "dense" and dense.window % patch:
+            raise WildsegError(f"--window {dense.window} is not a multiple of {model}'s {patch}-pixel patches")
         resolve_start_block(start_block, len(self.backbone.model.visual.transformer.resblocks))
+        self.method, self.dense, self.pamr_settings = method, dense, pamr_settings
         self.tta, self.refine, self.crf = tta, refine, crf
         self.bg_threshold, self.temperature = bg_threshold, temperature
         self.start_block, self.templates, self.view_batch = start_block, templates, view_batch
@@ -142,13 +186,16 @@ class Segmenter:
             "precision": "fp16" if backbone.half_precision else "fp32",
             "image_size": backbone.image_size,
             "templates": self.templates,
-            "start_block": self.start_block,
+            "method": self.method,
+            "start_block": self.start_block if self.method == "relevance" else None,
+            "dense": {**vars(self.dense), "stride": self.dense.window_stride} if self.method == "dense" else None,
             "tta": self.tta,
             "max_side": self.max_side,
             "bg_threshold": self.bg_threshold,
             "temperature": self.temperature,
             "refine": self.refine,
-            "crf": vars(self.crf) if self.refine == "crf" else None,
+            "pamr": vars(self.pamr_settings) if "pamr" in self.refine else None,
+            "crf": vars(self.crf) if "crf" in self.refine else None,
         }
 
     def segment(
@@ -167,22 +214,31 @@ class Segmenter:
         rgb, working = _decode(image, self.max_side)
         timings["decode_s"] = time.perf_counter() - clock
 
-        clock = time.perf_counter()
-        text = self.backbone.embed_labels(names, self.templates)
-        timings["text_s"] = time.perf_counter() - clock
-
-        clock = time.perf_counter()
-        views = plan_views(*working.shape[:2], self.tta)
-        on_progress(0, len(views))
-        relevance = merge_views(self._normalized(working), views, self.backbone.image_size, self._map_views(text),
-                                self.view_batch, on_batch=lambda done: on_progress(done, len(views)))
-        timings["relevance_s"] = time.perf_counter() - clock
-
-        probabilities = self._probabilities(relevance)
-        mask, probabilities, timings["refine_s"] = finish_segmentation(
-            working, probabilities, self.refine, self.crf, rgb.shape[:2]
-        )
+        maps = self._merged_maps(working, names, timings, on_progress)
+        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
+        mask, probabilities, timings["crf_s"] = finish_segmentation(working, probabilities, self._crf, rgb.shape[:2])
         return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
+
+    def label_scores(self, image: ImageInput, labels: Union[str, Iterable[str]]) -> np.ndarray:
+        """Scores ((1 + labels) x h x w, background first, at working resolution) by the method's rule
+        (`pseudolabels`): what `segment` turns into probabilities and refines. Their argmax is an unrefined mask."""
+        names = _checked_labels(labels)
+        _, working = _decode(image, self.max_side)
+        return self._scores(self._merged_maps(working, names, {}), len(names)).cpu().numpy()
+
+    def _merged_maps(self, working: np.ndarray, names: list[str], timings: dict[str, float],
+                     on_progress: Callable[[int, int], None] = lambda done, total: None) -> torch.Tensor:
+        """The labels' maps (labels [+ background words] x h x w) merged over all views of the working image."""
+        clock = time.perf_counter()
+        text = self._embed_query(names)
+        timings["text_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        views = self._plan(working)
+        on_progress(0, len(views))
+        maps = merge_views(self._normalized(working), views, self._view_size, self._map_views(text),
+                           self.view_batch, on_batch=lambda done: on_progress(done, len(views)))
+        timings["maps_s"] = time.perf_counter() - clock
+        return maps
 
     def segment_many(
         self,
@@ -203,7 +259,7 @@ class Segmenter:
         labels_of = labels if callable(labels) else (lambda source: labels)
         if refine_workers is None:
             refine_workers = max(1, (os.cpu_count() or 2) // 2) if self.backbone.device.type == "cuda" else 0
-        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self.refine == "crf" else 0)
+        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self._crf is not None else 0)
         try:
             yield from run.items(iter(images))
         finally:
@@ -217,32 +273,72 @@ class Segmenter:
         std = torch.tensor(backbone.std, device=backbone.device)[:, None, None]
         return (pixels - mean) / std
 
+    @property
+    def _view_size(self) -> int:
+        """Pixels of a rendered view's side: the model's input for relevance, the window for the dense method."""
+        return self.backbone.image_size if self.method == "relevance" else self.dense.window
+
+    @property
+    def _crf(self) -> Optional[CrfSettings]:
+        return self.crf if "crf" in self.refine else None
+
+    def _plan(self, working: np.ndarray) -> list[View]:
+        """The views of an image at working resolution: TTA views, or for the dense method sliding windows
+        whose side is `window` at the image's scale to `short_side`."""
+        height, width = working.shape[:2]
+        if self.method == "relevance":
+            return plan_views(height, width, self.tta)
+        scale = min(height, width) / self.dense.short_side
+        return plan_windows(height, width, self.dense.window * scale, self.dense.window_stride * scale, self.tta)
+
+    def _embed_query(self, names: list[str]) -> torch.Tensor:
+        """Text embeddings of the labels, then (dense method) of the background words that are not labels."""
+        if self.method == "relevance":
+            return self.backbone.embed_labels(names, self.templates)
+        taken = {name.casefold() for name in names}
+        words = [word for word in self.dense.background_words if word.casefold() not in taken]
+        return self.backbone.embed_labels([*names, *words], self.templates)
+
     def _map_views(self, text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Relevance maps (views x labels x g x g) of a batch of rendered views for the labels' `text`."""
+        """Maps (views x labels x g x g) of a batch of rendered views for the labels' `text`."""
         backbone = self.backbone
+        variant = check_attention(self.dense.attention)
 
         def map_views(batch: torch.Tensor) -> torch.Tensor:
             with backbone.autocast():
+                if self.method == "dense":
+                    return dense_label_maps(backbone.model.visual, batch, text.to(backbone.device), variant)
                 return relevance_maps(backbone.model, batch, text.to(backbone.device), self.start_block)
 
         return map_views
 
-    def _probabilities(self, relevance: torch.Tensor) -> np.ndarray:
-        """Per-pixel class probabilities (background first) from merged relevance maps, on the CPU."""
-        scores = label_scores(relevance.cpu(), self.bg_threshold)
-        return scores_to_probabilities(scores, self.temperature).numpy()
+    def _scores(self, maps: torch.Tensor, labels: int) -> torch.Tensor:
+        """Per-pixel scores (background first) from merged maps by the method's rule."""
+        if self.method == "dense":
+            return dense_scores(maps, labels, self.dense.logit_scale, self.bg_threshold)
+        return label_scores(maps, self.bg_threshold)
+
+    def _probabilities(self, maps: torch.Tensor, working: np.ndarray, labels: int) -> tuple[np.ndarray, float]:
+        """Per-pixel class probabilities (background first) from merged maps, PAMR-refined on the model's
+        device if asked; returned on the CPU with PAMR's seconds."""
+        probabilities = scores_to_probabilities(self._scores(maps, labels), self.temperature)
+        clock = time.perf_counter()
+        if "pamr" in self.refine:
+            pixels = torch.from_numpy(working).to(probabilities.device).permute(2, 0, 1).float()
+            probabilities = pamr(pixels, probabilities, self.pamr_settings)
+        return probabilities.cpu().numpy(), time.perf_counter() - clock
 
 
 def finish_segmentation(
     working: np.ndarray,
     probabilities: np.ndarray,
-    refine: str,
-    crf: CrfSettings,
+    crf: Optional[CrfSettings],
     full_size: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Refine probabilities at working resolution; return the full-size mask, the probabilities, the seconds."""
+    """Refine probabilities by the dense CRF (unless `crf` is None) at working resolution; return the full-size
+    mask, the probabilities and the CRF's seconds."""
     clock = time.perf_counter()
-    if refine == "crf":
+    if crf is not None:
         probabilities = dense_crf(working, probabilities, crf)
     mask = upsample_argmax(probabilities, *full_size)
     return mask, probabilities, time.perf_counter() - clock
@@ -313,8 +409,8 @@ class _BatchRun:
                 self._open_stream(names)
             key = next(self.keys)
             self.pending[key] = _Pending(source, names, rgb, working, {"decode_s": decode_s})
-            yield from self._map(lambda: self.stream.add(key, self.segmenter._normalized(working),
-                                                         plan_views(*working.shape[:2], self.segmenter.tta)))
+            yield from self._map(partial(self.stream.add, key, self.segmenter._normalized(working),
+                                         self.segmenter._plan(working)))
             yield from self._collect(block=len(self.refining) >= self.max_refining)
         yield from self._drain_stream()
         while self.refining:
@@ -334,8 +430,8 @@ class _BatchRun:
 
     def _open_stream(self, names: list[str]) -> None:
         segmenter = self.segmenter
-        text = segmenter.backbone.embed_labels(names, segmenter.templates)
-        self.stream = ViewStream(segmenter.backbone.image_size, segmenter._map_views(text), segmenter.view_batch)
+        text = segmenter._embed_query(names)
+        self.stream = ViewStream(segmenter._view_size, segmenter._map_views(text), segmenter.view_batch)
         self.stream_names = names
 
     def _drain_stream(self) -> Iterator[BatchItem]:
@@ -354,10 +450,10 @@ class _BatchRun:
         for key, relevance in finished:
             self._refine(self.pending.pop(key), relevance)
 
-    def _refine(self, item: _Pending, relevance: torch.Tensor) -> None:
+    def _refine(self, item: _Pending, maps: torch.Tensor) -> None:
         segmenter = self.segmenter
-        probabilities = segmenter._probabilities(relevance)
-        arguments = (item.working, probabilities, segmenter.refine, segmenter.crf, item.rgb.shape[:2])
+        probabilities, item.timings["pamr_s"] = segmenter._probabilities(maps, item.working, len(item.names))
+        arguments = (item.working, probabilities, segmenter._crf, item.rgb.shape[:2])
         if self.refiner is None:
             future = Future()
             future.set_result(finish_segmentation(*arguments))
@@ -371,9 +467,9 @@ class _BatchRun:
         done, _ = wait(self.refining, timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
             item = self.refining.pop(future)
-            mask, probabilities, refine_s = future.result()
+            mask, probabilities, crf_s = future.result()
             result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.rgb,
-                                        {**item.timings, "refine_s": refine_s})
+                                        {**item.timings, "crf_s": crf_s})
             yield BatchItem(item.source, result=result)
 
 
@@ -383,6 +479,19 @@ _END = object()
 def _timed(function, *arguments):
     clock = time.perf_counter()
     return function(*arguments), time.perf_counter() - clock
+
+
+def _check_dense(dense: DenseSettings) -> None:
+    """Refuse dense settings that cannot work, naming the option to change."""
+    check_attention(dense.attention)
+    if dense.window < 16:
+        raise WildsegError(f"--window must be at least 16 pixels, got {dense.window}")
+    if not 0 < dense.window_stride <= dense.window:
+        raise WildsegError(f"--stride must lie in 1..{dense.window} (the window), got {dense.window_stride}")
+    if dense.short_side < dense.window:
+        raise WildsegError(f"--short-side ({dense.short_side}) must be at least the window ({dense.window})")
+    if dense.logit_scale <= 0:
+        raise WildsegError(f"--logit-scale must be positive, got {dense.logit_scale}")
 
 
 def _check_choice(what: str, value: str, choices: Iterable[str]) -> None:

@@ -13,6 +13,10 @@ Policies (Zabari & Hoshen refine relevance by augmentation; the set of views her
   sliding with half-crop overlap.
 - ``heavy``: as ``default`` with zoom 3 added and every crop also mirrored.
 
+The dense method slides square windows over the image instead (`plan_windows`); a policy's zooms are then
+window scales (zoom 2 = windows of half the side, seen at the model's input size), and its mirrors mirror
+those windows.
+
 The whole-image view squashes the image to a square; crops are square, so they keep the aspect ratio.
 """
 
@@ -50,11 +54,12 @@ POLICIES = {
 }
 
 
-def _sliding_starts(length: int, window: int) -> list[int]:
-    """Window starts covering [0, length) with stride at most half a window, the last window flush with the end."""
+def sliding_starts(length: int, window: float, stride: float) -> list[int]:
+    """Window starts covering [0, length): the fewest evenly spaced starts whose spacing is at most `stride`,
+    the first at 0 and the last window flush with the end."""
     if window >= length:
         return [0]
-    steps = math.ceil((length - window) / (window / 2))
+    steps = math.ceil((length - window) / stride)
     return [round(i * (length - window) / steps) for i in range(steps + 1)]
 
 
@@ -68,8 +73,8 @@ def plan_views(height: int, width: int, policy: str = "default") -> list[View]:
     crops = []
     for zoom in plan.zooms:
         side = max(1, round(min(height, width) / zoom))
-        for top in _sliding_starts(height, side):
-            for left in _sliding_starts(width, side):
+        for top in sliding_starts(height, side, side / 2):
+            for left in sliding_starts(width, side, side / 2):
                 box = (left, top, left + side, top + side)
                 if box != whole:
                     crops.append(box)
@@ -77,6 +82,24 @@ def plan_views(height: int, width: int, policy: str = "default") -> list[View]:
         views.append(View(box, False))
         if plan.mirror_crops:
             views.append(View(box, True))
+    return views
+
+
+def plan_windows(height: int, width: int, side: float, stride: float, policy: str = "default") -> list[View]:
+    """Sliding windows for the dense method: square boxes of `side` pixels at most `stride` apart covering the
+    image, and for test-time augmentation the same at each zoom z of the policy (side / z, stride / z),
+    mirrored where the policy mirrors (the whole-image mirror applies to zoom 1)."""
+    if policy not in POLICIES:
+        raise WildsegError(f"unknown TTA policy {policy!r}: use {', '.join(POLICIES)}")
+    plan = POLICIES[policy]
+    views = []
+    for zoom in dict.fromkeys((1, *plan.zooms)):
+        mirrors = (False, True) if (plan.mirror_whole if zoom == 1 else plan.mirror_crops) else (False,)
+        window = min(max(1, round(side / zoom)), height, width)
+        boxes = [(left, top, left + window, top + window)
+                 for top in sliding_starts(height, window, stride / zoom)
+                 for left in sliding_starts(width, window, stride / zoom)]
+        views += [View(box, mirrored) for mirrored in mirrors for box in boxes]
     return views
 
 

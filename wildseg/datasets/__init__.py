@@ -18,7 +18,6 @@ from .context import context_dataset
 from .folder import folder_dataset
 from .voc import voc_dataset
 
-
 DEFAULT_SPLIT = "val"
 
 

@@ -1,0 +1,88 @@
+"""Automatic labels: vocabularies, the keep rule on hand-made scores, and `--labels auto` end to end."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_MODEL, shared_dataset
+
+from wildseg.autolabels import (
+    AutoLabelRule,
+    candidates_from_scores,
+    found_labels,
+    load_vocabulary,
+)
+from wildseg.cli import main
+from wildseg.datasets.classes import parse_class_names
+from wildseg.errors import WildsegError
+
+
+def run(*args):
+    return CliRunner().invoke(main, [str(arg) for arg in args])
+
+
+def tiny_args(checkpoint):
+    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo"]
+
+
+def test_built_in_vocabularies_and_files(tmp_path):
+    assert [len(load_vocabulary(name)) for name in ("voc", "coco", "ade")] == [20, 80, 150]
+    assert load_vocabulary("coco")[0].name == "person"
+    listed = tmp_path / "mine.txt"
+    listed.write_text("background, sky\ncat, kitty\nsofa\n")
+    assert [(entry.name, entry.prompts) for entry in load_vocabulary(str(listed))] == [
+        ("cat", ("cat", "kitty")), ("sofa", ("sofa",))]
+
+
+def test_an_unknown_vocabulary_is_a_clear_error():
+    with pytest.raises(WildsegError, match="unknown vocabulary 'pets': use voc, coco, ade or the path"):
+        load_vocabulary("pets")
+
+
+def test_the_rule_on_hand_made_scores():
+    vocabulary = parse_class_names(["cat, kitty", "dog", "sofa"], "test")
+    scores = np.zeros((5, 10, 10), dtype=np.float32)  # rows: background, cat, kitty, dog, sofa
+    scores[0] = 0.4
+    scores[1, :5] = 0.5          # cat wins rows 0-4 with 0.5 ...
+    scores[2, :2] = 0.9          # ... except rows 0-1, where its synonym kitty scores 0.9
+    scores[3, 5:, :1] = 0.45     # dog: 10 pixels at 0.45
+    scores[4, 9, 9] = 1.0        # sofa: one pixel
+    candidates = candidates_from_scores(scores, vocabulary, AutoLabelRule(min_area=0.05, min_score=0.5))
+    summary = [(c.label, c.pixel_fraction, round(c.mean_score, 4), c.found) for c in candidates]
+    assert summary == [("cat", 0.5, round((20 * 0.9 + 30 * 0.5) / 50, 4), True),
+                       ("dog", 0.05, 0.45, False), ("sofa", 0.01, 1.0, False)]
+    assert found_labels(candidates, AutoLabelRule()) == ["cat"]
+    with pytest.raises(WildsegError, match=r"best: 'dog' on 5.0% of the pixels, score 0.45"):
+        found_labels(candidates[1:], AutoLabelRule(min_area=0.05, min_score=0.5))
+
+
+def test_labels_auto_segments_with_vocabulary_entries_only(tmp_path, tiny_checkpoint):
+    image = next((shared_dataset("voc2012") / "JPEGImages").glob("*.jpg"))
+    out = tmp_path / "out"
+    result = run("segment", image, "--labels", "auto", "--vocab", "voc", "--auto-min-score", 0, "--out", out,
+                 *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.stderr
+    record = json.loads((out / f"{image.stem}.json").read_text())
+    vocabulary = {entry.name for entry in load_vocabulary("voc")}
+    auto = record["auto_labels"]
+    found = [candidate["label"] for candidate in auto["candidates"] if candidate["found"]]
+    assert auto["vocabulary"] == "voc" and auto["rule"] == {"min_area": 0.01, "min_score": 0.0}
+    assert found and set(found) <= vocabulary and record["labels"] == ["background", *found]
+    assert all(candidate["pixel_fraction"] >= 0.01 for candidate in auto["candidates"] if candidate["found"])
+    assert all(candidate["pixel_fraction"] < 0.01 for candidate in auto["candidates"] if not candidate["found"])
+
+
+def test_labels_auto_usage_errors_and_nothing_found(tmp_path, tiny_checkpoint):
+    image = next((shared_dataset("voc2012") / "JPEGImages").glob("*.jpg"))
+    unknown = run("segment", image, "--labels", "auto", "--vocab", "pets", "--out", tmp_path / "a",
+                  *tiny_args(tiny_checkpoint))
+    assert unknown.exit_code == 2 and "unknown vocabulary 'pets'" in unknown.stderr
+    misplaced = run("segment", image, "--labels", "cat", "--vocab", "voc", "--out", tmp_path / "b",
+                    *tiny_args(tiny_checkpoint))
+    assert misplaced.exit_code == 2 and "--vocab is for --labels auto" in misplaced.stderr
+    nothing = run("segment", image, "--labels", "auto", "--vocab", "voc", "--auto-min-area", 1.0, "--out",
+                  tmp_path / "c", "--summary", tmp_path / "summary.json", *tiny_args(tiny_checkpoint))
+    assert nothing.exit_code == 1 and "no class of the vocabulary covers 100.0% of the image" in nothing.stderr
+    assert json.loads((tmp_path / "summary.json").read_text())["failed"] == 1
+    assert not any((tmp_path / "c").glob("*.json"))

@@ -1,0 +1,177 @@
+"""Dense label maps from CLIP's patch tokens, with the last block's attention replaced (training-free family).
+
+CLIP's last block mixes every patch token with the whole image, so its patch tokens do not describe their
+own location. The training-free dense segmenters change that block only: patch tokens of the previous
+block, x, go through a variant of the attention (below), optionally with the residual x + ... and the
+feed-forward branch, then through ln_post and the visual projection into the joint space, where the cosine
+with each label's text embedding gives a map on the patch grid (Zhou et al. 2022, MaskCLIP, Sec. 3.2).
+
+Positional embeddings are interpolated bicubically to the window's patch grid, so windows of any size work.
+"""
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
+
+from .errors import WildsegError
+
+NEIGHBOURHOOD_STD = 5.0
+"""Width (in patches) of NACLIP's Gaussian neighbourhood prior (Hajimiri et al. 2025, Sec. 3.2)."""
+
+
+def _softmax(logits: torch.Tensor) -> torch.Tensor:
+    return torch.softmax(logits, dim=-1)
+
+
+def vanilla_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """CLIP's own attention (Vaswani et al. 2017): softmax(q k^T / sqrt(d))."""
+    return _softmax(query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1]))
+
+
+def maskclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """MaskCLIP (Zhou et al., ECCV 2022): every token keeps its own value embedding, attention = I."""
+    tokens = query.shape[-2]
+    return torch.eye(tokens, dtype=query.dtype, device=query.device).expand(*query.shape[:-2], tokens, tokens)
+
+
+def clearclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """ClearCLIP (Lan et al., ECCV 2024, Eq. 6): self-self attention softmax(q q^T / sqrt(d))."""
+    return _softmax(query @ query.transpose(-2, -1) / math.sqrt(query.shape[-1]))
+
+
+def sclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """SCLIP (Wang et al., ECCV 2024, Eq. 5), correlative self-attention:
+    softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d))."""
+    scale = 1 / math.sqrt(query.shape[-1])
+    return _softmax(query @ query.transpose(-2, -1) * scale) + _softmax(key @ key.transpose(-2, -1) * scale)
+
+
+def neighbourhood_prior(grid: tuple[int, int], std: float, device: torch.device) -> torch.Tensor:
+    """NACLIP's additive attention bias (T x T, T = 1 + patches): exp(-|p_i - p_j|^2 / (2 std^2)) between
+    patches i and j at grid positions p (in patches); 0 in the class token's row and column."""
+    rows, columns = torch.meshgrid(torch.arange(grid[0], device=device), torch.arange(grid[1], device=device),
+                                   indexing="ij")
+    positions = torch.stack([rows.flatten(), columns.flatten()], dim=1).float()
+    prior = torch.exp(-torch.cdist(positions, positions).square() / (2 * std**2))
+    return F.pad(prior, (1, 0, 1, 0))
+
+
+def naclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """NACLIP (Hajimiri et al., WACV 2025, Eq. 7), neighbourhood-aware key-key attention:
+    softmax(k k^T / sqrt(d) + G), G the Gaussian neighbourhood prior of `neighbourhood_prior`."""
+    prior = neighbourhood_prior(grid, NEIGHBOURHOOD_STD, key.device).to(key.dtype)
+    return _softmax(key @ key.transpose(-2, -1) / math.sqrt(key.shape[-1]) + prior)
+
+
+@dataclass(frozen=True)
+class AttentionVariant:
+    """How the last block is changed: its attention weights (from per-head queries, keys and the patch grid),
+    and whether the residual connection and the feed-forward branch are kept."""
+
+    weights: Callable[[torch.Tensor, torch.Tensor, tuple[int, int]], torch.Tensor]
+    residual: bool
+    feed_forward: bool
+
+
+ATTENTION_VARIANTS = {
+    "vanilla": AttentionVariant(vanilla_weights, residual=True, feed_forward=True),
+    "maskclip": AttentionVariant(maskclip_weights, residual=False, feed_forward=False),
+    "sclip": AttentionVariant(sclip_weights, residual=True, feed_forward=False),
+    "clearclip": AttentionVariant(clearclip_weights, residual=False, feed_forward=False),
+    "naclip": AttentionVariant(naclip_weights, residual=False, feed_forward=False),
+}
+"""`vanilla` is CLIP's unchanged block (the reference the others depart from); the rest follow their papers."""
+DEFAULT_ATTENTION = "naclip"
+
+
+def check_attention(name: str) -> AttentionVariant:
+    """The named attention variant, or a one-line error listing the known ones."""
+    if name not in ATTENTION_VARIANTS:
+        raise WildsegError(f"unknown attention {name!r}: use one of {', '.join(ATTENTION_VARIANTS)}")
+    return ATTENTION_VARIANTS[name]
+
+
+def interpolated_positions(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
+    """The positional embedding (1 + rows * columns, width) for a patch grid of another size: the class token's
+    entry kept, the patch entries resized bicubically on their native square grid (align_corners=False)."""
+    embedding = visual.positional_embedding
+    native = math.isqrt(embedding.shape[0] - 1)
+    patches = embedding[1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+    return torch.cat([embedding[:1], resized[0].flatten(1).T.to(embedding.dtype)])
+
+
+def embed_windows(visual: VisionTransformer, windows: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Tokens entering the first block (batch x 1 + patches x width) for windows of any size, and the grid."""
+    patches = visual.conv1(windows)
+    grid = tuple(patches.shape[-2:])
+    tokens = patches.flatten(2).transpose(1, 2)
+    class_token = visual.class_embedding.to(tokens.dtype).expand(tokens.shape[0], 1, -1)
+    tokens = torch.cat([class_token, tokens], dim=1) + interpolated_positions(visual, grid).to(tokens.dtype)
+    return visual.ln_pre(tokens), grid
+
+
+def modified_block(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int],
+                   variant: AttentionVariant) -> torch.Tensor:
+    """The last block with its attention weights, residual and feed-forward set by `variant`."""
+    attention = block.attn
+    batch, tokens, width = x.shape
+    heads = attention.num_heads
+    query, key, value = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    query, key, value = (t.reshape(batch, tokens, heads, width // heads).transpose(1, 2) for t in (query, key, value))
+    mixed = (variant.weights(query, key, grid) @ value).transpose(1, 2).reshape(batch, tokens, width)
+    attended = block.ls_1(attention.out_proj(mixed))
+    x = x + attended if variant.residual else attended
+    if variant.feed_forward:
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x
+
+
+def patch_tokens(visual: VisionTransformer, windows: torch.Tensor, variant: AttentionVariant) -> torch.Tensor:
+    """Tokens after ln_post (batch x 1 + patches x width), the last block changed by `variant`."""
+    x, grid = embed_windows(visual, windows)
+    for block in visual.transformer.resblocks[:-1]:
+        x = block(x)
+    x = modified_block(visual.transformer.resblocks[-1], x, grid, variant)
+    return visual.ln_post(x)
+
+
+def dense_label_maps(visual: VisionTransformer, windows: torch.Tensor, text: torch.Tensor,
+                     variant: AttentionVariant) -> torch.Tensor:
+    """Cosine of every patch with every label (windows x labels x rows x columns), fp32.
+
+    `text` holds unit-norm label embeddings (labels x dim); patch tokens are projected by the visual
+    projection and normalised.
+    """
+    with torch.no_grad():
+        tokens = patch_tokens(visual, windows, variant)[:, 1:]
+        if visual.proj is not None:
+            tokens = tokens @ visual.proj
+        cosine = F.normalize(tokens.float(), dim=-1) @ text.float().T
+    rows, columns = windows.shape[-2] // visual.patch_size[0], windows.shape[-1] // visual.patch_size[1]
+    return cosine.transpose(1, 2).reshape(windows.shape[0], text.shape[0], rows, columns)
+
+
+@dataclass(frozen=True)
+class DenseSettings:
+    """Settings of the dense method: attention variant, window and stride (pixels at the model's input),
+    the image's short side before windowing, the logit scale of the label softmax, and background words.
+
+    `stride=None` means half a window. `background_words` are scored as background (with the threshold);
+    `()` turns them off, as evaluation does, where data sets name their own background words.
+    """
+
+    attention: str = DEFAULT_ATTENTION
+    window: int = 224
+    stride: Optional[int] = None
+    short_side: int = 336
+    logit_scale: float = 40.0
+    background_words: tuple[str, ...] = ()
+
+    @property
+    def window_stride(self) -> int:
+        return self.stride if self.stride is not None else self.window // 2
