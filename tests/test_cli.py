@@ -219,8 +219,10 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
 
 
 @pytest.mark.parametrize("arguments, message", [
-    (["--window", "64"], "--window is an option of the dense method"),
-    (["--method", "dense", "--start-block", "0"], "--start-block is an option of the relevance method"),
+    (["--window", "64"], "--window is an option of --method dense"),
+    (["--method", "dense", "--start-block", "0"], "--start-block is an option of --method relevance"),
+    (["--pamr-iters", "3"], "--pamr-iters is an option of --refine pamr or pamr+crf"),
+    (["--refine", "pamr", "--crf-iters", "3"], "--crf-iters is an option of --refine crf or pamr+crf"),
     (["--method", "dense", "--attention", "qk"], "Invalid value for '--attention'"),
     (["--method", "dense", "--window", "64", "--short-side", "32"], "--short-side (32) must be at least the window"),
 ])

@@ -74,7 +74,8 @@ def reference_last_block(name: str, block, x: torch.Tensor, grid: tuple[int, int
     if name == "clearclip":
         return attend("q", "q")
     if name == "sclip":
-        return x + attend("q", "q") + attend("k", "k") - attention.out_proj.bias
+        x = x + attend("q", "q") + attend("k", "k") - attention.out_proj.bias
+        return x + block.mlp(block.ln_2(x))
     if name == "naclip":
         return attend("k", "k", plain_neighbourhood_prior(*grid, NEIGHBOURHOOD_STD))
     raise AssertionError(name)

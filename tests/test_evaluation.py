@@ -321,10 +321,15 @@ def test_saved_predictions_of_another_ignore_index_are_not_reused(tmp_path, tiny
 
 def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_it(synthetic_voc, tmp_path,
                                                                                    tiny_checkpoint):
-    report = tmp_path / "report.json"
-    result = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--method", "dense",
-                 "--window", 32, "--short-side", 64, *tiny_args(tiny_checkpoint))
+    report, predictions = tmp_path / "report.json", tmp_path / "predictions"
+    arguments = ["eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--method", "dense",
+                 "--window", 32, "--short-side", 64, "--save-predictions", predictions, "--model", TINY_MODEL,
+                 "--checkpoint", tiny_checkpoint, "--device", "cpu", "--templates", "photo", "--max-side", 40]
+    result = run(*arguments)
     assert result.exit_code == 0, result.output
+    resumed = run(*arguments)
+    assert resumed.exit_code == 0, resumed.output
+    assert json.loads(report.read_text())["images"]["reused"] == 3
     record = json.loads(report.read_text())
     segmenter, defaults = record["segmenter"], record["protocol_defaults"]
     assert defaults["bg_threshold"] == 0.1 and defaults["short_side"] == 336 and defaults["refine"] == "pamr"

@@ -10,8 +10,9 @@ Vocabularies are class-name lists (`datasets.classes`): the built-in `voc` (20 P
 (80 COCO objects) and `ade` (150 ADE20K classes), or a file in that format. A background line is left out.
 """
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -24,13 +25,18 @@ VOCABULARIES = {"voc": "voc20", "coco": "coco_object", "ade": "ade20k"}
 DEFAULT_VOCABULARY = "coco"
 
 
+DEFAULT_MIN_SCORES = {"relevance": 0.6, "dense": 0.3}
+"""Mean score a found class needs by default: normalised relevance (which beats the 0.4 background threshold
+on every pixel a class owns, so the bar is above it) or label probability (dense, threshold 0.1)."""
+
+
 @dataclass(frozen=True)
 class AutoLabelRule:
     """Thresholds for keeping a vocabulary class: share of the image's pixels it owns, and its mean score there
-    (normalised relevance for the relevance method, label probability for the dense method)."""
+    (None: the method's default in DEFAULT_MIN_SCORES)."""
 
     min_area: float = 0.01
-    min_score: float = 0.3
+    min_score: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,11 @@ def find_labels(segmenter, image: ImageInput, vocabulary: list[ClassName],
     """The vocabulary's candidates in `image` by the module's rule (those with `found` set are its labels)."""
     prompts = [prompt for entry in vocabulary for prompt in entry.prompts]
     return candidates_from_scores(segmenter.label_scores(image, prompts), vocabulary, rule)
+
+
+def rule_for(rule: AutoLabelRule, method: str) -> AutoLabelRule:
+    """The rule with the method's default score threshold filled in."""
+    return rule if rule.min_score is not None else replace(rule, min_score=DEFAULT_MIN_SCORES[method])
 
 
 def found_labels(candidates: list[Candidate], rule: AutoLabelRule) -> list[str]:

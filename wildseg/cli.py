@@ -33,6 +33,7 @@ from rich.text import Text
 
 from . import __version__
 from .autolabels import (
+    DEFAULT_MIN_SCORES,
     DEFAULT_VOCABULARY,
     VOCABULARIES,
     AutoLabelRule,
@@ -40,6 +41,7 @@ from .autolabels import (
     find_labels,
     found_labels,
     load_vocabulary,
+    rule_for,
 )
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
 from .datasets import DATASETS, open_dataset
@@ -69,7 +71,7 @@ from .pseudolabels import DEFAULT_BG_THRESHOLD
 from .refine import REFINEMENTS, CrfSettings
 from .relevance import DEFAULT_START_BLOCK
 from .resolution import DEFAULT_MAX_SIDE
-from .segmenter import METHODS, MIN_WORKING_SIDE, Segmenter, default_background_words
+from .segmenter import METHODS, MIN_WORKING_SIDE, Segmenter
 from .tta import POLICIES
 
 AUTO = "auto"
@@ -151,9 +153,9 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
         click.option("--pamr-iters", type=click.IntRange(min=1),
                      help=f"PAMR iterations [default: {PamrSettings.iterations}]."),
         click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), help=bg_threshold_help),
-        click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE), default=DEFAULT_MAX_SIDE,
-                     show_default=True,
-                     help="Working resolution: larger images are segmented at this long side; masks are full size."),
+        click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE),
+                     help="Working resolution: larger images are segmented at this long side; masks are full size "
+                          f"[default: {DEFAULT_MAX_SIDE}]."),
         click.option("--start-block", type=int,
                      help=f"Relevance method: first block whose attention enters the relevance (-1 = last only, "
                           f"0 = all) [default: {DEFAULT_START_BLOCK}]."),
@@ -170,23 +172,16 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
     return decorate
 
 
-DENSE_OPTIONS = ("attention", "window", "stride", "short_side", "logit_scale")
+DENSE_OPTIONS = ("attention", "window", "stride", "short_side", "logit_scale", "background_words")
 
 
-def build_segmenter(console: Console, method: str, protocol: dict, background_words: tuple[str, ...],
-                    **options) -> Segmenter:
+def build_segmenter(console: Console, method: str, protocol: dict, **options) -> Segmenter:
     """A Segmenter from CLI options: given values win over `protocol` (defaults of a command or benchmark),
-    which win over the library's defaults. Dense-only options are refused with the relevance method."""
+    which win over the library's defaults. Options of another method or refinement are refused."""
     given = {name: value for name, value in options.items() if value is not None}
-    misplaced = [name for name in (*DENSE_OPTIONS, "start_block") if name in given
-                 and (name == "start_block") == (method == "dense")]
-    if misplaced:
-        needed = "relevance" if misplaced[0] == "start_block" else "dense"
-        raise WildsegError(f"--{misplaced[0].replace('_', '-')} is an option of the {needed} method: "
-                           f"add --method {needed} or leave it out")
+    _refuse_misplaced(given, method, options.get("refine") or protocol.get("refine") or "crf")
     values = {**protocol, **given}
-    dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values},
-                          background_words=background_words)
+    dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values})
     crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
     pamr = PamrSettings(**{field: values.pop(option) for option, field in
                            (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
@@ -195,16 +190,29 @@ def build_segmenter(console: Console, method: str, protocol: dict, background_wo
         return Segmenter(method=method, dense=dense, crf=crf, pamr_settings=pamr, **values)
 
 
+def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
+    """One line for an option that would be ignored: another method's, or a refinement's that is not used."""
+    owners = {name: ("--method dense", method == "dense") for name in DENSE_OPTIONS}
+    owners["start_block"] = ("--method relevance", method == "relevance")
+    owners["pamr_iters"] = ("--refine pamr or pamr+crf", "pamr" in refine)
+    owners["crf_iters"] = ("--refine crf or pamr+crf", "crf" in refine)
+    for name, (needed, used) in owners.items():
+        if name in given and not used:
+            raise WildsegError(f"--{name.replace('_', '-')} is an option of {needed}: add that or leave it out")
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--labels", "-l",
               help='Comma-separated names of what is in every image, e.g. "cat,sofa"; "auto" finds them in --vocab.')
 @click.option("--vocab", help=f"With --labels auto: {', '.join(VOCABULARIES)} or a class-name file "
                               f"[default: {DEFAULT_VOCABULARY}].")
-@click.option("--auto-min-area", type=click.FloatRange(0.0, 1.0), default=AutoLabelRule.min_area, show_default=True,
-              help="With --labels auto: least share of the image a found class covers.")
-@click.option("--auto-min-score", type=click.FloatRange(0.0, 1.0), default=AutoLabelRule.min_score,
-              show_default=True, help="With --labels auto: least mean score of a found class over its pixels.")
+@click.option("--auto-min-area", type=click.FloatRange(0.0, 1.0),
+              help=f"With --labels auto: least share of the image a found class covers [default: "
+                   f"{AutoLabelRule.min_area}].")
+@click.option("--auto-min-score", type=click.FloatRange(0.0, 1.0),
+              help="With --labels auto: least mean score of a found class over its pixels [default: "
+                   f"{DEFAULT_MIN_SCORES['relevance']} relevance, {DEFAULT_MIN_SCORES['dense']} dense].")
 @click.option("--labels-file", type=click.Path(path_type=Path),
               help="Per-image labels: CSV rows `image,label,...` or a JSON object {image: labels}.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"), show_default=True,
@@ -232,7 +240,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     --auto-min-area of it with mean score --auto-min-score are segmented as given (see README).
     """
     started = time.perf_counter()
-    labels_source = _labels_source(labels, labels_file, vocab, AutoLabelRule(auto_min_area, auto_min_score))
+    labels_source = _labels_source(labels, labels_file, vocab, auto_min_area, auto_min_score)
     images = expand_inputs(inputs, recursive, exclude=out_dir)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
@@ -242,8 +250,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
-    segmenter = build_segmenter(console, protocol={}, background_words=default_background_words(),
-                                **segmenter_arguments)
+    segmenter = build_segmenter(console, protocol={}, **segmenter_arguments)
     labels_of = labels_source(segmenter)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with _image_progress(console) as progress, Interrupts() as interrupts:
@@ -279,15 +286,17 @@ def _report_failure(console: Console, image: Path, reason: str) -> None:
         console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
-def _labels_source(labels, labels_file, vocab, rule: AutoLabelRule):
+def _labels_source(labels, labels_file, vocab, min_area, min_score):
     """Checks the label options; returns a function from the segmenter to the labels of an image: the same
     --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary."""
     if (labels is None) == (labels_file is None):
         raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
-    if vocab is not None and labels != AUTO:
-        raise WildsegError(f"--vocab is for --labels {AUTO}: leave it out, or ask for automatic labels")
+    for option, value in (("--vocab", vocab), ("--auto-min-area", min_area), ("--auto-min-score", min_score)):
+        if value is not None and labels != AUTO:
+            raise WildsegError(f"{option} is for --labels {AUTO}: leave it out, or ask for automatic labels")
     if labels == AUTO:
         vocabulary_name = vocab or DEFAULT_VOCABULARY
+        rule = AutoLabelRule(min_score=min_score, **({} if min_area is None else {"min_area": min_area}))
         return partial(AutoLabeler, vocabulary_name, load_vocabulary(vocabulary_name), rule)
     if labels is not None:
         names = clean_labels(labels)
@@ -306,7 +315,8 @@ class AutoLabeler:
     """The labels of an image found in a vocabulary; keeps each image's candidates for its JSON record."""
 
     def __init__(self, vocabulary_name: str, vocabulary, rule: AutoLabelRule, segmenter: Segmenter):
-        self.vocabulary_name, self.vocabulary, self.rule, self.segmenter = vocabulary_name, vocabulary, rule, segmenter
+        self.vocabulary_name, self.vocabulary, self.segmenter = vocabulary_name, vocabulary, segmenter
+        self.rule = rule_for(rule, segmenter.method)
         self.records: dict[Path, dict] = {}
 
     def __call__(self, path: Path) -> list[str]:
@@ -489,7 +499,7 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
     defaults = (dense_protocol(dataset_name, dataset) if segmenter_arguments["method"] == "dense"
                 else {"bg_threshold": protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)})
     console = Console(stderr=True, quiet=quiet)
-    segmenter = build_segmenter(console, protocol=defaults, background_words=(), bg_threshold=bg_threshold,
+    segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, bg_threshold=bg_threshold,
                                 **segmenter_arguments)
     settings = {**run_settings(dataset, protocol, segmenter.settings()),
                 "protocol_defaults": defaults if segmenter_arguments["method"] == "dense" else None}

@@ -10,13 +10,14 @@ Positional embeddings are interpolated bicubically to the window's patch grid, s
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from .datasets.classes import builtin_class_names
 from .errors import WildsegError
 
 NEIGHBOURHOOD_STD = 5.0
@@ -80,7 +81,7 @@ class AttentionVariant:
 ATTENTION_VARIANTS = {
     "vanilla": AttentionVariant(vanilla_weights, residual=True, feed_forward=True),
     "maskclip": AttentionVariant(maskclip_weights, residual=False, feed_forward=False),
-    "sclip": AttentionVariant(sclip_weights, residual=True, feed_forward=False),
+    "sclip": AttentionVariant(sclip_weights, residual=True, feed_forward=True),
     "clearclip": AttentionVariant(clearclip_weights, residual=False, feed_forward=False),
     "naclip": AttentionVariant(naclip_weights, residual=False, feed_forward=False),
 }
@@ -156,13 +157,19 @@ def dense_label_maps(visual: VisionTransformer, windows: torch.Tensor, text: tor
     return cosine.transpose(1, 2).reshape(windows.shape[0], text.shape[0], rows, columns)
 
 
+def default_background_words() -> tuple[str, ...]:
+    """Stuff words the dense method scores as background: those of the PASCAL VOC background class."""
+    return next(entry.prompts for entry in builtin_class_names("voc21") if entry.is_background)
+
+
 @dataclass(frozen=True)
 class DenseSettings:
     """Settings of the dense method: attention variant, window and stride (pixels at the model's input),
     the image's short side before windowing, the logit scale of the label softmax, and background words.
 
     `stride=None` means half a window. `background_words` are scored as background (with the threshold);
-    `()` turns them off, as evaluation does, where data sets name their own background words.
+    by default those of PASCAL VOC's background class; `()` turns them off, as evaluation does, where data
+    sets name their own background words.
     """
 
     attention: str = DEFAULT_ATTENTION
@@ -170,7 +177,7 @@ class DenseSettings:
     stride: Optional[int] = None
     short_side: int = 336
     logit_scale: float = 40.0
-    background_words: tuple[str, ...] = ()
+    background_words: tuple[str, ...] = field(default_factory=default_background_words)
 
     @property
     def window_stride(self) -> int:

@@ -124,6 +124,7 @@ class PredictionStore:
         record = self.folder / SETTINGS_FILE
         if self.folder.exists() and not self.folder.is_dir():
             raise WildsegError(f"--save-predictions {folder} is a file: give a folder")
+        settings = json.loads(json.dumps(settings))
         if record.is_file():
             previous = _read_settings(record)
             changed = sorted(key for key in settings.keys() | previous.keys() if settings.get(key) != previous.get(key))
