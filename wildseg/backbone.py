@@ -64,25 +64,27 @@ class Backbone:
         """The autocast context for this device: fp16 on CUDA, disabled on CPU."""
         return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half_precision)
 
-    def embed_labels(self, labels: Sequence[str], templates: str = DEFAULT_TEMPLATES) -> torch.Tensor:
+    def embed_labels(self, labels: Sequence[str], templates: str = DEFAULT_TEMPLATES, cached: bool = True
+                     ) -> torch.Tensor:
         """Return unit-norm text embeddings (labels x dim, fp32) of the template ensemble of each label.
 
-        Each label is embedded once per template set and then served from a cache.
+        Each label is embedded once per template set and then served from a cache (unless `cached=False`).
         """
+        if not cached:
+            return self._embed(list(labels), templates)
         missing = [label for label in dict.fromkeys(labels) if (label, templates) not in self._label_cache]
         if missing:
-            with torch.no_grad(), self.autocast():
-                classifier = open_clip.build_zero_shot_classifier(
-                    self.model,
-                    self.tokenizer,
-                    missing,
-                    TEMPLATE_SETS[templates],
-                    num_classes_per_batch=4,
-                    device=self.device,
-                )
-            for label, embedding in zip(missing, classifier.T.float()):
+            for label, embedding in zip(missing, self._embed(missing, templates)):
                 self._label_cache[(label, templates)] = embedding
         return torch.stack([self._label_cache[(label, templates)] for label in labels])
+
+    def _embed(self, labels: list[str], templates: str) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            classifier = open_clip.build_zero_shot_classifier(
+                self.model, self.tokenizer, labels, TEMPLATE_SETS[templates], num_classes_per_batch=4,
+                device=self.device,
+            )
+        return classifier.T.float()
 
 
 def load_backbone(

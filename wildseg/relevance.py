@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from .errors import WildsegError
+from .timing import NoStageTimes
 
 DEFAULT_START_BLOCK = -1
 """Relevance from the last block only, as in Chefer et al.'s CLIP demo; 0 accumulates over every block."""
@@ -92,24 +93,37 @@ def forward_with_attention(
 
 
 def relevance_maps(
-    model: torch.nn.Module, images: torch.Tensor, text_embeddings: torch.Tensor, start_block: int = DEFAULT_START_BLOCK
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    text_embeddings: torch.Tensor,
+    start_block: int = DEFAULT_START_BLOCK,
+    stages=NoStageTimes(),
 ) -> torch.Tensor:
     """Chefer et al.'s relevance of every label for every image: (images x labels x grid x grid), fp32.
 
     One forward pass serves all labels; the gradients of all label logits come from one batched backward
-    (`is_grads_batched`), each label's gradient selected by a one-hot output gradient.
+    (`is_grads_batched`), each label's gradient selected by a one-hot output gradient. `stages` times the
+    forward and the backward (with the relevance rule).
     """
     visual = model.visual
     first = resolve_start_block(start_block, len(visual.transformer.resblocks))
     with torch.enable_grad():
-        embeddings, attentions = forward_with_attention(visual, images, keep_from=first)
-        logits = model.logit_scale.exp() * F.normalize(embeddings, dim=-1) @ text_embeddings.to(embeddings.dtype).T
-        batch, labels = logits.shape
-        one_hot = torch.eye(labels, dtype=logits.dtype, device=logits.device)[:, None, :].expand(labels, batch, labels)
-        gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot, is_grads_batched=True)
+        with stages.stage("forward"):
+            embeddings, attentions = forward_with_attention(visual, images, keep_from=first)
+            logits = model.logit_scale.exp() * F.normalize(embeddings, dim=-1) @ text_embeddings.to(embeddings.dtype).T
+        with stages.stage("backward"):
+            batch, labels = logits.shape
+            one_hot = torch.eye(labels, dtype=logits.dtype, device=logits.device)[:, None, :]
+            one_hot = one_hot.expand(labels, batch, labels)
+            gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot, is_grads_batched=True)
+            return _accumulate(attentions, gradients, images.device, labels, batch)
+
+
+def _accumulate(attentions, gradients, device: torch.device, labels: int, batch: int) -> torch.Tensor:
+    """The relevance rule over the kept blocks, in fp32, laid out as images x labels x grid x grid."""
     tokens = attentions[0].shape[-1]
-    with torch.autocast(images.device.type, enabled=False):
-        relevance = torch.eye(tokens, device=images.device).expand(labels, batch, tokens, tokens)
+    with torch.autocast(device.type, enabled=False):
+        relevance = torch.eye(tokens, device=device).expand(labels, batch, tokens, tokens)
         for attention, gradient in zip(attentions, gradients):
             weighted = (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
             relevance = relevance + weighted @ relevance

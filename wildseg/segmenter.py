@@ -7,6 +7,7 @@ background class (`pseudolabels`), refined by PAMR on the model's device and/or 
 `refine`).
 """
 
+import contextlib
 import itertools
 import multiprocessing
 import os
@@ -30,7 +31,6 @@ import torch
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS, Backbone, load_backbone
-from .datasets.classes import builtin_class_names
 from .dense import DenseSettings, check_attention, dense_label_maps
 from .errors import WildsegError
 from .images import ImageInput, load_image
@@ -53,20 +53,18 @@ from .relevance import (
     resolve_start_block,
 )
 from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_argmax, working_size
+from .timing import NoStageTimes
 from .tta import POLICIES, View, ViewStream, merge_views, plan_views, plan_windows
 
 MAX_LABELS = 255
+DEFAULT_VIEW_BATCH = {"cuda": 32, "cpu": 8}
+"""Views per model batch: large on a GPU for throughput (halved automatically when memory runs out)."""
 MIN_WORKING_SIDE = 32
 METHODS = {
     "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
     "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
 }
 DEFAULT_BG_THRESHOLDS = {"relevance": DEFAULT_BG_THRESHOLD, "dense": DEFAULT_DENSE_BG_THRESHOLD}
-
-
-def default_background_words() -> tuple[str, ...]:
-    """Stuff words the dense method scores as background: those of the PASCAL VOC background class."""
-    return next(entry.prompts for entry in builtin_class_names("voc21") if entry.is_background)
 
 
 @dataclass
@@ -142,16 +140,16 @@ class Segmenter:
         temperature: float = DEFAULT_TEMPERATURE,
         start_block: int = DEFAULT_START_BLOCK,
         templates: str = DEFAULT_TEMPLATES,
-        view_batch: int = 8,
+        view_batch: Optional[int] = None,
         max_side: int = DEFAULT_MAX_SIDE,
     ):
-        """`dense` defaults to DenseSettings with the VOC background words; `bg_threshold` to the method's
-        (0.4 for relevance, 0.1 for dense)."""
+        """`dense` defaults to DenseSettings(); `bg_threshold` to the method's
+        (0.4 for relevance, 0.1 for dense); `view_batch` to 32 views per model batch on CUDA, 8 on the CPU."""
         _check_choice("method", method, METHODS)
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
         _check_choice("template set", templates, TEMPLATE_SETS)
-        dense = dense if dense is not None else DenseSettings(background_words=default_background_words())
+        dense = dense if dense is not None else DenseSettings()
         _check_dense(dense)
         if crf.iterations < 1:
             raise WildsegError(f"--crf-iters must be at least 1, got {crf.iterations}")
@@ -160,7 +158,7 @@ class Segmenter:
         bg_threshold = DEFAULT_BG_THRESHOLDS[method] if bg_threshold is None else bg_threshold
         if max_side < MIN_WORKING_SIDE:
             raise WildsegError(f"--max-side must be at least {MIN_WORKING_SIDE} pixels, got {max_side}")
-        if view_batch < 1:
+        if view_batch is not None and view_batch < 1:
             raise WildsegError(f"the view batch size must be at least 1, got {view_batch}")
         check_settings(bg_threshold, temperature)
         self.backbone: Backbone = load_backbone(model, pretrained, checkpoint, device, cache_dir)
@@ -172,8 +170,11 @@ class Segmenter:
         self.method, self.dense, self.pamr_settings = method, dense, pamr_settings
         self.tta, self.refine, self.crf = tta, refine, crf
         self.bg_threshold, self.temperature = bg_threshold, temperature
-        self.start_block, self.templates, self.view_batch = start_block, templates, view_batch
+        self.start_block, self.templates = start_block, templates
+        self.view_batch = view_batch or DEFAULT_VIEW_BATCH[self.backbone.device.type]
         self.max_side = max_side
+        self.stages = NoStageTimes()
+        """Attach a `timing.StageTimes` to time the stages (benchmarks/bench.py does)."""
 
     def settings(self) -> dict:
         """Everything that determines the output, for records and reports."""
@@ -236,9 +237,31 @@ class Segmenter:
         views = self._plan(working)
         on_progress(0, len(views))
         maps = merge_views(self._normalized(working), views, self._view_size, self._map_views(text),
-                           self.view_batch, on_batch=lambda done: on_progress(done, len(views)))
+                           self.view_batch, on_batch=lambda done: on_progress(done, len(views)), stages=self.stages)
         timings["maps_s"] = time.perf_counter() - clock
         return maps
+
+    def segment_reference(self, image: ImageInput, labels: Union[str, Iterable[str]]) -> SegmentationResult:
+        """The straightforward pipeline, which the fast one (`segment`, `segment_many`) is tested and benchmarked
+        against: label embeddings computed afresh, one view at a time, one forward (and for the relevance
+        method one backward) per label and view, fp32 on every device, refinement in this process."""
+        timings = {}
+        clock = time.perf_counter()
+        names = _checked_labels(labels)
+        rgb, working = _decode(image, self.max_side)
+        timings["decode_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        text = self._embed_query(names, cached=False)
+        timings["text_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        per_label = [self._map_views(text[row : row + 1], half_precision=False) for row in range(len(text))]
+        maps = merge_views(self._normalized(working), self._plan(working), self._view_size,
+                           lambda view: torch.cat([map_label(view) for map_label in per_label], dim=1),
+                           batch_size=1, stages=self.stages)
+        timings["maps_s"] = time.perf_counter() - clock
+        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
+        mask, probabilities, timings["crf_s"] = finish_segmentation(working, probabilities, self._crf, rgb.shape[:2])
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
 
     def segment_many(
         self,
@@ -291,24 +314,26 @@ class Segmenter:
         scale = min(height, width) / self.dense.short_side
         return plan_windows(height, width, self.dense.window * scale, self.dense.window_stride * scale, self.tta)
 
-    def _embed_query(self, names: list[str]) -> torch.Tensor:
+    def _embed_query(self, names: list[str], cached: bool = True) -> torch.Tensor:
         """Text embeddings of the labels, then (dense method) of the background words that are not labels."""
         if self.method == "relevance":
-            return self.backbone.embed_labels(names, self.templates)
+            return self.backbone.embed_labels(names, self.templates, cached)
         taken = {name.casefold() for name in names}
         words = [word for word in self.dense.background_words if word.casefold() not in taken]
-        return self.backbone.embed_labels([*names, *words], self.templates)
+        return self.backbone.embed_labels([*names, *words], self.templates, cached)
 
-    def _map_views(self, text: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-        """Maps (views x labels x g x g) of a batch of rendered views for the labels' `text`."""
+    def _map_views(self, text: torch.Tensor, half_precision: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
+        """Maps (views x labels x g x g) of a batch of rendered views for the labels' `text`; in fp16 on CUDA
+        unless `half_precision` is False."""
         backbone = self.backbone
         variant = check_attention(self.dense.attention)
 
         def map_views(batch: torch.Tensor) -> torch.Tensor:
-            with backbone.autocast():
+            with backbone.autocast() if half_precision else contextlib.nullcontext():
                 if self.method == "dense":
-                    return dense_label_maps(backbone.model.visual, batch, text.to(backbone.device), variant)
-                return relevance_maps(backbone.model, batch, text.to(backbone.device), self.start_block)
+                    with self.stages.stage("forward"):
+                        return dense_label_maps(backbone.model.visual, batch, text.to(backbone.device), variant)
+                return relevance_maps(backbone.model, batch, text.to(backbone.device), self.start_block, self.stages)
 
         return map_views
 
@@ -321,11 +346,13 @@ class Segmenter:
     def _probabilities(self, maps: torch.Tensor, working: np.ndarray, labels: int) -> tuple[np.ndarray, float]:
         """Per-pixel class probabilities (background first) from merged maps, PAMR-refined on the model's
         device if asked; returned on the CPU with PAMR's seconds."""
-        probabilities = scores_to_probabilities(self._scores(maps, labels), self.temperature)
+        with self.stages.stage("pseudo_labels"):
+            probabilities = scores_to_probabilities(self._scores(maps, labels), self.temperature)
         clock = time.perf_counter()
         if "pamr" in self.refine:
-            pixels = torch.from_numpy(working).to(probabilities.device).permute(2, 0, 1).float()
-            probabilities = pamr(pixels, probabilities, self.pamr_settings)
+            with self.stages.stage("refine"):
+                pixels = torch.from_numpy(working).to(probabilities.device).permute(2, 0, 1).float()
+                probabilities = pamr(pixels, probabilities, self.pamr_settings)
         return probabilities.cpu().numpy(), time.perf_counter() - clock
 
 
@@ -431,7 +458,8 @@ class _BatchRun:
     def _open_stream(self, names: list[str]) -> None:
         segmenter = self.segmenter
         text = segmenter._embed_query(names)
-        self.stream = ViewStream(segmenter._view_size, segmenter._map_views(text), segmenter.view_batch)
+        self.stream = ViewStream(segmenter._view_size, segmenter._map_views(text), segmenter.view_batch,
+                                 stages=segmenter.stages)
         self.stream_names = names
 
     def _drain_stream(self) -> Iterator[BatchItem]:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import WildsegError
+from .timing import NoStageTimes
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,7 @@ class ViewStream:
     are rendered, mapped by `map_views` (views x channels x size x size -> views x labels x g x g) and warped
     back. `add` and `flush` return the (key, merged maps) of the images all of whose views are done. A batch
     that runs out of CUDA memory is split in halves and `batch_size` lowered for the rest of the stream.
+    `stages` times rendering and merging as the stage "tta_merge".
     """
 
     def __init__(
@@ -149,8 +151,10 @@ class ViewStream:
         map_views: Callable[[torch.Tensor], torch.Tensor],
         batch_size: int = 8,
         on_batch: Callable[[int], None] = lambda done: None,
+        stages=NoStageTimes(),
     ):
         self.size, self.map_views, self.batch_size, self.on_batch = size, map_views, batch_size, on_batch
+        self.stages = stages
         self.waiting: list[tuple[_Job, View]] = []
         self.views_done = 0
 
@@ -171,7 +175,9 @@ class ViewStream:
     def _run(self, count: int) -> list[tuple[object, torch.Tensor]]:
         batch, self.waiting = self.waiting[:count], self.waiting[count:]
         try:
-            maps = self.map_views(torch.stack([render_view(job.image, view, self.size) for job, view in batch]))
+            with self.stages.stage("tta_merge"):
+                rendered = torch.stack([render_view(job.image, view, self.size) for job, view in batch])
+            maps = self.map_views(rendered)
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -180,13 +186,14 @@ class ViewStream:
             self.waiting = batch + self.waiting
             return self._run(self.batch_size)
         finished = []
-        for (job, view), view_maps in zip(batch, maps):
-            if job.accumulator is None:
-                job.accumulator = ViewAccumulator(maps.shape[1], job.image.shape[-2], job.image.shape[-1], maps.device)
-            job.accumulator.add(view_maps, view)
-            job.remaining -= 1
-            if job.remaining == 0:
-                finished.append((job.key, job.accumulator.mean()))
+        with self.stages.stage("tta_merge"):
+            for (job, view), view_maps in zip(batch, maps):
+                if job.accumulator is None:
+                    job.accumulator = ViewAccumulator(maps.shape[1], *job.image.shape[-2:], maps.device)
+                job.accumulator.add(view_maps, view)
+                job.remaining -= 1
+                if job.remaining == 0:
+                    finished.append((job.key, job.accumulator.mean()))
         self.views_done += len(batch)
         self.on_batch(self.views_done)
         return finished
@@ -206,8 +213,9 @@ def merge_views(
     map_views: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 8,
     on_batch: Callable[[int], None] = lambda done: None,
+    stages=NoStageTimes(),
 ) -> torch.Tensor:
     """Average `map_views` over all views of one image (a ViewStream of a single image)."""
-    stream = ViewStream(size, map_views, batch_size, on_batch)
+    stream = ViewStream(size, map_views, batch_size, on_batch, stages)
     finished = stream.add(None, image, views) + stream.flush()
     return finished[0][1]
