@@ -2,9 +2,14 @@
 
 from pathlib import Path
 
+import numpy as np
 import open_clip
 import pytest
 import torch
+from PIL import Image
+
+from wildseg.coarse import coarse_probabilities
+from wildseg.metrics import confusion_matrix
 
 TINY_MODEL = "wildseg-tiny-vit"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -27,6 +32,21 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("weights") / "tiny.pt"
     torch.save(make_tiny_model().state_dict(), path)
     return path
+
+
+def camvid_coarse_confusions(refine, images: int = 24, seed: int = 0):
+    """Confusion matrices (11 x 11) over the first `images` CamVid test images of the coarse.py maps of their
+    ground truth (patch average, blur, noise with `seed`), before and after `refine(image, probabilities)`."""
+    root = shared_dataset("camvid")
+    coarse = torch.zeros(11, 11, dtype=torch.long)
+    refined = torch.zeros(11, 11, dtype=torch.long)
+    for image_id in sorted(path.stem for path in (root / "images").iterdir())[:images]:
+        image = np.array(Image.open(root / "images" / f"{image_id}.png").convert("RGB"))
+        truth = np.array(Image.open(root / "masks" / f"{image_id}.png"))
+        probabilities = coarse_probabilities(truth, classes=11, seed=seed, ignore_index=11)
+        coarse += confusion_matrix(probabilities.argmax(0), truth, 11, ignore_index=11)
+        refined += confusion_matrix(refine(image, probabilities).argmax(0), truth, 11, ignore_index=11)
+    return coarse, refined
 
 
 def shared_dataset(name: str) -> Path:

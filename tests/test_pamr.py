@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import shared_dataset
+from conftest import camvid_coarse_confusions, shared_dataset
 from PIL import Image
 
-from wildseg.coarse import coarse_probabilities
 from wildseg.metrics import confusion_matrix, mean_iou, per_class_iou, pixel_accuracy
 from wildseg.pamr import PamrSettings, pamr, pamr_numpy
 
@@ -141,16 +140,7 @@ def test_pamr_sharpens_clip_like_coarse_maps_of_camvid_as_measured():
     boundaries are off by up to a patch and noisy, as CLIP's are. Asserted: the gains, with a margin of
     about a third.
     """
-    root = shared_dataset("camvid")
-    ids = sorted(path.stem for path in (root / "images").iterdir())[:24]
-    coarse = torch.zeros(11, 11, dtype=torch.long)
-    refined = torch.zeros(11, 11, dtype=torch.long)
-    for image_id in ids:
-        image = np.array(Image.open(root / "images" / f"{image_id}.png").convert("RGB"))
-        truth = np.array(Image.open(root / "masks" / f"{image_id}.png"))
-        probabilities = coarse_probabilities(truth, classes=11, ignore_index=11)
-        coarse += confusion_matrix(probabilities.argmax(0), truth, 11, ignore_index=11)
-        refined += confusion_matrix(pamr_numpy(image, probabilities).argmax(0), truth, 11, ignore_index=11)
+    coarse, refined = camvid_coarse_confusions(pamr_numpy)
     sky = 0
     assert mean_iou(coarse) == pytest.approx(0.489, abs=0.002)
     assert mean_iou(refined) > mean_iou(coarse) + 0.007
