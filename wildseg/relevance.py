@@ -8,8 +8,10 @@ G_b = ds / dA_b:
 
 The map is the class token's row of R over the patch tokens, laid out on the patch grid.
 
-open_clip's blocks call torch's MultiheadAttention without returning the probabilities, so
-`forward_with_attention` recomputes each block from its own parameters with the attention written out.
+open_clip's blocks call torch's MultiheadAttention without returning the probabilities, so the blocks whose
+attention is differentiated are recomputed from their own parameters with the attention written out; the
+blocks before them run as open_clip runs them (fused attention). For the default, the last block alone, only
+the class token's row of that block is computed (`forward_with_class_attention`).
 """
 
 import math
@@ -26,13 +28,16 @@ DEFAULT_START_BLOCK = -1
 
 
 def check_vision_tower(visual: torch.nn.Module, model_name: str) -> None:
-    """Relevance maps need an open_clip ViT whose blocks use torch attention and whose output is the class token."""
+    """Relevance maps need an open_clip ViT whose blocks use batch-first torch attention and whose output is the
+    class token."""
     supported = (
         isinstance(visual, VisionTransformer)
         and visual.attn_pool is None
         and visual.pool_type == "tok"
         and all(
-            type(block) is ResidualAttentionBlock and isinstance(block.attn, torch.nn.MultiheadAttention)
+            type(block) is ResidualAttentionBlock
+            and isinstance(block.attn, torch.nn.MultiheadAttention)
+            and block.attn.batch_first
             for block in visual.transformer.resblocks
         )
     )
@@ -73,23 +78,62 @@ def forward_with_attention(
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Image embeddings (batch x dim, before normalisation) and the attention of blocks `keep_from` onwards.
 
-    Blocks before `keep_from` run without building a graph; from there on, the attention probabilities are
-    part of the autograd graph so that the embedding can be differentiated with respect to them.
+    Blocks before `keep_from` run as open_clip runs them, without building a graph; from there on, the
+    attention probabilities are part of the autograd graph so that the embedding can be differentiated with
+    respect to them.
     """
     blocks = visual.transformer.resblocks
-    with torch.no_grad():
-        x = visual._embeds(images)
-        for block in blocks[:keep_from]:
-            x, _ = block_with_attention(block, x)
-    x = x.detach().requires_grad_(torch.is_grad_enabled())
+    x = _tokens_before(visual, images, keep_from)
     attentions = []
     for block in blocks[keep_from:]:
         x, probabilities = block_with_attention(block, x)
         attentions.append(probabilities)
+    return _embedding(visual, x), attentions
+
+
+def forward_with_class_attention(visual: VisionTransformer, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Image embeddings (batch x dim, before normalisation) and the last block's attention row of the class
+    token (batch x heads x 1 x tokens), in the autograd graph.
+
+    The embedding is the class token's output, and in the last block only the class token's own attention
+    row reaches it; so the last block is computed for the class token alone (its query against every key and
+    value), which gives the same embedding for a fraction of the block's cost and a graph of one token.
+    """
+    last = visual.transformer.resblocks[-1]
+    x = _tokens_before(visual, images, len(visual.transformer.resblocks) - 1)
+    attention = last.attn
+    batch, tokens, width = x.shape
+    heads = attention.num_heads
+    head_width = width // heads
+    normed = last.ln_1(x)
+    query_weight, key_value_weight = attention.in_proj_weight.split((width, 2 * width))
+    query_bias, key_value_bias = attention.in_proj_bias.split((width, 2 * width))
+    query = F.linear(normed[:, :1], query_weight, query_bias).reshape(batch, 1, heads, head_width).transpose(1, 2)
+    key, value = (
+        t.reshape(batch, tokens, heads, head_width).transpose(1, 2)
+        for t in F.linear(normed, key_value_weight, key_value_bias).chunk(2, dim=-1)
+    )
+    probabilities = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(head_width), dim=-1)
+    mixed = (probabilities @ value).transpose(1, 2).reshape(batch, 1, width)
+    cls = x[:, :1] + last.ls_1(attention.out_proj(mixed))
+    cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
+    return _embedding(visual, cls), probabilities
+
+
+def _tokens_before(visual: VisionTransformer, images: torch.Tensor, block: int) -> torch.Tensor:
+    """The tokens entering block `block`, computed without a graph and detached as a leaf that may need grad."""
+    with torch.no_grad():
+        x = visual._embeds(images)
+        for earlier in visual.transformer.resblocks[:block]:
+            x = earlier(x)
+    return x.detach().requires_grad_(torch.is_grad_enabled())
+
+
+def _embedding(visual: VisionTransformer, x: torch.Tensor) -> torch.Tensor:
+    """The image embedding from the last block's output tokens (class token first): open_clip's pooling,
+    final norm and projection."""
     pooled, _ = visual._pool(x)
-    if visual.proj is not None:
-        pooled = pooled @ visual.proj
-    return pooled, attentions
+    return pooled @ visual.proj if visual.proj is not None else pooled
 
 
 def relevance_maps(
@@ -102,21 +146,40 @@ def relevance_maps(
     """Chefer et al.'s relevance of every label for every image: (images x labels x grid x grid), fp32.
 
     One forward pass serves all labels; the gradients of all label logits come from one batched backward
-    (`is_grads_batched`), each label's gradient selected by a one-hot output gradient. `stages` times the
+    (`is_grads_batched`), each label's gradient selected by a one-hot output gradient. From the last block
+    alone (the default), R = I + mean_heads(clamp(G A, 0)), whose class row needs only the class token's
+    attention row: the forward and backward of `forward_with_class_attention` suffice. `stages` times the
     forward and the backward (with the relevance rule).
     """
     visual = model.visual
-    first = resolve_start_block(start_block, len(visual.transformer.resblocks))
+    depth = len(visual.transformer.resblocks)
+    first = resolve_start_block(start_block, depth)
     with torch.enable_grad():
         with stages.stage("forward"):
-            embeddings, attentions = forward_with_attention(visual, images, keep_from=first)
+            if first == depth - 1:
+                embeddings, class_attention = forward_with_class_attention(visual, images)
+                attentions = [class_attention]
+            else:
+                embeddings, attentions = forward_with_attention(visual, images, keep_from=first)
             logits = model.logit_scale.exp() * F.normalize(embeddings, dim=-1) @ text_embeddings.to(embeddings.dtype).T
         with stages.stage("backward"):
             batch, labels = logits.shape
             one_hot = torch.eye(labels, dtype=logits.dtype, device=logits.device)[:, None, :]
             one_hot = one_hot.expand(labels, batch, labels)
             gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot, is_grads_batched=True)
+            if first == depth - 1:
+                return _class_row(class_attention, gradients[0], images.device)
             return _accumulate(attentions, gradients, images.device, labels, batch)
+
+
+def _class_row(attention: torch.Tensor, gradient: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Chefer et al.'s rule for the last block alone, class row over the patches, from the class attention row
+    (batch x heads x 1 x tokens) and its label-batched gradient: images x labels x grid x grid in fp32."""
+    with torch.autocast(device.type, enabled=False):
+        weighted = (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
+    labels, batch, _, tokens = weighted.shape
+    grid = math.isqrt(tokens - 1)
+    return weighted[..., 0, 1:].reshape(labels, batch, grid, grid).transpose(0, 1).contiguous()
 
 
 def _accumulate(attentions, gradients, device: torch.device, labels: int, batch: int) -> torch.Tensor:
