@@ -8,7 +8,8 @@ outputs (mask, overlay, JSON) like `wildseg segment`, from decoding to writing:
 
 - fast: `Segmenter.segment_many`: decode threads ahead of the model, views of several images per model
   batch, all labels from one forward and one batched backward, fp16 autocast on CUDA, label embeddings
-  cached, PAMR on the model's device and the CRF in worker processes.
+  cached, PAMR on the model's device and the CRF in worker processes; outputs written by background
+  threads.
 - straightforward: `Segmenter.segment_reference` one image after the other: label embeddings computed
   per image, one view at a time, one forward and one backward per label and view, fp32, then writing.
 
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import open_clip
@@ -40,13 +42,15 @@ import wildseg
 from wildseg import Segmenter
 from wildseg.autolabels import load_vocabulary
 from wildseg.dense import DenseSettings
-from wildseg.outputs import output_paths, write_outputs
+from wildseg.outputs import BackgroundWriter, output_paths, write_outputs
 from wildseg.timing import StageTimes
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "images"
 VOC_SIZE = (500, 375)
 STAGES = ("decode", "text", "forward", "backward", "tta_merge", "pseudo_labels", "refine", "write")
 PATHS = ("fast", "straightforward")
+WRITE_THREADS = 4
+"""Writer threads on the fast path: `wildseg segment`'s default --workers."""
 
 
 def write_images(folder: Path, count: int) -> list[Path]:
@@ -95,19 +99,39 @@ def run_path(path_name: str, arguments) -> dict:
 
 def segment(segmenter: Segmenter, path_name: str, images: list[Path], labels: list[str], out: Path,
             stages: StageTimes) -> None:
-    """Run one path over `images`, writing each image's outputs; stage seconds go to `stages`."""
+    """Run one path over `images`, writing each image's outputs (in background threads on the fast path, as
+    `wildseg segment` does; in turn on the straightforward one); stage seconds go to `stages`."""
     segmenter.stages = stages
     if path_name == "fast":
         results = ((item.source, item.result) for item in segmenter.segment_many(images, labels))
     else:
         results = ((image, segmenter.segment_reference(image, labels)) for image in images)
-    for image, result in results:
-        stages.seconds["decode"] += result.timings["decode_s"]
-        stages.seconds["text"] += result.timings.get("text_s", 0.0)
-        stages.seconds["refine"] += result.timings["crf_s"]
-        with stages.stage("write"):
-            write_outputs(output_paths(image.stem, out), *result.preview(), result.mask, result.labels,
-                          {"labels": result.labels, "classes": result.summary()})
+    write_seconds = []
+    with BackgroundWriter(WRITE_THREADS if path_name == "fast" else 1) as writer:
+        for image, result in results:
+            stages.seconds["decode"] += result.timings["decode_s"]
+            stages.seconds["text"] += result.timings.get("text_s", 0.0)
+            stages.seconds["refine"] += result.timings["crf_s"]
+            writer.submit(image, partial(timed_write, image.stem, out, result, write_seconds))
+            if path_name != "fast":
+                check_written(writer.finished(wait_all=True))
+            check_written(writer.finished())
+        check_written(writer.finished(wait_all=True))
+    stages.seconds["write"] += sum(write_seconds)
+
+
+def timed_write(stem: str, out: Path, result, seconds: list[float]) -> None:
+    """Write an image's mask, overlay and JSON; append the seconds it took to `seconds`."""
+    started = time.perf_counter()
+    write_outputs(output_paths(stem, out), *result.preview(), result.mask, result.labels,
+                  {"labels": result.labels, "classes": result.summary()})
+    seconds.append(time.perf_counter() - started)
+
+
+def check_written(outcomes) -> None:
+    for image, error in outcomes:
+        if error is not None:
+            raise RuntimeError(f"writing the outputs of {image} failed") from error
 
 
 def environment(arguments) -> dict:

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from wildseg import Segmenter
 from wildseg.cli import main
 from wildseg.errors import WildsegError
 from wildseg.inputs import expand_inputs, read_labels_file
+from wildseg.outputs import BackgroundWriter
 from wildseg.resolution import upsample_argmax
 from wildseg.tta import View, ViewStream
 
@@ -180,6 +182,30 @@ def test_a_view_batch_out_of_gpu_memory_is_split_and_retried():
     reference = ViewStream(32, map_views, batch_size=1)
     expected = reference.add("a", image, views) + reference.flush()
     assert torch.allclose(finished[0][1], expected[0][1])
+
+
+def test_background_writes_overlap_the_caller_are_bounded_and_report_each_outcome():
+    release, started = threading.Event(), []
+
+    def write(key):
+        started.append(key)
+        release.wait(timeout=10)
+        if key == "bad":
+            raise OSError("disk full")
+
+    with BackgroundWriter(threads=1) as writer:
+        writer.submit("a", lambda: write("a"))
+        writer.submit("bad", lambda: write("bad"))
+        assert writer.finished() == [], "the caller goes on while writes are unfinished"
+        blocked = threading.Thread(target=writer.submit, args=("c", lambda: write("c")))
+        blocked.start()
+        blocked.join(timeout=0.3)
+        assert blocked.is_alive(), "a third write waits while two (twice the threads) are unfinished"
+        release.set()
+        blocked.join(timeout=10)
+        outcomes = dict(writer.finished(wait_all=True))
+    assert started == ["a", "bad", "c"] and set(outcomes) == {"a", "bad", "c"}
+    assert outcomes["a"] is None and outcomes["c"] is None and str(outcomes["bad"]) == "disk full"
 
 
 RUNNER = (

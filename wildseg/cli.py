@@ -3,7 +3,6 @@
 Every error a user can fix is printed as one line `wildseg: error: ...` with exit code 2, no traceback.
 """
 
-import contextlib
 import json
 import logging
 import math
@@ -14,6 +13,7 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
+from typing import Optional
 
 import click
 import open_clip
@@ -60,6 +60,7 @@ from .evaluation import (
 from .inputs import expand_inputs, read_labels_file
 from .labels import clean_labels
 from .outputs import (
+    BackgroundWriter,
     is_done,
     output_paths,
     remove_stale_temporaries,
@@ -221,8 +222,8 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path),
               help="Write the run's summary, with every failure and its reason, as JSON here.")
-@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Threads decoding images ahead of the model.")
+@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Threads decoding images ahead of the model, and as many writing outputs behind it.")
 @click.option("--refine-workers", type=click.IntRange(min=0),
               help="Processes running the CRF beside the model (default: half the cores on GPU, 0 on CPU).")
 @segmenter_options("Background threshold: relevance method, normalised relevance (default 0.4); dense method, "
@@ -253,17 +254,27 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     segmenter = build_segmenter(console, protocol={}, **segmenter_arguments)
     labels_of = labels_source(segmenter)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
-    with _image_progress(console) as progress, Interrupts() as interrupts:
+    with _image_progress(console) as progress, Interrupts(), BackgroundWriter(workers) as writer:
         task = progress.add_task("segmenting", total=len(todo))
+
+        def account(outcomes) -> None:
+            for source, error in outcomes:
+                run.account(source, error)
+                if source in run.failures:
+                    _report_failure(progress.console, source, run.failures[source])
+                progress.advance(task)
+
         try:
             for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
-                with interrupts.deferred():
-                    _save(item, jobs[item.source], segmenter, run, getattr(labels_of, "records", {}))
-                if item.source in run.failures:
-                    _report_failure(progress.console, item.source, run.failures[item.source])
-                progress.advance(task)
+                auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
+                if item.error is not None:
+                    account([(item.source, WildsegError(item.error))])
+                    continue
+                writer.submit(item.source, partial(_save, item, jobs[item.source], segmenter, auto_record, run))
+                account(writer.finished())
         except KeyboardInterrupt:
             run.interrupted = True
+        account(writer.finished(wait_all=True))
     run.seconds = time.perf_counter() - started
     report = Console(quiet=quiet)
     if len(jobs) == 1 and run.last_result is not None:
@@ -325,13 +336,9 @@ class AutoLabeler:
         return found_labels(candidates, self.rule)
 
 
-def _save(item, paths: dict[str, Path], segmenter: Segmenter, run: "BatchSummary", auto_labels: dict) -> None:
-    """Write one image's outputs (JSON last) or record why it failed; `auto_labels` holds the automatic-label
-    records by image."""
-    auto_record = auto_labels.pop(item.source, None)
-    if item.error is not None:
-        run.failures[item.source] = item.error
-        return
+def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict], run: "BatchSummary") -> None:
+    """Write one image's outputs (JSON last), with its automatic-label record if any; a write that fails raises
+    a WildsegError naming the folder."""
     result = item.result
     record = {
         "image": str(item.source),
@@ -345,9 +352,7 @@ def _save(item, paths: dict[str, Path], segmenter: Segmenter, run: "BatchSummary
     try:
         write_outputs(paths, *result.preview(), result.mask, result.labels, record)
     except OSError as error:
-        run.failures[item.source] = f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}"
-        return
-    run.done += 1
+        raise WildsegError(f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}") from error
     run.last_result = result
 
 
@@ -358,6 +363,13 @@ class BatchSummary:
         self.total, self.skipped, self.done, self.seconds = total, skipped, 0, 0.0
         self.failures: dict[Path, str] = {}
         self.interrupted, self.last_result = False, None
+
+    def account(self, image: Path, error: Optional[BaseException]) -> None:
+        """Count an image whose outputs were written (error None) or that failed, with the error's one line."""
+        if error is None:
+            self.done += 1
+        else:
+            self.failures[image] = str(error) if isinstance(error, WildsegError) else first_line(error)
 
     def line(self) -> str:
         state = "interrupted: " if self.interrupted else ""
@@ -378,11 +390,8 @@ class BatchSummary:
 
 
 class Interrupts:
-    """Ctrl-C and SIGTERM stop a batch: at once during model work, after the current image while its outputs
-    are being written, so that no output is left half-written."""
-
-    def __init__(self):
-        self.writing, self.pending = False, False
+    """Ctrl-C and SIGTERM stop a batch: model work stops at once; outputs being written are finished (see
+    BackgroundWriter), so that none is left half-written."""
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._stop) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -393,20 +402,7 @@ class Interrupts:
             signal.signal(number, handler)
 
     def _stop(self, number, frame):
-        if self.writing:
-            self.pending = True
-        else:
-            raise KeyboardInterrupt
-
-    @contextlib.contextmanager
-    def deferred(self):
-        self.writing = True
-        try:
-            yield
-        finally:
-            self.writing = False
-        if self.pending:
-            raise KeyboardInterrupt
+        raise KeyboardInterrupt
 
 
 def _refuse_to_overwrite_inputs(jobs: dict[Path, dict[str, Path]]) -> None:

@@ -1,10 +1,12 @@
-"""Writing a segmentation to disk: palette PNG mask, colour overlay with legend, JSON record; all atomic."""
+"""Writing a segmentation to disk: palette PNG mask, colour overlay with legend, JSON record; all atomic,
+in background threads (`BackgroundWriter`) so that encoding and disk I/O overlap the model's work."""
 
 import json
 import os
 import tempfile
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Hashable, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -127,3 +129,35 @@ def write_outputs(
     write_atomically(paths["overlay"], lambda path: overlay.save(path, format="JPEG", quality=90))
     text = json.dumps({**record, "palette": palette[: len(labels)].tolist()}, indent=2)
     write_atomically(paths["record"], lambda path: path.write_text(text + "\n"))
+
+
+class BackgroundWriter:
+    """Runs writes in `threads` threads while the caller goes on.
+
+    `submit(key, write)` queues `write()` (waiting while twice `threads` writes are unfinished, which bounds
+    the results held in memory); `finished()` returns (key, error) for every write that has ended since the
+    last call, error None on success; `finished(wait_all=True)` waits for all of them first. As a context
+    manager it waits for every write on exit, so that none is cut short.
+    """
+
+    def __init__(self, threads: int):
+        self.executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="wildseg-write")
+        self.limit = 2 * max(1, threads)
+        self.running: dict[Future, Hashable] = {}
+
+    def __enter__(self) -> "BackgroundWriter":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.executor.shutdown(wait=True)
+
+    def submit(self, key: Hashable, write: Callable[[], None]) -> None:
+        if len(self.running) >= self.limit:
+            wait(self.running, return_when=FIRST_COMPLETED)
+        self.running[self.executor.submit(write)] = key
+
+    def finished(self, wait_all: bool = False) -> list[tuple[Hashable, Optional[BaseException]]]:
+        if wait_all:
+            wait(self.running)
+        ended = [future for future in self.running if future.done()]
+        return [(self.running.pop(future), future.exception()) for future in ended]
