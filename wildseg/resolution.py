@@ -6,6 +6,8 @@ changing what the model sees; the full-size mask is the per-pixel argmax of the 
 probabilities, computed in strips of rows.
 """
 
+from typing import Union
+
 import cv2
 import numpy as np
 import torch
@@ -28,24 +30,25 @@ def downscale(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (size[1], size[0]), interpolation=cv2.INTER_AREA)
 
 
-def upsample_argmax(probabilities: np.ndarray, height: int, width: int) -> np.ndarray:
-    """argmax over classes of `probabilities` (classes x h x w) bilinearly resized to height x width.
+def upsample_argmax(probabilities: Union[np.ndarray, torch.Tensor], height: int, width: int) -> np.ndarray:
+    """argmax over classes of `probabilities` (classes x h x w; an array, or a tensor on any device, where the
+    work is then done) bilinearly resized to height x width, as a uint8 array.
 
     Equal to argmax(F.interpolate(..., align_corners=False)) of the whole map, but computed `STRIP_ROWS`
     output rows at a time: rows are interpolated here, columns by F.interpolate at unchanged row count.
     """
-    classes, source_height, source_width = probabilities.shape
+    maps = torch.as_tensor(probabilities).float()
+    classes, source_height, source_width = maps.shape
     if (source_height, source_width) == (height, width):
-        return probabilities.argmax(axis=0).astype(np.uint8)
-    maps = torch.from_numpy(np.ascontiguousarray(probabilities, dtype=np.float32))
+        return maps.argmax(dim=0).to(torch.uint8).cpu().numpy()
     mask = np.empty((height, width), dtype=np.uint8)
     for first in range(0, height, STRIP_ROWS):
-        rows = torch.arange(first, min(first + STRIP_ROWS, height), dtype=torch.float64)
+        rows = torch.arange(first, min(first + STRIP_ROWS, height), dtype=torch.float64, device=maps.device)
         source = ((rows + 0.5) * source_height / height - 0.5).clamp(min=0)
         below = source.floor().long().clamp(max=source_height - 1)
         above = (below + 1).clamp(max=source_height - 1)
         weight = (source - below).float()[None, :, None]
         strip = maps[:, below] * (1 - weight) + maps[:, above] * weight
         strip = F.interpolate(strip[None], size=(len(rows), width), mode="bilinear", align_corners=False)[0]
-        mask[first : first + len(rows)] = strip.argmax(dim=0).numpy()
+        mask[first : first + len(rows)] = strip.argmax(dim=0).to(torch.uint8).cpu().numpy()
     return mask
