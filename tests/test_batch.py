@@ -17,10 +17,12 @@ from conftest import TINY_MODEL
 from PIL import Image
 
 from wildseg import Segmenter
+from wildseg import segmenter as segmenter_module
 from wildseg.cli import main
 from wildseg.errors import WildsegError
 from wildseg.inputs import expand_inputs, read_labels_file
 from wildseg.outputs import BackgroundWriter
+from wildseg.refine import CrfSettings
 from wildseg.resolution import upsample_argmax
 from wildseg.tta import View, ViewStream
 
@@ -147,13 +149,18 @@ def test_large_images_are_segmented_at_the_working_resolution(tiny_checkpoint):
     assert preview_image.shape == (67, 100, 3) and np.array_equal(preview_mask, result.scores.argmax(0))
 
 
-def test_segment_many_gives_what_segment_gives_with_crf_in_a_worker_process(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("crf_backend, refine_workers", [("pydensecrf", 1), ("torch", 0)])
+def test_segment_many_gives_what_segment_gives(crf_backend, refine_workers, tiny_checkpoint, tmp_path, monkeypatch):
+    """pydensecrf in a worker process; the torch CRF over the images a model step finishes, in batches of at
+    most two of these images' pixels."""
+    monkeypatch.setattr(segmenter_module, "CRF_BATCH_PIXELS", 2 * 64 * 40)
     segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
-                          view_batch=5, crf=__import__("wildseg").refine.CrfSettings(iterations=2))
+                          view_batch=5, crf=CrfSettings(iterations=2), crf_backend=crf_backend)
+    assert segmenter.settings()["crf"]["backend"] == crf_backend
     paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
     labels = {paths[0]: "cat", paths[1]: "cat", paths[2]: "dog,ball", paths[3]: "dog,ball"}
     items = list(segmenter.segment_many(paths + [tmp_path / "missing.png"], lambda path: labels.get(path, "cat"),
-                                        refine_workers=1))
+                                        refine_workers=refine_workers))
     failures = [item for item in items if item.error]
     assert len(failures) == 1 and "image not found" in failures[0].error
     by_path = {item.source: item.result for item in items if item.result is not None}

@@ -72,7 +72,7 @@ from .pseudolabels import DEFAULT_BG_THRESHOLD
 from .refine import REFINEMENTS, CrfSettings
 from .relevance import DEFAULT_START_BLOCK
 from .resolution import DEFAULT_MAX_SIDE
-from .segmenter import METHODS, MIN_WORKING_SIDE, Segmenter
+from .segmenter import CRF_BACKENDS, METHODS, MIN_WORKING_SIDE, Segmenter
 from .tta import POLICIES
 
 AUTO = "auto"
@@ -151,6 +151,9 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                           "[default: crf]."),
         click.option("--crf-iters", type=click.IntRange(min=1),
                      help=f"Mean-field iterations of the dense CRF [default: {CrfSettings.iterations}]."),
+        click.option("--crf-backend", type=click.Choice(list(CRF_BACKENDS)),
+                     help="Dense CRF implementation: torch (on the model's device) or pydensecrf (CPU) "
+                          "[default: auto = torch on a GPU, pydensecrf on the CPU]."),
         click.option("--pamr-iters", type=click.IntRange(min=1),
                      help=f"PAMR iterations [default: {PamrSettings.iterations}]."),
         click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), help=bg_threshold_help),
@@ -197,6 +200,7 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
     owners["start_block"] = ("--method relevance", method == "relevance")
     owners["pamr_iters"] = ("--refine pamr or pamr+crf", "pamr" in refine)
     owners["crf_iters"] = ("--refine crf or pamr+crf", "crf" in refine)
+    owners["crf_backend"] = ("--refine crf or pamr+crf", "crf" in refine)
     for name, (needed, used) in owners.items():
         if name in given and not used:
             raise WildsegError(f"--{name.replace('_', '-')} is an option of {needed}: add that or leave it out")

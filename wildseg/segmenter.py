@@ -45,7 +45,7 @@ from .pseudolabels import (
     label_scores,
     scores_to_probabilities,
 )
-from .refine import REFINEMENTS, CrfSettings, dense_crf
+from .refine import REFINEMENTS, CrfSettings, dense_crf, mean_field_crf
 from .relevance import (
     DEFAULT_START_BLOCK,
     check_vision_tower,
@@ -60,11 +60,18 @@ MAX_LABELS = 255
 DEFAULT_VIEW_BATCH = {"cuda": 32, "cpu": 8}
 """Views per model batch: large on a GPU for throughput (halved automatically when memory runs out)."""
 MIN_WORKING_SIDE = 32
+CRF_BATCH_PIXELS = 2**22
+"""Pixels of the images the torch CRF refines in one call (22 VOC-sized images), bounding its memory."""
 METHODS = {
     "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
     "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
 }
 DEFAULT_BG_THRESHOLDS = {"relevance": DEFAULT_BG_THRESHOLD, "dense": DEFAULT_DENSE_BG_THRESHOLD}
+CRF_BACKENDS = {
+    "auto": "torch when the model is on a GPU, pydensecrf on the CPU",
+    "torch": "wildseg.refine.mean_field_crf on the model's device, the images of a model step in one batch",
+    "pydensecrf": "pydensecrf on the CPU, in worker processes beside the model on GPU machines",
+}
 
 
 @dataclass
@@ -135,6 +142,7 @@ class Segmenter:
         tta: str = "default",
         refine: str = "crf",
         crf: CrfSettings = CrfSettings(),
+        crf_backend: str = "auto",
         pamr_settings: PamrSettings = PamrSettings(),
         bg_threshold: Optional[float] = None,
         temperature: float = DEFAULT_TEMPERATURE,
@@ -143,12 +151,14 @@ class Segmenter:
         view_batch: Optional[int] = None,
         max_side: int = DEFAULT_MAX_SIDE,
     ):
-        """`dense` defaults to DenseSettings(); `bg_threshold` to the method's
-        (0.4 for relevance, 0.1 for dense); `view_batch` to 32 views per model batch on CUDA, 8 on the CPU."""
+        """`dense` defaults to DenseSettings(); `bg_threshold` to the method's (0.4 for relevance, 0.1 for dense);
+        `view_batch` to 32 views per model batch on CUDA, 8 on the CPU; `crf_backend` (`CRF_BACKENDS`) to torch
+        on a GPU, pydensecrf on the CPU."""
         _check_choice("method", method, METHODS)
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
         _check_choice("template set", templates, TEMPLATE_SETS)
+        _check_choice("CRF backend", crf_backend, CRF_BACKENDS)
         dense = dense if dense is not None else DenseSettings()
         _check_dense(dense)
         if crf.iterations < 1:
@@ -169,6 +179,9 @@ class Segmenter:
         resolve_start_block(start_block, len(self.backbone.model.visual.transformer.resblocks))
         self.method, self.dense, self.pamr_settings = method, dense, pamr_settings
         self.tta, self.refine, self.crf = tta, refine, crf
+        if crf_backend == "auto":
+            crf_backend = "torch" if self.backbone.device.type == "cuda" else "pydensecrf"
+        self.crf_backend = crf_backend
         self.bg_threshold, self.temperature = bg_threshold, temperature
         self.start_block, self.templates = start_block, templates
         self.view_batch = view_batch or DEFAULT_VIEW_BATCH[self.backbone.device.type]
@@ -196,7 +209,7 @@ class Segmenter:
             "temperature": self.temperature,
             "refine": self.refine,
             "pamr": vars(self.pamr_settings) if "pamr" in self.refine else None,
-            "crf": vars(self.crf) if "crf" in self.refine else None,
+            "crf": {**vars(self.crf), "backend": self.crf_backend} if "crf" in self.refine else None,
         }
 
     def segment(
@@ -216,9 +229,7 @@ class Segmenter:
         timings["decode_s"] = time.perf_counter() - clock
 
         maps = self._merged_maps(working, names, timings, on_progress)
-        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
-        mask, probabilities, timings["crf_s"] = finish_segmentation(working, probabilities, self._crf, rgb.shape[:2])
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
+        return self._finish(maps, names, rgb, working, timings)
 
     def label_scores(self, image: ImageInput, labels: Union[str, Iterable[str]]) -> np.ndarray:
         """Scores ((1 + labels) x h x w, background first, at working resolution) by the method's rule
@@ -259,9 +270,7 @@ class Segmenter:
                            lambda view: torch.cat([map_label(view) for map_label in per_label], dim=1),
                            batch_size=1, stages=self.stages)
         timings["maps_s"] = time.perf_counter() - clock
-        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
-        mask, probabilities, timings["crf_s"] = finish_segmentation(working, probabilities, self._crf, rgb.shape[:2])
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
+        return self._finish(maps, names, rgb, working, timings)
 
     def segment_many(
         self,
@@ -282,7 +291,7 @@ class Segmenter:
         labels_of = labels if callable(labels) else (lambda source: labels)
         if refine_workers is None:
             refine_workers = max(1, (os.cpu_count() or 2) // 2) if self.backbone.device.type == "cuda" else 0
-        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self._crf is not None else 0)
+        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self._cpu_crf is not None else 0)
         try:
             yield from run.items(iter(images))
         finally:
@@ -302,8 +311,9 @@ class Segmenter:
         return self.backbone.image_size if self.method == "relevance" else self.dense.window
 
     @property
-    def _crf(self) -> Optional[CrfSettings]:
-        return self.crf if "crf" in self.refine else None
+    def _cpu_crf(self) -> Optional[CrfSettings]:
+        """The CRF settings where the CRF runs in pydensecrf once the probabilities have left the device."""
+        return self.crf if "crf" in self.refine and self.crf_backend == "pydensecrf" else None
 
     def _plan(self, working: np.ndarray) -> list[View]:
         """The views of an image at working resolution: TTA views, or for the dense method sliding windows
@@ -343,9 +353,9 @@ class Segmenter:
             return dense_scores(maps, labels, self.dense.logit_scale, self.bg_threshold)
         return label_scores(maps, self.bg_threshold)
 
-    def _probabilities(self, maps: torch.Tensor, working: np.ndarray, labels: int) -> tuple[np.ndarray, float]:
-        """Per-pixel class probabilities (background first) from merged maps, PAMR-refined on the model's
-        device if asked; returned on the CPU with PAMR's seconds."""
+    def _probabilities(self, maps: torch.Tensor, working: np.ndarray, labels: int) -> tuple[torch.Tensor, float]:
+        """Per-pixel class probabilities (background first) from merged maps, PAMR-refined if asked, on the
+        model's device; with PAMR's seconds."""
         with self.stages.stage("pseudo_labels"):
             probabilities = scores_to_probabilities(self._scores(maps, labels), self.temperature)
         clock = time.perf_counter()
@@ -353,22 +363,60 @@ class Segmenter:
             with self.stages.stage("refine"):
                 pixels = torch.from_numpy(working).to(probabilities.device).permute(2, 0, 1).float()
                 probabilities = pamr(pixels, probabilities, self.pamr_settings)
-        return probabilities.cpu().numpy(), time.perf_counter() - clock
+        return probabilities, time.perf_counter() - clock
+
+    def _device_crf(self, workings: list[np.ndarray], probabilities: list[torch.Tensor]
+                    ) -> tuple[list[torch.Tensor], float]:
+        """The torch CRF on the model's device where that backend is chosen (else the probabilities unchanged),
+        images batched up to `CRF_BATCH_PIXELS` pixels per call; with its seconds per image."""
+        if "crf" not in self.refine or self.crf_backend != "torch":
+            return probabilities, 0.0
+        clock = time.perf_counter()
+        device = probabilities[0].device
+        refined, batch, pixels = [], [], 0
+        for index, working in enumerate(workings):
+            if batch and pixels + working.shape[0] * working.shape[1] > CRF_BATCH_PIXELS:
+                refined += self._crf_batch([workings[i] for i in batch], [probabilities[i] for i in batch])
+                batch, pixels = [], 0
+            batch.append(index)
+            pixels += working.shape[0] * working.shape[1]
+        refined += self._crf_batch([workings[i] for i in batch], [probabilities[i] for i in batch])
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return refined, (time.perf_counter() - clock) / len(workings)
+
+    def _crf_batch(self, workings: list[np.ndarray], probabilities: list[torch.Tensor]) -> list[torch.Tensor]:
+        device = probabilities[0].device
+        return mean_field_crf([torch.from_numpy(working).to(device) for working in workings], probabilities, self.crf)
+
+    def _finish(self, maps: torch.Tensor, names: list[str], rgb: np.ndarray, working: np.ndarray,
+                timings: dict[str, float]) -> SegmentationResult:
+        """Probabilities, refinement and the full-size mask of one image from its merged maps."""
+        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
+        (probabilities,), device_crf_s = self._device_crf([working], [probabilities])
+        mask, probabilities, crf_s = finish_segmentation(working, probabilities, self._cpu_crf, rgb.shape[:2])
+        timings["crf_s"] = device_crf_s + crf_s
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
 
 
 def finish_segmentation(
     working: np.ndarray,
-    probabilities: np.ndarray,
+    probabilities: Union[np.ndarray, torch.Tensor],
     crf: Optional[CrfSettings],
     full_size: tuple[int, int],
 ) -> tuple[np.ndarray, np.ndarray, float]:
-    """Refine probabilities by the dense CRF (unless `crf` is None) at working resolution; return the full-size
-    mask, the probabilities and the CRF's seconds."""
+    """Refine probabilities (an array, or a tensor on any device) by pydensecrf's dense CRF (unless `crf` is
+    None) at working resolution; return the full-size mask (made where the probabilities are), the
+    probabilities as an array and the seconds taken."""
     clock = time.perf_counter()
     if crf is not None:
-        probabilities = dense_crf(working, probabilities, crf)
+        probabilities = dense_crf(working, _as_array(probabilities), crf)
     mask = upsample_argmax(probabilities, *full_size)
-    return mask, probabilities, time.perf_counter() - clock
+    return mask, _as_array(probabilities), time.perf_counter() - clock
+
+
+def _as_array(probabilities: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
+    return probabilities.float().cpu().numpy() if isinstance(probabilities, torch.Tensor) else probabilities
 
 
 def _checked_labels(labels: Optional[Union[str, Iterable[str]]]) -> list[str]:
@@ -475,19 +523,29 @@ class _BatchRun:
             for lost in failed:
                 yield BatchItem(lost.source, error="out of GPU memory even with one view per batch: lower max_side")
             return
-        for key, relevance in finished:
-            self._refine(self.pending.pop(key), relevance)
+        if finished:
+            self._refine([self.pending.pop(key) for key, _ in finished], [maps for _, maps in finished])
 
-    def _refine(self, item: _Pending, maps: torch.Tensor) -> None:
+    def _refine(self, items: list[_Pending], maps: list[torch.Tensor]) -> None:
+        """Probabilities and refinement of the images a model step finished: PAMR per image and the torch CRF
+        over all of them on the device, or pydensecrf in the worker processes."""
         segmenter = self.segmenter
-        probabilities, item.timings["pamr_s"] = segmenter._probabilities(maps, item.working, len(item.names))
-        arguments = (item.working, probabilities, segmenter._crf, item.rgb.shape[:2])
-        if self.refiner is None:
-            future = Future()
-            future.set_result(finish_segmentation(*arguments))
-        else:
-            future = self.refiner.submit(finish_segmentation, *arguments)
-        self.refining[future] = item
+        probabilities = []
+        for item, item_maps in zip(items, maps):
+            item_probabilities, item.timings["pamr_s"] = segmenter._probabilities(item_maps, item.working,
+                                                                                   len(item.names))
+            probabilities.append(item_probabilities)
+        probabilities, device_crf_s = segmenter._device_crf([item.working for item in items], probabilities)
+        for item, item_probabilities in zip(items, probabilities):
+            item.timings["crf_s"] = device_crf_s
+            if self.refiner is None:
+                future = Future()
+                future.set_result(finish_segmentation(item.working, item_probabilities, segmenter._cpu_crf,
+                                                      item.rgb.shape[:2]))
+            else:
+                future = self.refiner.submit(finish_segmentation, item.working, _as_array(item_probabilities),
+                                             segmenter._cpu_crf, item.rgb.shape[:2])
+            self.refining[future] = item
 
     def _collect(self, block: bool) -> Iterator[BatchItem]:
         if not self.refining:
@@ -497,7 +555,7 @@ class _BatchRun:
             item = self.refining.pop(future)
             mask, probabilities, crf_s = future.result()
             result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.rgb,
-                                        {**item.timings, "crf_s": crf_s})
+                                        {**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
             yield BatchItem(item.source, result=result)
 
 
