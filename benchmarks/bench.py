@@ -8,10 +8,11 @@ outputs (mask, overlay, JSON) like `wildseg segment`, from decoding to writing:
 
 - fast: `Segmenter.segment_many`: decode threads ahead of the model, views of several images per model
   batch, all labels from one forward and one batched backward, fp16 autocast on CUDA, label embeddings
-  cached, PAMR on the model's device and the CRF in worker processes; outputs written by background
-  threads.
+  cached, PAMR and (on CUDA, by default) the torch CRF on the model's device, or pydensecrf's CRF in
+  worker processes; outputs written by background threads.
 - straightforward: `Segmenter.segment_reference` one image after the other: label embeddings computed
-  per image, one view at a time, one forward and one backward per label and view, fp32, then writing.
+  per image, one view at a time, one forward and one backward per label and view, fp32, pydensecrf's
+  CRF, then writing.
 
 Each path runs in its own process (so that peak memory is its own) after one untimed warm-up image. The
 table gives images per second, seconds per image of each stage (stages overlap in the fast path, so they
@@ -68,6 +69,7 @@ def write_images(folder: Path, count: int) -> list[Path]:
 def build_segmenter(arguments) -> Segmenter:
     return Segmenter(model=arguments.model, pretrained=None, checkpoint=arguments.checkpoint,
                      device=arguments.device, method=arguments.method, tta=arguments.tta, refine=arguments.refine,
+                     crf_backend=arguments.crf_backend,
                      templates=arguments.templates, view_batch=arguments.view_batch,
                      dense=DenseSettings(attention=arguments.attention, background_words=()))
 
@@ -148,7 +150,7 @@ def environment(arguments) -> dict:
 def settings(arguments) -> dict:
     return {"model": arguments.model, "weights": str(arguments.checkpoint or "random"), "method": arguments.method,
             "attention": arguments.attention if arguments.method == "dense" else None, "tta": arguments.tta,
-            "refine": arguments.refine, "labels": arguments.labels, "templates": arguments.templates,
+            "refine": arguments.refine, "crf_backend": arguments.crf_backend, "labels": arguments.labels, "templates": arguments.templates,
             "view_batch": arguments.view_batch, "image_size": list(VOC_SIZE)}
 
 
@@ -177,6 +179,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--attention", default="naclip", help="dense method's attention")
     parser.add_argument("--tta", default="default")
     parser.add_argument("--refine", default="crf")
+    parser.add_argument("--crf-backend", default="auto",
+                        help="fast path's CRF: auto (torch on CUDA, pydensecrf on CPU), torch or pydensecrf; the "
+                             "straightforward path always uses pydensecrf")
     parser.add_argument("--labels", type=int, default=21, help="how many COCO class names to segment (at most 80)")
     parser.add_argument("--templates", default="imagenet80")
     parser.add_argument("--view-batch", type=int,

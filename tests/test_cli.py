@@ -63,6 +63,7 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
     assert fractions == pytest.approx([np.mean(mask == index) for index in range(3)])
     assert record["settings"]["model"] == TINY_MODEL and record["settings"]["refine"] == "crf"
     assert record["settings"]["crf"]["iterations"] == 2 and record["settings"]["tta"] == "default"
+    assert record["settings"]["crf"]["backend"] == "pydensecrf", "auto is pydensecrf on the CPU"
     assert record["timings_s"]["decode_s"] > 0 and record["timings_s"]["crf_s"] > 0
     assert "background" in result.stdout and "photo.png" in result.stdout
     assert not list(out.glob(".*")), "no temporary files are left"
@@ -223,6 +224,8 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     (["--method", "dense", "--start-block", "0"], "--start-block is an option of --method relevance"),
     (["--pamr-iters", "3"], "--pamr-iters is an option of --refine pamr or pamr+crf"),
     (["--refine", "pamr", "--crf-iters", "3"], "--crf-iters is an option of --refine crf or pamr+crf"),
+    (["--refine", "none", "--crf-backend", "torch"], "--crf-backend is an option of --refine crf or pamr+crf"),
+    (["--crf-backend", "cuda"], "Invalid value for '--crf-backend'"),
     (["--method", "dense", "--attention", "qk"], "Invalid value for '--attention'"),
     (["--method", "dense", "--window", "64", "--short-side", "32"], "--short-side (32) must be at least the window"),
 ])

@@ -255,7 +255,7 @@ class Segmenter:
     def segment_reference(self, image: ImageInput, labels: Union[str, Iterable[str]]) -> SegmentationResult:
         """The straightforward pipeline, which the fast one (`segment`, `segment_many`) is tested and benchmarked
         against: label embeddings computed afresh, one view at a time, one forward (and for the relevance
-        method one backward) per label and view, fp32 on every device, refinement in this process."""
+        method one backward) per label and view, fp32 on every device, the CRF by pydensecrf in this process."""
         timings = {}
         clock = time.perf_counter()
         names = _checked_labels(labels)
@@ -270,7 +270,10 @@ class Segmenter:
                            lambda view: torch.cat([map_label(view) for map_label in per_label], dim=1),
                            batch_size=1, stages=self.stages)
         timings["maps_s"] = time.perf_counter() - clock
-        return self._finish(maps, names, rgb, working, timings)
+        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
+        crf = self.crf if "crf" in self.refine else None
+        mask, probabilities, timings["crf_s"] = finish_segmentation(working, probabilities, crf, rgb.shape[:2])
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
 
     def segment_many(
         self,
