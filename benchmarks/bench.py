@@ -51,7 +51,7 @@ VOC_SIZE = (500, 375)
 STAGES = ("decode", "text", "forward", "backward", "tta_merge", "pseudo_labels", "refine", "write")
 PATHS = ("fast", "straightforward")
 WRITE_THREADS = 4
-"""Writer threads on the fast path: `wildseg segment`'s default --workers."""
+"""Writer threads on the fast path: `wildseg segment`'s with its default --workers 2."""
 
 
 def write_images(folder: Path, count: int) -> list[Path]:

@@ -22,7 +22,7 @@ from wildseg.cli import main
 from wildseg.errors import WildsegError
 from wildseg.inputs import expand_inputs, read_labels_file
 from wildseg.outputs import BackgroundWriter
-from wildseg.refine import CrfSettings
+from wildseg.refine import CrfSettings, mean_field_crf
 from wildseg.resolution import upsample_argmax
 from wildseg.tta import View, ViewStream
 
@@ -152,8 +152,8 @@ def test_large_images_are_segmented_at_the_working_resolution(tiny_checkpoint):
 @pytest.mark.parametrize("crf_backend, refine_workers", [("pydensecrf", 1), ("torch", 0)])
 def test_segment_many_gives_what_segment_gives(crf_backend, refine_workers, tiny_checkpoint, tmp_path, monkeypatch):
     """pydensecrf in a worker process; the torch CRF over the images a model step finishes, in batches of at
-    most two of these images' pixels."""
-    monkeypatch.setattr(segmenter_module, "CRF_BATCH_PIXELS", 2 * 64 * 40)
+    most two of these images' pixels x classes."""
+    monkeypatch.setattr(segmenter_module, "CRF_BATCH_VALUES", 2 * 64 * 40 * 3)
     segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
                           view_batch=5, crf=CrfSettings(iterations=2), crf_backend=crf_backend)
     assert segmenter.settings()["crf"]["backend"] == crf_backend
@@ -169,6 +169,31 @@ def test_segment_many_gives_what_segment_gives(crf_backend, refine_workers, tiny
         assert by_path[path].labels == alone.labels
         assert np.allclose(by_path[path].scores, alone.scores, atol=1e-5)
         assert np.array_equal(by_path[path].mask, alone.mask)
+
+
+def test_a_crf_batch_out_of_gpu_memory_is_halved_and_an_image_that_never_fits_goes_to_pydensecrf(
+        tiny_checkpoint, tmp_path, monkeypatch):
+    calls = []
+
+    def crf_with_little_memory(images, probabilities, settings):
+        calls.append([image.shape[1] for image in images])
+        if len(images) > 1 or images[0].shape[1] == 72:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return mean_field_crf(images, probabilities, settings)
+
+    options = dict(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo", view_batch=1000,
+                   crf=CrfSettings(iterations=2))
+    paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
+    expected = {item.source: item.result for item in Segmenter(**options, crf_backend="pydensecrf")
+                .segment_many(paths, "cat,dog")}
+    monkeypatch.setattr(segmenter_module, "mean_field_crf", crf_with_little_memory)
+    items = list(Segmenter(**options, crf_backend="torch").segment_many(paths, "cat,dog"))
+    assert calls[0] == [48, 56, 64, 72], "the images of one model step are refined in one batch"
+    assert calls[1:] == [[48, 56], [48], [56], [64, 72], [64], [72]]
+    for item in items:
+        assert item.error is None
+        assert np.array_equal(item.result.mask, expected[item.source].mask)
+        assert np.allclose(item.result.scores, expected[item.source].scores, atol=1e-5)
 
 
 def test_a_view_batch_out_of_gpu_memory_is_split_and_retried():
@@ -200,19 +225,27 @@ def test_background_writes_overlap_the_caller_are_bounded_and_report_each_outcom
         if key == "bad":
             raise OSError("disk full")
 
-    with BackgroundWriter(threads=1) as writer:
+    def submit_in_thread(writer, key):
+        thread = threading.Thread(target=writer.submit, args=(key, lambda: write(key)))
+        thread.start()
+        thread.join(timeout=0.3)
+        return thread
+
+    with BackgroundWriter(threads=2) as writer:
         writer.submit("a", lambda: write("a"))
         writer.submit("bad", lambda: write("bad"))
         assert writer.finished() == [], "the caller goes on while writes are unfinished"
-        blocked = threading.Thread(target=writer.submit, args=("c", lambda: write("c")))
-        blocked.start()
-        blocked.join(timeout=0.3)
-        assert blocked.is_alive(), "a third write waits while two (twice the threads) are unfinished"
+        blocked = submit_in_thread(writer, "c")
+        assert blocked.is_alive(), "a third write waits while two (the threads) are unfinished"
         release.set()
         blocked.join(timeout=10)
+        while any(not future.done() for future in writer.running):
+            time.sleep(0.01)
+        assert not submit_in_thread(writer, "d").is_alive(), "ended writes not yet collected do not count"
         outcomes = dict(writer.finished(wait_all=True))
-    assert started == ["a", "bad", "c"] and set(outcomes) == {"a", "bad", "c"}
-    assert outcomes["a"] is None and outcomes["c"] is None and str(outcomes["bad"]) == "disk full"
+    assert started[:2] == ["a", "bad"] and sorted(started) == ["a", "bad", "c", "d"]
+    assert set(outcomes) == {"a", "bad", "c", "d"} and str(outcomes.pop("bad")) == "disk full"
+    assert all(error is None for error in outcomes.values())
 
 
 RUNNER = (
@@ -233,6 +266,22 @@ def wait_for_records(out: Path, count: int, process, timeout=120.0) -> None:
         assert process.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+def test_a_second_stop_signal_while_outputs_finish_still_counts_them(tmp_path, tiny_checkpoint):
+    folder, out, summary = tmp_path / "many", tmp_path / "out", tmp_path / "summary.json"
+    for index in range(40):
+        picture(folder / f"{index:02d}.png", size=(96, 72), seed=index)
+    run = start_run(folder, out, tiny_checkpoint, "--summary", summary)
+    wait_for_records(out, 3, run)
+    run.send_signal(signal.SIGTERM)
+    time.sleep(0.02)
+    run.send_signal(signal.SIGTERM)
+    _, errors = run.communicate(timeout=60)
+    assert run.returncode == 130 and "Traceback" not in errors, errors
+    counts = json.loads(summary.read_text())
+    assert counts["interrupted"] and counts["done"] == len(list(out.glob("*.json"))) >= 3
+    assert not list(out.glob(".*")), "no temporary file remains"
 
 
 @pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGKILL])

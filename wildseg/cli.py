@@ -3,6 +3,7 @@
 Every error a user can fix is printed as one line `wildseg: error: ...` with exit code 2, no traceback.
 """
 
+import contextlib
 import json
 import logging
 import math
@@ -226,10 +227,11 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
 @click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path),
               help="Write the run's summary, with every failure and its reason, as JSON here.")
-@click.option("--workers", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Threads decoding images ahead of the model, and as many writing outputs behind it.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads decoding images ahead of the model; twice as many write the outputs behind it.")
 @click.option("--refine-workers", type=click.IntRange(min=0),
-              help="Processes running the CRF beside the model (default: half the cores on GPU, 0 on CPU).")
+              help="With --crf-backend pydensecrf: processes running the CRF beside the model (default: half the "
+                   "cores on GPU, 0 on CPU).")
 @segmenter_options("Background threshold: relevance method, normalised relevance (default 0.4); dense method, "
                    "label probability (default 0.1); below it a pixel is background.",
                    "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale "
@@ -258,37 +260,42 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     segmenter = build_segmenter(console, protocol={}, **segmenter_arguments)
     labels_of = labels_source(segmenter)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
-    with _image_progress(console) as progress, Interrupts(), BackgroundWriter(workers) as writer:
-        task = progress.add_task("segmenting", total=len(todo))
+    with Interrupts() as interrupts:
+        with _image_progress(console) as progress, BackgroundWriter(2 * workers) as writer:
+            task = progress.add_task("segmenting", total=len(todo))
 
-        def account(outcomes) -> None:
-            for source, error in outcomes:
-                run.account(source, error)
-                if source in run.failures:
-                    _report_failure(progress.console, source, run.failures[source])
-                progress.advance(task)
+            def account(outcomes) -> None:
+                for source, error in outcomes:
+                    run.account(source, error)
+                    if source in run.failures:
+                        _report_failure(progress.console, source, run.failures[source])
+                    progress.advance(task)
 
-        try:
-            for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
-                auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
-                if item.error is not None:
-                    account([(item.source, WildsegError(item.error))])
-                    continue
-                writer.submit(item.source, partial(_save, item, jobs[item.source], segmenter, auto_record, run))
-                account(writer.finished())
-        except KeyboardInterrupt:
-            run.interrupted = True
-        account(writer.finished(wait_all=True))
-    run.seconds = time.perf_counter() - started
-    report = Console(quiet=quiet)
-    if len(jobs) == 1 and run.last_result is not None:
-        paths = next(iter(jobs.values()))
-        report.print(_summary_table(run.last_result.summary()))
-        report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
-    report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
-    if summary_path is not None:
-        text = json.dumps(run.as_dict(), indent=2) + "\n"
-        write_atomically(summary_path, lambda path: path.write_text(text))
+            try:
+                items = segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers)
+                for item in items:
+                    auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
+                    with interrupts.deferred():
+                        if item.error is not None:
+                            account([(item.source, WildsegError(item.error))])
+                            continue
+                        save = partial(_save, item, jobs[item.source], segmenter, auto_record, run)
+                        writer.submit(item.source, save)
+                        account(writer.finished())
+            except KeyboardInterrupt:
+                run.interrupted = True
+            interrupts.finishing()
+            account(writer.finished(wait_all=True))
+        run.seconds = time.perf_counter() - started
+        report = Console(quiet=quiet)
+        if len(jobs) == 1 and run.last_result is not None:
+            paths = next(iter(jobs.values()))
+            report.print(_summary_table(run.last_result.summary()))
+            report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
+        report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
+        if summary_path is not None:
+            text = json.dumps(run.as_dict(), indent=2) + "\n"
+            write_atomically(summary_path, lambda path: path.write_text(text))
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
 
 
@@ -394,8 +401,13 @@ class BatchSummary:
 
 
 class Interrupts:
-    """Ctrl-C and SIGTERM stop a batch: model work stops at once; outputs being written are finished (see
-    BackgroundWriter), so that none is left half-written."""
+    """Ctrl-C and SIGTERM stop a batch: model work stops at once, the bookkeeping of an image (in `deferred()`)
+    first ends; after `finishing()`, signals are only noted while the outputs being written are finished (see
+    BackgroundWriter) and the summary is written, so that no output is left half-written or uncounted. Once
+    stopped, further signals are ignored on the way out (the process then exits with 130)."""
+
+    def __init__(self):
+        self.deferring, self.pending, self.stopped = False, False, False
 
     def __enter__(self):
         self.previous = {number: signal.signal(number, self._stop) for number in (signal.SIGINT, signal.SIGTERM)}
@@ -403,10 +415,27 @@ class Interrupts:
 
     def __exit__(self, *exc_info):
         for number, handler in self.previous.items():
-            signal.signal(number, handler)
+            signal.signal(number, signal.SIG_IGN if self.stopped else handler)
 
     def _stop(self, number, frame):
-        raise KeyboardInterrupt
+        self.stopped = True
+        if self.deferring:
+            self.pending = True
+        else:
+            raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def deferred(self):
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        if self.pending:
+            raise KeyboardInterrupt
+
+    def finishing(self) -> None:
+        self.deferring = True
 
 
 def _refuse_to_overwrite_inputs(jobs: dict[Path, dict[str, Path]]) -> None:

@@ -33,6 +33,8 @@ from typing import Optional
 import torch
 
 INT64_MAX = 2**63 - 1
+warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+"""Set once at import: `warnings.catch_warnings` around each use would not be thread-safe."""
 
 
 class PermutohedralLattice:
@@ -190,6 +192,4 @@ def csr(crow: torch.Tensor, cols: torch.Tensor, weights: torch.Tensor, shape: tu
     where they fit, which those libraries take without a conversion per product."""
     if max(len(cols), *shape) <= torch.iinfo(torch.int32).max:
         crow, cols = crow.int(), cols.int()
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-        return torch.sparse_csr_tensor(crow, cols, weights, shape, check_invariants=False)
+    return torch.sparse_csr_tensor(crow, cols, weights, shape, check_invariants=False)

@@ -37,7 +37,7 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
         write(Path(temporary))
         with open(temporary, "rb") as written:
             os.fsync(written.fileno())
-        os.chmod(temporary, 0o666 & ~_current_umask())
+        os.chmod(temporary, 0o666 & ~PROCESS_UMASK)
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -48,6 +48,10 @@ def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+PROCESS_UMASK = _current_umask()
+"""Read once at import: reading it sets it for a moment, which writer threads must not race."""
 
 
 def mask_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:
@@ -134,15 +138,15 @@ def write_outputs(
 class BackgroundWriter:
     """Runs writes in `threads` threads while the caller goes on.
 
-    `submit(key, write)` queues `write()` (waiting while twice `threads` writes are unfinished, which bounds
-    the results held in memory); `finished()` returns (key, error) for every write that has ended since the
+    `submit(key, write)` queues `write()` (waiting while `threads` writes are unfinished, which bounds the
+    results held in memory); `finished()` returns (key, error) for every write that has ended since the
     last call, error None on success; `finished(wait_all=True)` waits for all of them first. As a context
     manager it waits for every write on exit, so that none is cut short.
     """
 
     def __init__(self, threads: int):
         self.executor = ThreadPoolExecutor(max(1, threads), thread_name_prefix="wildseg-write")
-        self.limit = 2 * max(1, threads)
+        self.limit = max(1, threads)
         self.running: dict[Future, Hashable] = {}
 
     def __enter__(self) -> "BackgroundWriter":
@@ -152,8 +156,9 @@ class BackgroundWriter:
         self.executor.shutdown(wait=True)
 
     def submit(self, key: Hashable, write: Callable[[], None]) -> None:
-        if len(self.running) >= self.limit:
-            wait(self.running, return_when=FIRST_COMPLETED)
+        unfinished = [future for future in self.running if not future.done()]
+        if len(unfinished) >= self.limit:
+            wait(unfinished, return_when=FIRST_COMPLETED)
         self.running[self.executor.submit(write)] = key
 
     def finished(self, wait_all: bool = False) -> list[tuple[Hashable, Optional[BaseException]]]:

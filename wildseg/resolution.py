@@ -37,7 +37,9 @@ def upsample_argmax(probabilities: Union[np.ndarray, torch.Tensor], height: int,
     Equal to argmax(F.interpolate(..., align_corners=False)) of the whole map, but computed `STRIP_ROWS`
     output rows at a time: rows are interpolated here, columns by F.interpolate at unchanged row count.
     """
-    maps = torch.as_tensor(probabilities).float()
+    if isinstance(probabilities, np.ndarray):
+        probabilities = torch.from_numpy(np.ascontiguousarray(probabilities))
+    maps = probabilities.float()
     classes, source_height, source_width = maps.shape
     if (source_height, source_width) == (height, width):
         return maps.argmax(dim=0).to(torch.uint8).cpu().numpy()

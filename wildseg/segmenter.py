@@ -60,8 +60,9 @@ MAX_LABELS = 255
 DEFAULT_VIEW_BATCH = {"cuda": 32, "cpu": 8}
 """Views per model batch: large on a GPU for throughput (halved automatically when memory runs out)."""
 MIN_WORKING_SIDE = 32
-CRF_BATCH_PIXELS = 2**22
-"""Pixels of the images the torch CRF refines in one call (22 VOC-sized images), bounding its memory."""
+CRF_BATCH_VALUES = 2**25
+"""Pixels x classes of the images the torch CRF refines in one call (16 VOC-sized images with 22 classes,
+about 1 GB: it holds about 8 float32 buffers of that size)."""
 METHODS = {
     "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
     "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
@@ -286,9 +287,10 @@ class Segmenter:
 
         `labels` is one label list for every image, or a function from an image to its labels. Images are
         decoded by `decode_workers` threads ahead of the model; views of successive images with the same
-        labels share model batches; the dense CRF runs in `refine_workers` processes while the model goes on
-        (default: half the CPU cores when the model is on a GPU; 0, in this process, when the model already
-        keeps the CPU busy). A failure (unreadable image, missing labels,
+        labels share model batches. The torch CRF (`crf_backend`, the default on a GPU) runs in this process on
+        the model's device, over the images each model step finishes; pydensecrf's CRF runs in
+        `refine_workers` processes while the model goes on (default: half the CPU cores when the model is on a
+        GPU; 0, in this process, when the model already keeps the CPU busy). A failure (unreadable image, missing labels,
         out of GPU memory with one view per batch) is yielded as that item's `error`; the others go on.
         """
         labels_of = labels if callable(labels) else (lambda source: labels)
@@ -366,31 +368,44 @@ class Segmenter:
             with self.stages.stage("refine"):
                 pixels = torch.from_numpy(working).to(probabilities.device).permute(2, 0, 1).float()
                 probabilities = pamr(pixels, probabilities, self.pamr_settings)
+            if probabilities.device.type == "cuda":
+                torch.cuda.synchronize(probabilities.device)
         return probabilities, time.perf_counter() - clock
 
     def _device_crf(self, workings: list[np.ndarray], probabilities: list[torch.Tensor]
                     ) -> tuple[list[torch.Tensor], float]:
         """The torch CRF on the model's device where that backend is chosen (else the probabilities unchanged),
-        images batched up to `CRF_BATCH_PIXELS` pixels per call; with its seconds per image."""
+        images batched up to `CRF_BATCH_VALUES` pixels x classes per call; with its seconds per image."""
         if "crf" not in self.refine or self.crf_backend != "torch":
             return probabilities, 0.0
         clock = time.perf_counter()
         device = probabilities[0].device
-        refined, batch, pixels = [], [], 0
-        for index, working in enumerate(workings):
-            if batch and pixels + working.shape[0] * working.shape[1] > CRF_BATCH_PIXELS:
+        refined, batch, values = [], [], 0
+        for index, image_probabilities in enumerate(probabilities):
+            if batch and values + image_probabilities.numel() > CRF_BATCH_VALUES:
                 refined += self._crf_batch([workings[i] for i in batch], [probabilities[i] for i in batch])
-                batch, pixels = [], 0
+                batch, values = [], 0
             batch.append(index)
-            pixels += working.shape[0] * working.shape[1]
+            values += image_probabilities.numel()
         refined += self._crf_batch([workings[i] for i in batch], [probabilities[i] for i in batch])
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return refined, (time.perf_counter() - clock) / len(workings)
 
     def _crf_batch(self, workings: list[np.ndarray], probabilities: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The torch CRF on a batch, halved while the device runs out of memory; an image that does not fit alone
+        is refined by pydensecrf on the CPU instead (the same marginals, see tests/test_lattice.py)."""
         device = probabilities[0].device
-        return mean_field_crf([torch.from_numpy(working).to(device) for working in workings], probabilities, self.crf)
+        try:
+            return mean_field_crf([torch.from_numpy(working).to(device) for working in workings], probabilities,
+                                  self.crf)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+        if len(workings) == 1:
+            return [torch.from_numpy(dense_crf(workings[0], _as_array(probabilities[0]), self.crf)).to(device)]
+        half = len(workings) // 2
+        return (self._crf_batch(workings[:half], probabilities[:half])
+                + self._crf_batch(workings[half:], probabilities[half:]))
 
     def _finish(self, maps: torch.Tensor, names: list[str], rgb: np.ndarray, working: np.ndarray,
                 timings: dict[str, float]) -> SegmentationResult:
