@@ -75,8 +75,8 @@ def mean_field_crf(
     All images share one lattice per kernel (keyed by image), so the number of tensor operations does not grow
     with the batch: about 600 to build the two lattices (a few dozen of them wait for the device: unique,
     boolean masks) and about 40 per iteration, 13 of them sparse products. Peak memory, measured on the CPU,
-    is about 130 MB per 500 x 375 image with 22 classes (lattice construction, the sparse splat and slice
-    matrices, and a few N x C float32 buffers).
+    is about 230 MB per 500 x 375 image with 22 classes and 900 MB with 151: about 8 float32 buffers of
+    pixels x classes besides the lattices, so callers bound a batch by pixels x classes.
     """
     if len(images) != len(probabilities) or not images:
         raise ValueError(f"{len(images)} images for {len(probabilities)} probability maps")
