@@ -150,7 +150,8 @@ def environment(arguments) -> dict:
 def settings(arguments) -> dict:
     return {"model": arguments.model, "weights": str(arguments.checkpoint or "random"), "method": arguments.method,
             "attention": arguments.attention if arguments.method == "dense" else None, "tta": arguments.tta,
-            "refine": arguments.refine, "crf_backend": arguments.crf_backend, "labels": arguments.labels, "templates": arguments.templates,
+            "refine": arguments.refine, "crf_backend": arguments.crf_backend, "labels": arguments.labels,
+            "templates": arguments.templates,
             "view_batch": arguments.view_batch, "image_size": list(VOC_SIZE)}
 
 

@@ -50,7 +50,9 @@ def check_vision_tower(visual: torch.nn.Module, model_name: str) -> None:
 def resolve_start_block(start_block: int, depth: int) -> int:
     """Turn a Python-style block index (negative counts from the end) into a non-negative one."""
     if not -depth <= start_block < depth:
-        raise WildsegError(f"start block {start_block} is outside the model's {depth} blocks: use -{depth}..{depth - 1}")
+        raise WildsegError(
+            f"start block {start_block} is outside the model's {depth} blocks: use -{depth}..{depth - 1}"
+        )
     return start_block % depth
 
 

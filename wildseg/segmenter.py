@@ -290,8 +290,9 @@ class Segmenter:
         labels share model batches. The torch CRF (`crf_backend`, the default on a GPU) runs in this process on
         the model's device, over the images each model step finishes; pydensecrf's CRF runs in
         `refine_workers` processes while the model goes on (default: half the CPU cores when the model is on a
-        GPU; 0, in this process, when the model already keeps the CPU busy). A failure (unreadable image, missing labels,
-        out of GPU memory with one view per batch) is yielded as that item's `error`; the others go on.
+        GPU; 0, in this process, when the model already keeps the CPU busy). A failure (unreadable image,
+        missing labels, out of GPU memory with one view per batch) is yielded as that item's `error`; the others
+        go on.
         """
         labels_of = labels if callable(labels) else (lambda source: labels)
         if refine_workers is None:
