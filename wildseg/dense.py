@@ -19,18 +19,20 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
 from .datasets.classes import builtin_class_names
 from .errors import WildsegError
+from .relevance import (
+    attention_output,
+    dot_product_weights,
+    feed_forward,
+    head_projections,
+)
 
 NEIGHBOURHOOD_STD = 5.0
 """Width (in patches) of NACLIP's Gaussian neighbourhood prior (Hajimiri et al. 2025, Sec. 3.2)."""
 
 
-def _softmax(logits: torch.Tensor) -> torch.Tensor:
-    return torch.softmax(logits, dim=-1)
-
-
 def vanilla_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """CLIP's own attention (Vaswani et al. 2017): softmax(q k^T / sqrt(d))."""
-    return _softmax(query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1]))
+    return dot_product_weights(query, key)
 
 
 def maskclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -41,14 +43,13 @@ def maskclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, in
 
 def clearclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """ClearCLIP (Lan et al., ECCV 2024, Eq. 6): self-self attention softmax(q q^T / sqrt(d))."""
-    return _softmax(query @ query.transpose(-2, -1) / math.sqrt(query.shape[-1]))
+    return dot_product_weights(query, query)
 
 
 def sclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """SCLIP (Wang et al., ECCV 2024, Eq. 5), correlative self-attention:
     softmax(q q^T / sqrt(d)) + softmax(k k^T / sqrt(d))."""
-    scale = 1 / math.sqrt(query.shape[-1])
-    return _softmax(query @ query.transpose(-2, -1) * scale) + _softmax(key @ key.transpose(-2, -1) * scale)
+    return dot_product_weights(query, query) + dot_product_weights(key, key)
 
 
 def neighbourhood_prior(grid: tuple[int, int], std: float, device: torch.device) -> torch.Tensor:
@@ -65,7 +66,7 @@ def naclip_weights(query: torch.Tensor, key: torch.Tensor, grid: tuple[int, int]
     """NACLIP (Hajimiri et al., WACV 2025, Eq. 7), neighbourhood-aware key-key attention:
     softmax(k k^T / sqrt(d) + G), G the Gaussian neighbourhood prior of `neighbourhood_prior`."""
     prior = neighbourhood_prior(grid, NEIGHBOURHOOD_STD, key.device).to(key.dtype)
-    return _softmax(key @ key.transpose(-2, -1) / math.sqrt(key.shape[-1]) + prior)
+    return torch.softmax(key @ key.transpose(-2, -1) / math.sqrt(key.shape[-1]) + prior, dim=-1)
 
 
 @dataclass(frozen=True)
@@ -119,17 +120,10 @@ def embed_windows(visual: VisionTransformer, windows: torch.Tensor) -> tuple[tor
 def modified_block(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int],
                    variant: AttentionVariant) -> torch.Tensor:
     """The last block with its attention weights, residual and feed-forward set by `variant`."""
-    attention = block.attn
-    batch, tokens, width = x.shape
-    heads = attention.num_heads
-    query, key, value = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
-    query, key, value = (t.reshape(batch, tokens, heads, width // heads).transpose(1, 2) for t in (query, key, value))
-    mixed = (variant.weights(query, key, grid) @ value).transpose(1, 2).reshape(batch, tokens, width)
-    attended = block.ls_1(attention.out_proj(mixed))
+    query, key, value = head_projections(block, block.ln_1(x))
+    attended = block.ls_1(attention_output(block, variant.weights(query, key, grid), value))
     x = x + attended if variant.residual else attended
-    if variant.feed_forward:
-        x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x
+    return feed_forward(block, x) if variant.feed_forward else x
 
 
 def patch_tokens(visual: VisionTransformer, windows: torch.Tensor, variant: AttentionVariant) -> torch.Tensor:

@@ -56,23 +56,39 @@ def resolve_start_block(start_block: int, depth: int) -> int:
     return start_block % depth
 
 
-def block_with_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pre-norm transformer block (batch-first tokens) that also returns its attention probabilities.
-
-    Attention(x) = softmax(q k^T / sqrt(d_head)) v per head (Vaswani et al. 2017), with q, k, v and the output
-    projection taken from the block's MultiheadAttention parameters.
-    """
+def head_projections(block: ResidualAttentionBlock, normed: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Per-head queries, keys and values (batch x heads x tokens x head width) of batch-first tokens already
+    through the block's ln_1, from its MultiheadAttention's in-projection."""
     attention = block.attn
-    batch, tokens, width = x.shape
-    heads = attention.num_heads
-    head_width = width // heads
-    query, key, value = F.linear(block.ln_1(x), attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
-    query, key, value = (t.reshape(batch, tokens, heads, head_width).transpose(1, 2) for t in (query, key, value))
-    probabilities = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(head_width), dim=-1)
-    mixed = (probabilities @ value).transpose(1, 2).reshape(batch, tokens, width)
-    x = x + block.ls_1(attention.out_proj(mixed))
-    x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return x, probabilities
+    batch, tokens, width = normed.shape
+    projected = F.linear(normed, attention.in_proj_weight, attention.in_proj_bias).chunk(3, dim=-1)
+    return tuple(t.reshape(batch, tokens, attention.num_heads, -1).transpose(1, 2) for t in projected)
+
+
+def attention_output(block: ResidualAttentionBlock, weights: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """The block's attention output (batch x tokens x width): weights @ value per head, the heads concatenated
+    and out-projected."""
+    mixed = weights @ value
+    batch, heads, tokens, head_width = mixed.shape
+    return block.attn.out_proj(mixed.transpose(1, 2).reshape(batch, tokens, heads * head_width))
+
+
+def dot_product_weights(query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Attention probabilities softmax(q k^T / sqrt(d_head)) (Vaswani et al. 2017)."""
+    return torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(query.shape[-1]), dim=-1)
+
+
+def feed_forward(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's second residual branch: x + MLP(ln_2(x))."""
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
+
+
+def block_with_attention(block: ResidualAttentionBlock, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm transformer block (batch-first tokens) that also returns its attention probabilities,
+    with q, k, v and the output projection taken from the block's MultiheadAttention parameters."""
+    query, key, value = head_projections(block, block.ln_1(x))
+    probabilities = dot_product_weights(query, key)
+    return feed_forward(block, x + block.ls_1(attention_output(block, probabilities, value))), probabilities
 
 
 def forward_with_attention(
@@ -98,28 +114,15 @@ def forward_with_class_attention(visual: VisionTransformer, images: torch.Tensor
     token (batch x heads x 1 x tokens), in the autograd graph.
 
     The embedding is the class token's output, and in the last block only the class token's own attention
-    row reaches it; so the last block is computed for the class token alone (its query against every key and
-    value), which gives the same embedding for a fraction of the block's cost and a graph of one token.
+    row reaches it; so the last block's attention and feed-forward are computed for the class token alone (its
+    query against every key and value), which gives the same embedding and a graph of one token.
     """
     last = visual.transformer.resblocks[-1]
     x = _tokens_before(visual, images, len(visual.transformer.resblocks) - 1)
-    attention = last.attn
-    batch, tokens, width = x.shape
-    heads = attention.num_heads
-    head_width = width // heads
-    normed = last.ln_1(x)
-    query_weight, key_value_weight = attention.in_proj_weight.split((width, 2 * width))
-    query_bias, key_value_bias = attention.in_proj_bias.split((width, 2 * width))
-    query = F.linear(normed[:, :1], query_weight, query_bias).reshape(batch, 1, heads, head_width).transpose(1, 2)
-    key, value = (
-        t.reshape(batch, tokens, heads, head_width).transpose(1, 2)
-        for t in F.linear(normed, key_value_weight, key_value_bias).chunk(2, dim=-1)
-    )
-    probabilities = torch.softmax(query @ key.transpose(-2, -1) / math.sqrt(head_width), dim=-1)
-    mixed = (probabilities @ value).transpose(1, 2).reshape(batch, 1, width)
-    cls = x[:, :1] + last.ls_1(attention.out_proj(mixed))
-    cls = cls + last.ls_2(last.mlp(last.ln_2(cls)))
-    return _embedding(visual, cls), probabilities
+    query, key, value = head_projections(last, last.ln_1(x))
+    probabilities = dot_product_weights(query[:, :, :1], key)
+    class_token = feed_forward(last, x[:, :1] + last.ls_1(attention_output(last, probabilities, value)))
+    return _embedding(visual, class_token), probabilities
 
 
 def _tokens_before(visual: VisionTransformer, images: torch.Tensor, block: int) -> torch.Tensor:
