@@ -261,34 +261,10 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     labels_of = labels_source(segmenter)
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with Interrupts() as interrupts:
-        with _image_progress(console) as progress, BackgroundWriter(2 * workers) as writer:
-            task = progress.add_task("segmenting", total=len(todo))
-
-            def account(outcomes) -> None:
-                for source, error in outcomes:
-                    run.account(source, error)
-                    if source in run.failures:
-                        _report_failure(progress.console, source, run.failures[source])
-                    progress.advance(task)
-
-            try:
-                items = segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers)
-                for item in items:
-                    auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
-                    with interrupts.deferred():
-                        if item.error is not None:
-                            account([(item.source, WildsegError(item.error))])
-                            continue
-                        save = partial(_save, item, jobs[item.source], segmenter, auto_record, run)
-                        writer.submit(item.source, save)
-                        account(writer.finished())
-            except KeyboardInterrupt:
-                run.interrupted = True
-            interrupts.finishing()
-            account(writer.finished(wait_all=True))
+        _segment_all(segmenter, todo, labels_of, jobs, run, console, interrupts, workers, refine_workers)
         run.seconds = time.perf_counter() - started
         report = Console(quiet=quiet)
-        if len(jobs) == 1 and run.last_result is not None:
+        if len(jobs) == 1 and run.done == 1:
             paths = next(iter(jobs.values()))
             report.print(_summary_table(run.last_result.summary()))
             report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
@@ -297,6 +273,37 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
             text = json.dumps(run.as_dict(), indent=2) + "\n"
             write_atomically(summary_path, lambda path: path.write_text(text))
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
+
+
+def _segment_all(segmenter: Segmenter, todo: list[Path], labels_of, jobs: dict[Path, dict[str, Path]],
+                 run: "BatchSummary", console: Console, interrupts: "Interrupts", workers: int,
+                 refine_workers: Optional[int]) -> None:
+    """Segment the images to do and write their outputs behind the model (2 x `workers` writer threads),
+    counting each image in `run`; a stop signal ends the model's work and lets the writes in flight finish."""
+    with _image_progress(console) as progress, BackgroundWriter(2 * workers) as writer:
+        task = progress.add_task("segmenting", total=len(todo))
+
+        def account(outcomes) -> None:
+            for source, error in outcomes:
+                run.account(source, error)
+                if source in run.failures:
+                    _report_failure(progress.console, source, run.failures[source])
+                progress.advance(task)
+
+        try:
+            for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
+                auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
+                with interrupts.deferred():
+                    if item.error is not None:
+                        account([(item.source, WildsegError(item.error))])
+                        continue
+                    run.last_result = item.result
+                    writer.submit(item.source, partial(_save, item, jobs[item.source], segmenter, auto_record))
+                    account(writer.finished())
+        except KeyboardInterrupt:
+            run.interrupted = True
+        interrupts.finishing()
+        account(writer.finished(wait_all=True))
 
 
 def _report_failure(console: Console, image: Path, reason: str) -> None:
@@ -347,7 +354,7 @@ class AutoLabeler:
         return found_labels(candidates, self.rule)
 
 
-def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict], run: "BatchSummary") -> None:
+def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict]) -> None:
     """Write one image's outputs (JSON last), with its automatic-label record if any; a write that fails raises
     a WildsegError naming the folder."""
     result = item.result
@@ -364,11 +371,11 @@ def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optio
         write_outputs(paths, *result.preview(), result.mask, result.labels, record)
     except OSError as error:
         raise WildsegError(f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}") from error
-    run.last_result = result
 
 
 class BatchSummary:
-    """Counts of a batch run, its failures with their reasons, and whether it was interrupted."""
+    """Counts of a batch run, its failures with their reasons, whether it was interrupted, and the last result
+    handed to the writers (the one-image run prints its table once it is written)."""
 
     def __init__(self, total: int, skipped: int):
         self.total, self.skipped, self.done, self.seconds = total, skipped, 0, 0.0

@@ -48,9 +48,9 @@ def label_scores(maps: torch.Tensor, bg_threshold: float = DEFAULT_BG_THRESHOLD)
 def dense_scores(cosines: torch.Tensor, labels: int, logit_scale: float, bg_threshold: float) -> torch.Tensor:
     """Scores (1 + labels) x H x W from cosine maps ((labels + background words) x H x W) by the dense rule."""
     probabilities = torch.softmax(logit_scale * cosines, dim=0)
-    background = probabilities[labels:].amax(dim=0, keepdim=True) if len(cosines) > labels else None
-    threshold = torch.full_like(probabilities[:1], bg_threshold)
-    background = threshold if background is None else torch.maximum(threshold, background)
+    background = torch.full_like(probabilities[:1], bg_threshold)
+    if len(cosines) > labels:
+        background = torch.maximum(background, probabilities[labels:].amax(dim=0, keepdim=True))
     return torch.cat([background, probabilities[:labels]])
 
 

@@ -55,6 +55,13 @@ POLICIES = {
 }
 
 
+def policy_named(policy: str) -> Policy:
+    """The policy of that name, or a one-line error listing the known ones."""
+    if policy not in POLICIES:
+        raise WildsegError(f"unknown TTA policy {policy!r}: use {', '.join(POLICIES)}")
+    return POLICIES[policy]
+
+
 def sliding_starts(length: int, window: float, stride: float) -> list[int]:
     """Window starts covering [0, length): the fewest evenly spaced starts whose spacing is at most `stride`,
     the first at 0 and the last window flush with the end."""
@@ -66,9 +73,7 @@ def sliding_starts(length: int, window: float, stride: float) -> list[int]:
 
 def plan_views(height: int, width: int, policy: str = "default") -> list[View]:
     """The views a policy takes of an image of this size, whole image first."""
-    if policy not in POLICIES:
-        raise WildsegError(f"unknown TTA policy {policy!r}: use {', '.join(POLICIES)}")
-    plan = POLICIES[policy]
+    plan = policy_named(policy)
     whole = (0, 0, width, height)
     views = [View(whole, False)] + ([View(whole, True)] if plan.mirror_whole else [])
     crops = []
@@ -90,9 +95,7 @@ def plan_windows(height: int, width: int, side: float, stride: float, policy: st
     """Sliding windows for the dense method: square boxes of `side` pixels at most `stride` apart covering the
     image, and for test-time augmentation the same at each zoom z of the policy (side / z, stride / z),
     mirrored where the policy mirrors (the whole-image mirror applies to zoom 1)."""
-    if policy not in POLICIES:
-        raise WildsegError(f"unknown TTA policy {policy!r}: use {', '.join(POLICIES)}")
-    plan = POLICIES[policy]
+    plan = policy_named(policy)
     views = []
     for zoom in dict.fromkeys((1, *plan.zooms)):
         mirrors = (False, True) if (plan.mirror_whole if zoom == 1 else plan.mirror_crops) else (False,)
