@@ -2,7 +2,8 @@
 
 Coarse maps are derived from ground truth the way a ViT-B/16 sees an image (`wildseg/coarse.py`: class
 one-hot averaged over a 14 x 14 patch grid, Gaussian blur of 1 cell, Gaussian noise 0.1 with seed = image
-index, bilinear upsampling), then refined by each option (PAMR with the paper's dilations and with NACLIP's (8, 16)); mIoU and pixel accuracy are printed per option.
+index, bilinear upsampling), then refined by each option (PAMR with the paper's dilations and with NACLIP's
+(8, 16)); mIoU and pixel accuracy are printed per option.
 
     python benchmarks/refinement_study.py --limit 50
 """

@@ -65,7 +65,8 @@ def test_labels_files_in_csv_and_json(tmp_path):
     csv_file = tmp_path / "labels.csv"
     csv_file.write_text('image,labels\nphotos/a.jpg,"cat, sofa"\nphotos/b.jpg,dog,ball\n')
     assert read_labels_file(csv_file) == {
-        (tmp_path / "photos/a.jpg").absolute(): ["cat", "sofa"], (tmp_path / "photos/b.jpg").absolute(): ["dog", "ball"]}
+        (tmp_path / "photos/a.jpg").absolute(): ["cat", "sofa"],
+        (tmp_path / "photos/b.jpg").absolute(): ["dog", "ball"]}
     json_file = tmp_path / "labels.json"
     json_file.write_text(json.dumps({"a.jpg": ["cat", "sofa"], "/abs/b.png": "dog,ball"}))
     assert read_labels_file(json_file) == {(tmp_path / "a.jpg").absolute(): ["cat", "sofa"],

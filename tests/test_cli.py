@@ -70,7 +70,8 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
 
 
 def test_quiet_prints_nothing(photo, tmp_path, tiny_checkpoint):
-    result = run("segment", photo, "-l", "cat", "-o", tmp_path / "q", "-q", "--tta", "none", *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "cat", "-o", tmp_path / "q", "-q", "--tta", "none",
+                 *tiny_args(tiny_checkpoint))
     assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
 
 
@@ -230,6 +231,7 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     (["--method", "dense", "--window", "64", "--short-side", "32"], "--short-side (32) must be at least the window"),
 ])
 def test_dense_usage_errors_are_one_line(photo, tmp_path, tiny_checkpoint, arguments, message):
-    result = run("segment", photo, "--labels", "cat", "--out", tmp_path / "out", *arguments, *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "--labels", "cat", "--out", tmp_path / "out", *arguments,
+                 *tiny_args(tiny_checkpoint))
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

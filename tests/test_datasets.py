@@ -163,7 +163,8 @@ def test_coco_stuff_maps_the_171_used_ids_to_contiguous_classes(tmp_path):
 def test_cityscapes_maps_label_ids_to_the_19_train_ids(tmp_path):
     save_image(tmp_path / "leftImg8bit" / "val" / "lindau" / "lindau_000000_000019_leftImg8bit.png", 1, 5)
     # label ids: 7 road -> 0, 26 car -> 13, 33 bicycle -> 18, 0 unlabeled and 4 static -> ignored
-    save_labels(tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png", [[7, 26, 33, 0, 4]])
+    save_labels(tmp_path / "gtFine" / "val" / "lindau" / "lindau_000000_000019_gtFine_labelIds.png",
+                [[7, 26, 33, 0, 4]])
     dataset = open_dataset("cityscapes", tmp_path)
     assert dataset.ids == ["lindau_000000_000019"] and dataset[0].truth.tolist() == [[0, 13, 18, 255, 255]]
 

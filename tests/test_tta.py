@@ -97,7 +97,7 @@ def test_averaging_an_equivariant_map_equals_the_single_view_map(policy):
     for view in views:
         left, top, right, bottom = view.box
         margin_x, margin_y = 1.5 * (right - left) / 16, 1.5 * (bottom - top) / 16
-        near_edge = ((xs - left < margin_x) | (right - xs < margin_x) | (ys - top < margin_y) | (bottom - ys < margin_y))
+        near_edge = (xs - left < margin_x) | (right - xs < margin_x) | (ys - top < margin_y) | (bottom - ys < margin_y)
         inside = (xs > left) & (xs < right) & (ys > top) & (ys < bottom)
         exact &= ~(inside & near_edge)
     assert exact.sum() > 0.03 * height * width

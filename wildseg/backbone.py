@@ -100,7 +100,9 @@ def load_backbone(
     """
     torch_device = resolve_device(device)
     if model_name not in open_clip.list_models():
-        raise WildsegError(f"unknown model {model_name!r}: run `wildseg models` to list the architectures open_clip has")
+        raise WildsegError(
+            f"unknown model {model_name!r}: run `wildseg models` to list the architectures open_clip has"
+        )
     if checkpoint is not None:
         model, weights = _model_from_checkpoint(model_name, Path(checkpoint)), str(checkpoint)
     elif pretrained is not None and pretrained.lower() != "none":
@@ -131,7 +133,8 @@ def _model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Pa
             "pick one with --pretrained or load a file with --checkpoint"
         )
     try:
-        return open_clip.create_model(model_name, pretrained=tag, cache_dir=None if cache_dir is None else str(cache_dir))
+        return open_clip.create_model(model_name, pretrained=tag,
+                                      cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as error:
         where = cache_dir if cache_dir is not None else default_cache_hint()
         raise WildsegError(

@@ -20,7 +20,9 @@ def load_image(source: ImageInput) -> np.ndarray:
         return _pil_to_rgb(ImageOps.exif_transpose(source))
     if isinstance(source, np.ndarray):
         return _array_to_rgb(source)
-    raise WildsegError(f"cannot read an image from a {type(source).__name__}: pass a file path, a PIL image or an array")
+    raise WildsegError(
+        f"cannot read an image from a {type(source).__name__}: pass a file path, a PIL image or an array"
+    )
 
 
 def _open_image_file(path: Path) -> Image.Image:
@@ -40,7 +42,9 @@ def _open_image_file(path: Path) -> Image.Image:
     except PermissionError:
         raise WildsegError(f"cannot read {path}: permission denied (check the file's permissions)") from None
     except (OSError, SyntaxError, ValueError) as error:
-        raise WildsegError(f"cannot decode {path}: {first_line(error)} (the file may be truncated or damaged)") from None
+        raise WildsegError(
+            f"cannot decode {path}: {first_line(error)} (the file may be truncated or damaged)"
+        ) from None
     return ImageOps.exif_transpose(image)
 
 

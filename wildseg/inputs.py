@@ -31,7 +31,9 @@ def has_image_suffix(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES
 
 
-def expand_inputs(arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None) -> list[InputImage]:
+def expand_inputs(
+    arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None
+) -> list[InputImage]:
     """Images named by `arguments`, in order, each once, with output stems that do not collide.
 
     A folder contributes its files with an image extension (any letter case; with `recursive`, those of its
@@ -46,7 +48,8 @@ def expand_inputs(arguments: Iterable[str], recursive: bool = False, exclude: Op
             loose.extend(_listed_paths(Path(argument[1:])))
         elif Path(argument).is_dir():
             folder = Path(argument)
-            found.extend(InputImage(path, path.relative_to(folder).with_suffix("")) for path in _scan(folder, recursive, exclude))
+            found.extend(InputImage(path, path.relative_to(folder).with_suffix(""))
+                         for path in _scan(folder, recursive, exclude))
         elif any(character in argument for character in GLOB_CHARACTERS):
             matches = sorted(Path(match) for match in glob.glob(argument, recursive=recursive))
             matches = [path for path in matches if has_image_suffix(path) and not _inside(path, exclude)]

@@ -27,7 +27,9 @@ def confusion_matrix(
         keep &= actual != ignore_index
     predicted = predicted[keep]
     if predicted.numel() and (predicted.min() < 0 or predicted.max() >= classes):
-        raise ValueError(f"predictions must lie in [0, {classes - 1}], got values in [{predicted.min()}, {predicted.max()}]")
+        raise ValueError(
+            f"predictions must lie in [0, {classes - 1}], got values in [{predicted.min()}, {predicted.max()}]"
+        )
     pairs = actual[keep] * classes + predicted
     return torch.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
 

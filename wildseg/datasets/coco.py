@@ -59,7 +59,9 @@ class CocoObjects(SegmentationDataset):
         for annotation in sorted(annotations, key=lambda annotation: -annotation["area"]):
             truth[self.coco.annToMask(annotation) > 0] = self.class_of_category[annotation["category_id"]]
         if truth.shape != image.shape[:2]:
-            raise WildsegError(f"image {info['file_name']} is not the {info['width']}x{info['height']} its annotation says")
+            raise WildsegError(
+                f"image {info['file_name']} is not the {info['width']}x{info['height']} its annotation says"
+            )
         return Sample(image_id, image, truth)
 
 

@@ -37,7 +37,9 @@ def voc_dataset(root: Optional[Path], split: str = "val", background: bool = Tru
     try:
         voc = VOCSegmentation(str(torchvision_root), year="2012", image_set=split)
     except (OSError, RuntimeError) as error:
-        raise WildsegError(f"cannot read VOC2012 {split} under {torchvision_root / VOC_FOLDER}: {first_line(error)}") from None
+        raise WildsegError(
+            f"cannot read VOC2012 {split} under {torchvision_root / VOC_FOLDER}: {first_line(error)}"
+        ) from None
     ids = [Path(path).stem for path in voc.images]
     images = dict(zip(ids, map(Path, voc.images)))
     masks = dict(zip(ids, map(Path, voc.masks)))
