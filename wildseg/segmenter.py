@@ -224,10 +224,8 @@ class Segmenter:
         `on_progress(done, total)` is called as test-time views are processed.
         """
         timings = {}
-        clock = time.perf_counter()
         names = _checked_labels(labels)
-        rgb, working = _decode(image, self.max_side)
-        timings["decode_s"] = time.perf_counter() - clock
+        (rgb, working), timings["decode_s"] = _timed(_decode, image, self.max_side)
 
         maps = self._merged_maps(working, names, timings, on_progress)
         return self._finish(maps, names, rgb, working, timings)
@@ -242,9 +240,7 @@ class Segmenter:
     def _merged_maps(self, working: np.ndarray, names: list[str], timings: dict[str, float],
                      on_progress: Callable[[int, int], None] = lambda done, total: None) -> torch.Tensor:
         """The labels' maps (labels [+ background words] x h x w) merged over all views of the working image."""
-        clock = time.perf_counter()
-        text = self._embed_query(names)
-        timings["text_s"] = time.perf_counter() - clock
+        text, timings["text_s"] = _timed(self._embed_query, names)
         clock = time.perf_counter()
         views = self._plan(working)
         on_progress(0, len(views))
@@ -258,13 +254,9 @@ class Segmenter:
         against: label embeddings computed afresh, one view at a time, one forward (and for the relevance
         method one backward) per label and view, fp32 on every device, the CRF by pydensecrf in this process."""
         timings = {}
-        clock = time.perf_counter()
         names = _checked_labels(labels)
-        rgb, working = _decode(image, self.max_side)
-        timings["decode_s"] = time.perf_counter() - clock
-        clock = time.perf_counter()
-        text = self._embed_query(names, cached=False)
-        timings["text_s"] = time.perf_counter() - clock
+        (rgb, working), timings["decode_s"] = _timed(_decode, image, self.max_side)
+        text, timings["text_s"] = _timed(partial(self._embed_query, cached=False), names)
         clock = time.perf_counter()
         per_label = [self._map_views(text[row : row + 1], half_precision=False) for row in range(len(text))]
         maps = merge_views(self._normalized(working), self._plan(working), self._view_size,
@@ -582,6 +574,7 @@ _END = object()
 
 
 def _timed(function, *arguments):
+    """function(*arguments) and the seconds it took."""
     clock = time.perf_counter()
     return function(*arguments), time.perf_counter() - clock
 
