@@ -109,15 +109,17 @@ def segment(segmenter: Segmenter, path_name: str, images: list[Path], labels: li
     else:
         results = ((image, segmenter.segment_reference(image, labels)) for image in images)
     write_seconds = []
-    with BackgroundWriter(WRITE_THREADS if path_name == "fast" else 1) as writer:
+    with BackgroundWriter(WRITE_THREADS) as writer:
         for image, result in results:
             stages.seconds["decode"] += result.timings["decode_s"]
             stages.seconds["text"] += result.timings.get("text_s", 0.0)
             stages.seconds["refine"] += result.timings["crf_s"]
-            writer.submit(image, partial(timed_write, image.stem, out, result, write_seconds))
-            if path_name != "fast":
-                check_written(writer.finished(wait_all=True))
-            check_written(writer.finished())
+            write = partial(timed_write, image.stem, out, result, write_seconds)
+            if path_name == "fast":
+                writer.submit(image, write)
+                check_written(writer.finished())
+            else:
+                write()
         check_written(writer.finished(wait_all=True))
     stages.seconds["write"] += sum(write_seconds)
 
