@@ -1,6 +1,7 @@
 """The `wildseg segment` command and the Segmenter API end to end, on a tiny random model."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from PIL import Image
 from wildseg import Segmenter, __version__
 from wildseg.cli import main
 from wildseg.errors import WildsegError
-from wildseg.outputs import label_palette
+from wildseg.outputs import label_palette, write_json
 from wildseg.pseudolabels import label_scores, scores_to_probabilities
 from wildseg.tta import merge_views, plan_views
 
@@ -168,6 +169,21 @@ def test_unwritable_outputs_fail_before_any_work(photo, tmp_path, tiny_checkpoin
     (tmp_path / "out" / "photo.png").mkdir(parents=True)
     result = run("segment", photo, "-l", "cat", "-o", tmp_path / "out", *tiny_args(tiny_checkpoint))
     assert result.exit_code == 2 and "is a folder" in result.stderr and len(result.stderr.splitlines()) == 1
+    result = run("segment", photo, "-l", "cat", "-o", tmp_path / "other", "--summary", tmp_path / "out",
+                 *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 2 and "is a folder: move it away or choose another --summary" in result.stderr
+    assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "other").exists()
+
+
+def test_json_that_cannot_be_written_is_one_line_naming_it(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("keep me")
+    with pytest.raises(WildsegError, match=f"^cannot write the report {re.escape(str(blocker / 'r.json'))}: ") as error:
+        write_json(blocker / "r.json", {"miou": 0.5}, "the report")
+    assert "\n" not in str(error.value)
+    assert blocker.read_text() == "keep me"
+    write_json(tmp_path / "report.json", {"miou": 0.5}, "the report")
+    assert json.loads((tmp_path / "report.json").read_text()) == {"miou": 0.5}
 
 
 def test_a_file_that_is_not_an_image_fails_in_one_line_with_exit_1(tmp_path, tiny_checkpoint):

@@ -4,7 +4,6 @@ Every error a user can fix is printed as one line `wildseg: error: ...` with exi
 """
 
 import contextlib
-import json
 import logging
 import math
 import os
@@ -65,7 +64,7 @@ from .outputs import (
     is_done,
     output_paths,
     remove_stale_temporaries,
-    write_atomically,
+    write_json,
     write_outputs,
 )
 from .pamr import PamrSettings
@@ -254,6 +253,8 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     jobs = {image.path: output_paths(image.stem, out_dir) for image in images}
     _refuse_to_overwrite_inputs(jobs)
     _check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
+    if summary_path is not None:
+        _check_output_folder(summary_path.parent, [summary_path], "--summary")
     remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
@@ -270,8 +271,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
             report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
         report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
         if summary_path is not None:
-            text = json.dumps(run.as_dict(), indent=2) + "\n"
-            write_atomically(summary_path, lambda path: path.write_text(text))
+            write_json(summary_path, run.as_dict(), "the summary")
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
 
 
@@ -552,11 +552,7 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
         click.echo(f"wildseg: failed: {failure['id']}: {failure['reason']}", err=True)
     output.print(_summary_line(result), soft_wrap=True)
     if report is not None:
-        text = json.dumps(result, indent=2) + "\n"
-        try:
-            write_atomically(report, lambda path: path.write_text(text))
-        except OSError as error:
-            raise WildsegError(f"cannot write the report {report}: {first_line(error)}") from None
+        write_json(report, result, "the report")
     if evaluation.failed:
         sys.exit(1)
 

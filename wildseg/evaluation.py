@@ -32,7 +32,7 @@ from .metrics import (
     per_class_iou,
     pixel_accuracy,
 )
-from .outputs import label_palette, mask_image, write_atomically
+from .outputs import label_palette, mask_image, write_atomically, write_json
 from .pseudolabels import DEFAULT_DENSE_BG_THRESHOLD
 from .resolution import upsample_argmax
 from .segmenter import MAX_LABELS
@@ -136,11 +136,7 @@ class PredictionStore:
         elif self.folder.is_dir() and any(self.folder.glob("*.png")):
             raise WildsegError(f"{folder} holds PNG files that wildseg eval did not write: give an empty folder")
         else:
-            text = json.dumps(settings, indent=2) + "\n"
-            try:
-                write_atomically(record, lambda path: path.write_text(text))
-            except OSError as error:
-                raise WildsegError(f"cannot write into --save-predictions {folder}: {first_line(error)}") from None
+            write_json(record, settings, "the --save-predictions settings")
 
     def path(self, image_id: str) -> Path:
         return self.folder / f"{image_id}.png"

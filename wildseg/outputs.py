@@ -11,6 +11,8 @@ from typing import Callable, Hashable, Optional
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .errors import WildsegError, first_line
+
 OVERLAY_OPACITY = 0.5
 TEMPORARY_SUFFIX = ".part"
 
@@ -42,6 +44,15 @@ def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path, data, what: str) -> None:
+    """Write `data` as indented JSON to `path` atomically; a failure is one line naming `what` was being written."""
+    text = json.dumps(data, indent=2) + "\n"
+    try:
+        write_atomically(path, lambda temporary: temporary.write_text(text))
+    except OSError as error:
+        raise WildsegError(f"cannot write {what} {path}: {first_line(error)}") from None
 
 
 def _current_umask() -> int:
