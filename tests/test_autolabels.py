@@ -7,9 +7,12 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY_MODEL, shared_dataset
 
+from wildseg import Segmenter
 from wildseg.autolabels import (
+    DEFAULT_MIN_SCORES,
     AutoLabelRule,
     candidates_from_scores,
+    find_labels,
     found_labels,
     load_vocabulary,
 )
@@ -55,6 +58,17 @@ def test_the_rule_on_hand_made_scores():
     assert found_labels(candidates, AutoLabelRule()) == ["cat"]
     with pytest.raises(WildsegError, match=r"best: 'dog' on 5.0% of the pixels, score 0.45"):
         found_labels(candidates[1:], AutoLabelRule(min_area=0.05, min_score=0.5))
+
+
+def test_find_labels_fills_in_the_methods_score_threshold(tiny_checkpoint):
+    image = np.random.default_rng(0).integers(0, 256, (40, 56, 3), dtype=np.uint8)
+    segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
+                          tta="none")
+    vocabulary = load_vocabulary("voc")
+    scores = segmenter.label_scores(image, [prompt for entry in vocabulary for prompt in entry.prompts])
+    rule = AutoLabelRule(min_area=0.01, min_score=DEFAULT_MIN_SCORES["relevance"])
+    found = find_labels(segmenter, image, vocabulary, AutoLabelRule(min_area=0.01))
+    assert found == candidates_from_scores(scores, vocabulary, rule) and found
 
 
 def test_labels_auto_segments_with_vocabulary_entries_only(tmp_path, tiny_checkpoint):

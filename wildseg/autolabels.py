@@ -83,9 +83,11 @@ def candidates_from_scores(scores: np.ndarray, vocabulary: list[ClassName], rule
 
 def find_labels(segmenter, image: ImageInput, vocabulary: list[ClassName],
                 rule: AutoLabelRule = AutoLabelRule()) -> list[Candidate]:
-    """The vocabulary's candidates in `image` by the module's rule (those with `found` set are its labels)."""
+    """The vocabulary's candidates in `image` by the rule, its score threshold defaulting to the segmenter
+    method's (those with `found` set are its labels)."""
     prompts = [prompt for entry in vocabulary for prompt in entry.prompts]
-    return candidates_from_scores(segmenter.label_scores(image, prompts), vocabulary, rule)
+    return candidates_from_scores(segmenter.label_scores(image, prompts), vocabulary,
+                                  rule_for(rule, segmenter.method))
 
 
 def rule_for(rule: AutoLabelRule, method: str) -> AutoLabelRule:
