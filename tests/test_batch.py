@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -198,13 +199,16 @@ def test_a_crf_batch_out_of_gpu_memory_is_halved_and_an_image_that_never_fits_go
 
 
 def test_a_view_batch_out_of_gpu_memory_is_split_and_retried():
-    sizes = []
+    sizes, failed_attempts = [], []
 
     def map_views(batch):
         sizes.append(len(batch))
+        assert all(attempt() is None for attempt in failed_attempts), "a failed attempt's tensors are freed first"
+        activations = batch * 3
         if len(batch) > 2:
+            failed_attempts.append(weakref.ref(activations))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
-        return batch[:, :1, ::8, ::8] * 2
+        return activations[:, :1, ::8, ::8] * 2 / 3
 
     image = torch.rand(3, 32, 48)
     views = [View((0, 0, 48, 32), False), View((0, 0, 32, 32), False), View((16, 0, 48, 32), True)]

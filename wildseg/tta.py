@@ -22,7 +22,7 @@ The whole-image view squashes the image to a square; crops are square, so they k
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -177,17 +177,11 @@ class ViewStream:
 
     def _run(self, count: int) -> list[tuple[object, torch.Tensor]]:
         batch, self.waiting = self.waiting[:count], self.waiting[count:]
-        try:
-            with self.stages.stage("tta_merge"):
-                rendered = torch.stack([render_view(job.image, view, self.size) for job, view in batch])
-            maps = self.map_views(rendered)
-        except torch.cuda.OutOfMemoryError:
-            if len(batch) == 1:
-                raise
+        maps = self._mapped(batch)
+        while maps is None:
             torch.cuda.empty_cache()
-            self.batch_size = max(1, len(batch) // 2)
-            self.waiting = batch + self.waiting
-            return self._run(self.batch_size)
+            batch, self.waiting = self.waiting[: self.batch_size], self.waiting[self.batch_size :]
+            maps = self._mapped(batch)
         finished = []
         with self.stages.stage("tta_merge"):
             for (job, view), view_maps in zip(batch, maps):
@@ -200,6 +194,23 @@ class ViewStream:
         self.views_done += len(batch)
         self.on_batch(self.views_done)
         return finished
+
+
+    def _mapped(self, batch: list[tuple["_Job", View]]) -> Optional[torch.Tensor]:
+        """The batch's maps; None when it ran out of CUDA memory, having put it back and halved `batch_size`.
+
+        The retry happens in the caller, once this frame's exception, and with it the failed attempt's tensors,
+        is gone, so that `empty_cache` can release them."""
+        try:
+            with self.stages.stage("tta_merge"):
+                rendered = torch.stack([render_view(job.image, view, self.size) for job, view in batch])
+            return self.map_views(rendered)
+        except torch.cuda.OutOfMemoryError:
+            if len(batch) == 1:
+                raise
+            self.batch_size = max(1, len(batch) // 2)
+            self.waiting = batch + self.waiting
+            return None
 
 
 class _Job:
