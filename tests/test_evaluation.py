@@ -290,6 +290,14 @@ def test_a_background_class_at_the_ignore_index_is_neither_predicted_nor_average
     assert metrics["miou"] == pytest.approx(0.5) and metrics["pixel_accuracy"] == pytest.approx(2 / 3)
 
 
+def test_an_image_without_a_scored_class_is_counted_with_any_ignore_index(tmp_path):
+    dataset = small_dataset(tmp_path, ["cat", "dog"], [[[5, 5]], [[0, 1]]], ignore_index=300)
+    oracle = OracleSegmenter(dataset)
+    evaluation = evaluate(oracle, dataset, dataset.ids, "given")
+    assert evaluation.failed == [] and evaluation.evaluated == 2 and oracle.calls == [["cat", "dog"]]
+    assert evaluation.confusion.tolist() == [[1, 0], [0, 1]]
+
+
 def test_what_no_image_could_pass_is_refused_up_front(tmp_path):
     many = small_dataset(tmp_path, [f"class {index}, synonym {index}" for index in range(130)], [[[0]]])
     with pytest.raises(WildsegError, match="260 class names and synonyms"):

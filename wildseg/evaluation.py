@@ -240,8 +240,8 @@ def _predict(
 ) -> np.ndarray:
     query = build_query(dataset, candidate_classes(dataset, truth, protocol), protocol)
     if not query.labels:
-        fill = query.classes[0] if query.classes else (dataset.ignore_index or 0)
-        return np.full(truth.shape, fill, dtype=np.uint8)
+        # Nothing to ask: the background where there is one; else no pixel is scored, and any class will do.
+        return np.full(truth.shape, query.classes[0] if query.classes else 0, dtype=np.uint8)
     result = segmenter.segment(image, query.labels)
     for stage, seconds in result.timings.items():
         _add_time(timings, stage, seconds)
