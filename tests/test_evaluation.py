@@ -159,6 +159,11 @@ def test_saved_predictions_are_reused_and_other_settings_are_refused(tmp_path):
     assert again.reused == 1 and len(oracle.calls) == 3, "the unreadable prediction is made again"
     assert np.array_equal(again.confusion, first.confusion)
 
+    Image.fromarray(np.array([[0, 1], [3, 1]], dtype=np.uint8)).save(folder / "im0.png")
+    third = evaluate(oracle, dataset, dataset.ids, "given", PredictionStore(folder, {"a": 1}, 3))
+    assert third.reused == 1 and len(oracle.calls) == 4, "a prediction with a value that is no class is made again"
+    assert np.array_equal(third.confusion, first.confusion)
+
     with pytest.raises(WildsegError, match=r"other settings \(a, b differ\)"):
         PredictionStore(folder, {"a": 2, "b": 0}, 3)
     foreign = tmp_path / "foreign"

@@ -120,7 +120,7 @@ class PredictionStore:
     """
 
     def __init__(self, folder: Path, settings: dict, classes: int):
-        self.folder, self.palette = Path(folder), label_palette(max(classes, 1))
+        self.folder, self.classes, self.palette = Path(folder), classes, label_palette(max(classes, 1))
         record = self.folder / SETTINGS_FILE
         if self.folder.exists() and not self.folder.is_dir():
             raise WildsegError(f"--save-predictions {folder} is a file: give a folder")
@@ -142,14 +142,15 @@ class PredictionStore:
         return self.folder / f"{image_id}.png"
 
     def load(self, image_id: str, shape: tuple[int, int]) -> Optional[np.ndarray]:
-        """A saved prediction of the given shape, or None when there is none (or it does not fit)."""
+        """A saved prediction of the given shape, or None when there is none (or it does not fit: unreadable,
+        another shape, or a value that is no class)."""
         if not self.path(image_id).is_file():
             return None
         try:
             prediction = read_label_image(self.path(image_id))
         except WildsegError:
             return None
-        return prediction if prediction.shape == shape else None
+        return prediction if prediction.shape == shape and prediction.max() < self.classes else None
 
     def save(self, image_id: str, prediction: np.ndarray) -> None:
         write_atomically(self.path(image_id), lambda path: mask_image(prediction, self.palette).save(path, "PNG"))
