@@ -214,7 +214,10 @@ def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_
     assert record["segmenter"]["model"] == TINY_MODEL and record["segmenter"]["bg_threshold"] == 0.4
     assert record["images"] == {"evaluated": 3, "reused": 0, "failed": 0, "failures": []}
     assert record["classes"][0][:3] == ["background", "sky", "wall"] and len(record["per_class"]) == 21
-    assert {"total_s", "maps_s", "pamr_s", "crf_s", "read_s"} <= set(record["timings_s"])
+    timings = record["timings_s"]
+    assert {"total_s", "maps_s", "pamr_s", "crf_s", "read_s"} <= set(timings)
+    assert timings["maps_s"] < timings["predict_s"] < timings["total_s"]
+    assert timings["per_segmented_image_s"] == pytest.approx(timings["predict_s"] / 3)
 
     confusion = np.zeros((21, 21), dtype=np.int64)
     for image_id in ("2009_000001", "2009_000002", "2009_000003"):

@@ -216,9 +216,11 @@ def evaluate(
             prediction = store.load(image_id, sample.truth.shape) if store else None
             outcome = "reused" if prediction is not None else "done"
             if prediction is None:
+                clock = time.perf_counter()
                 prediction = _predict(segmenter, dataset, sample.image, sample.truth, protocol, evaluation.timings_s)
                 if store:
                     store.save(image_id, prediction)
+                _add_time(evaluation.timings_s, "predict_s", time.perf_counter() - clock)
         except (WildsegError, OSError, torch.cuda.OutOfMemoryError) as error:
             evaluation.failed.append({"id": image_id, "reason": first_line(error)})
             on_image(image_id, "failed")
@@ -276,7 +278,7 @@ def build_report(
     """The JSON report: run settings, image selection, metrics, per-class rows, counts, timings, confusion."""
     timings = dict(evaluation.timings_s)
     segmented = evaluation.evaluated - evaluation.reused
-    timings["per_segmented_image_s"] = timings["total_s"] / segmented if segmented else None
+    timings["per_segmented_image_s"] = timings["predict_s"] / segmented if segmented else None
     return {
         **settings,
         "protocol_description": PROTOCOLS[settings["protocol"]],
