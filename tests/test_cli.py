@@ -114,13 +114,15 @@ def test_version():
         ("corrupt checkpoint", "cannot read checkpoint"),
         ("no labels option", "give --labels"),
         ("bad tta", "Invalid value for '--tta'"),
+        ("too many labels", "256 labels given, at most 255 fit in one mask"),
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_no_outputs(case, message, photo, tmp_path, tiny_checkpoint):
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"garbage")
     image = {"missing image": tmp_path / "nope.jpg"}.get(case, photo)
-    labels = {"empty labels": "", "blank labels": "  ,  "}.get(case, "cat")
+    labels = {"empty labels": "", "blank labels": "  ,  ",
+              "too many labels": ",".join(f"thing {index}" for index in range(256))}.get(case, "cat")
     args = ["segment", image, "--out", tmp_path / "out", *tiny_args(tiny_checkpoint)]
     args += {
         "unknown model": ["--model", "ViT-Q-99"],

@@ -24,6 +24,7 @@ from .datasets import SegmentationDataset
 from .datasets.base import read_label_image
 from .errors import WildsegError, first_line
 from .images import ImageInput
+from .labels import MAX_LABELS
 from .metrics import (
     confusion_matrix,
     mean_class_accuracy,
@@ -35,7 +36,6 @@ from .metrics import (
 from .outputs import label_palette, mask_image, write_atomically, write_json
 from .pseudolabels import DEFAULT_DENSE_BG_THRESHOLD
 from .resolution import upsample_argmax
-from .segmenter import MAX_LABELS
 
 PROTOCOLS = {
     "open": "open vocabulary: every class of the data set is a candidate for every image",

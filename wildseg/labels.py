@@ -6,12 +6,15 @@ from typing import Iterable, Union
 from .errors import WildsegError, WildsegWarning
 
 BACKGROUND = "background"
+MAX_LABELS = 255
+"""Labels one mask holds: with the background, class indices fill a uint8 PNG."""
 
 
 def clean_labels(labels: Union[str, Iterable[str]]) -> list[str]:
     """Trim names, drop empty ones and merge duplicates (compared case-folded), keeping first-seen order.
 
-    A string is split on commas. Raises WildsegError when no name is left; warns for each merged duplicate.
+    A string is split on commas. Raises WildsegError when no name is left or more than MAX_LABELS are; warns for
+    each merged duplicate.
     """
     names = labels.split(",") if isinstance(labels, str) else list(labels)
     kept: dict[str, str] = {}
@@ -32,4 +35,6 @@ def clean_labels(labels: Union[str, Iterable[str]]) -> list[str]:
         raise WildsegError(
             f"'{BACKGROUND}' is reserved for pixels that match no label (class 0): leave it out of --labels"
         )
+    if len(kept) > MAX_LABELS:
+        raise WildsegError(f"{len(kept)} labels given, at most {MAX_LABELS} fit in one mask: split the label list")
     return list(kept.values())

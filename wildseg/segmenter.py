@@ -56,7 +56,6 @@ from .resolution import DEFAULT_MAX_SIDE, downscale, upsample_argmax, working_si
 from .timing import NoStageTimes
 from .tta import POLICIES, View, ViewStream, merge_views, plan_views, plan_windows
 
-MAX_LABELS = 255
 DEFAULT_VIEW_BATCH = {"cuda": 32, "cpu": 8}
 """Views per model batch: large on a GPU for throughput (halved automatically when memory runs out)."""
 MIN_WORKING_SIDE = 32
@@ -433,10 +432,7 @@ def _as_array(probabilities: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
 def _checked_labels(labels: Optional[Union[str, Iterable[str]]]) -> list[str]:
     if labels is None:
         raise WildsegError("no labels given for this image")
-    names = clean_labels(labels)
-    if len(names) > MAX_LABELS:
-        raise WildsegError(f"{len(names)} labels given, at most {MAX_LABELS} fit in one mask: split the label list")
-    return names
+    return clean_labels(labels)
 
 
 def _decode(image: ImageInput, max_side: int) -> tuple[np.ndarray, np.ndarray]:
