@@ -258,11 +258,12 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
-    segmenter = build_segmenter(console, protocol={}, **segmenter_arguments)
-    labels_of = labels_source(segmenter)
+    segmenter = build_segmenter(console, protocol={}, **segmenter_arguments) if todo else None
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with Interrupts() as interrupts:
-        _segment_all(segmenter, todo, labels_of, jobs, run, console, interrupts, workers, refine_workers)
+        if segmenter is not None:
+            _segment_all(segmenter, todo, labels_source(segmenter), jobs, run, console, interrupts, workers,
+                         refine_workers)
         run.seconds = time.perf_counter() - started
         report = Console(quiet=quiet)
         if len(jobs) == 1 and run.done == 1:
