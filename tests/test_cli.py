@@ -249,6 +249,8 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     (["--refine", "pamr", "--crf-iters", "3"], "--crf-iters is an option of --refine crf or pamr+crf"),
     (["--refine", "none", "--crf-backend", "torch"], "--crf-backend is an option of --refine crf or pamr+crf"),
     (["--crf-backend", "cuda"], "Invalid value for '--crf-backend'"),
+    (["--crf-backend", "torch", "--refine-workers", "1"], "--refine-workers is an option of pydensecrf's CRF"),
+    (["--refine", "pamr", "--refine-workers", "1"], "--refine-workers is an option of pydensecrf's CRF"),
     (["--method", "dense", "--attention", "qk"], "Invalid value for '--attention'"),
     (["--method", "dense", "--window", "64", "--short-side", "32"], "--short-side (32) must be at least the window"),
 ])

@@ -259,6 +259,10 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
     segmenter = build_segmenter(console, protocol={}, **segmenter_arguments) if todo else None
+    if segmenter is not None and refine_workers is not None and not (
+            "crf" in segmenter.refine and segmenter.crf_backend == "pydensecrf"):
+        raise WildsegError("--refine-workers is an option of pydensecrf's CRF (--refine crf or pamr+crf with "
+                           "--crf-backend pydensecrf, auto's choice on the CPU): leave it out")
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with Interrupts() as interrupts:
         if segmenter is not None:
