@@ -188,6 +188,17 @@ def test_json_that_cannot_be_written_is_one_line_naming_it(tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == {"miou": 0.5}
 
 
+def test_a_run_removes_its_own_leftover_temporaries_and_no_one_elses(photo, tmp_path, tiny_checkpoint):
+    out = tmp_path / "out"
+    out.mkdir()
+    ours, theirs = out / ".photo.png.k3j2.part", out / ".other.png.x9q1.part"
+    ours.write_bytes(b"half a png")
+    theirs.write_bytes(b"another run's png in progress")
+    result = run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.stderr
+    assert not ours.exists() and theirs.read_bytes() == b"another run's png in progress"
+
+
 def test_a_file_that_is_not_an_image_fails_in_one_line_with_exit_1(tmp_path, tiny_checkpoint):
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")

@@ -255,7 +255,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     _check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
     if summary_path is not None:
         _check_output_folder(summary_path.parent, [summary_path], "--summary")
-    remove_stale_temporaries({paths["record"].parent for paths in jobs.values()})
+    remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
     segmenter = build_segmenter(console, protocol={}, **segmenter_arguments) if todo else None

@@ -1,6 +1,7 @@
 """Writing a segmentation to disk: palette PNG mask, colour overlay with legend, JSON record; all atomic,
 in background threads (`BackgroundWriter`) so that encoding and disk I/O overlap the model's work."""
 
+import glob
 import json
 import os
 import tempfile
@@ -115,11 +116,12 @@ def is_done(paths: dict[str, Path]) -> bool:
     return isinstance(record, dict) and "labels" in record and paths["mask"].is_file()
 
 
-def remove_stale_temporaries(folders) -> None:
-    """Delete temporary files that `write_atomically` left behind in `folders` when a run was killed."""
-    for folder in folders:
-        if folder.is_dir():
-            for leftover in folder.glob(f".*{TEMPORARY_SUFFIX}"):
+def remove_stale_temporaries(paths) -> None:
+    """Delete the temporary files that `write_atomically` left beside `paths` when a run was killed (and only
+    theirs: another run writing other names into the same folder keeps its own)."""
+    for path in paths:
+        if path.parent.is_dir():
+            for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TEMPORARY_SUFFIX}"):
                 if leftover.is_file():
                     leftover.unlink(missing_ok=True)
 
