@@ -173,6 +173,38 @@ def test_segment_many_gives_what_segment_gives(crf_backend, refine_workers, tiny
         assert np.array_equal(by_path[path].mask, alone.mask)
 
 
+def test_any_error_of_one_image_fails_that_image_only(tiny_checkpoint, tmp_path, monkeypatch):
+    """A labels function's own error, out of GPU memory in PAMR, an error of the CRF: each fails its image."""
+    paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
+    options = dict(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo", view_batch=1000,
+                   refine="pamr+crf", crf=CrfSettings(iterations=2), crf_backend="pydensecrf")
+    expected = Segmenter(**options).segment(paths[3], "cat,dog")
+
+    def labels_of(path):
+        if path == paths[0]:
+            raise KeyError("no entry for 0.png")
+        return "cat,dog"
+
+    def pamr_out_of_memory_at_width_56(pixels, probabilities, settings):
+        if pixels.shape[-1] == 56:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real_pamr(pixels, probabilities, settings)
+
+    def crf_failing_at_width_64(working, probabilities, crf, full_size):
+        if working.shape[1] == 64:
+            raise RuntimeError("the CRF failed")
+        return real_finish(working, probabilities, crf, full_size)
+
+    real_pamr, real_finish = segmenter_module.pamr, segmenter_module.finish_segmentation
+    monkeypatch.setattr(segmenter_module, "pamr", pamr_out_of_memory_at_width_56)
+    monkeypatch.setattr(segmenter_module, "finish_segmentation", crf_failing_at_width_64)
+    items = {item.source: item for item in Segmenter(**options).segment_many(paths, labels_of, refine_workers=0)}
+    assert items[paths[0]].error == "'no entry for 0.png'"
+    assert items[paths[1]].error == "out of GPU memory making its probabilities: lower max_side"
+    assert items[paths[2]].error == "the CRF failed"
+    assert items[paths[3]].error is None and np.array_equal(items[paths[3]].result.mask, expected.mask)
+
+
 def test_a_crf_batch_out_of_gpu_memory_is_halved_and_an_image_that_never_fits_goes_to_pydensecrf(
         tiny_checkpoint, tmp_path, monkeypatch):
     calls = []

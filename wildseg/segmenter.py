@@ -32,7 +32,7 @@ import torch
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS, Backbone, load_backbone
 from .dense import DenseSettings, check_attention, dense_label_maps
-from .errors import WildsegError
+from .errors import WildsegError, first_line
 from .images import ImageInput, load_image
 from .labels import BACKGROUND, clean_labels
 from .pamr import PamrSettings, pamr
@@ -483,8 +483,8 @@ class _BatchRun:
             try:
                 names = _checked_labels(self.labels_of(source))
                 (rgb, working), decode_s = decoded.result()
-            except WildsegError as error:
-                yield BatchItem(source, error=str(error))
+            except Exception as error:  # one image's labels or pixels (any library's error) never stop the batch
+                yield BatchItem(source, error=first_line(error))
                 continue
             if names != self.stream_names:
                 yield from self._drain_stream()
@@ -531,27 +531,38 @@ class _BatchRun:
                 yield BatchItem(lost.source, error="out of GPU memory even with one view per batch: lower max_side")
             return
         if finished:
-            self._refine([self.pending.pop(key) for key, _ in finished], [maps for _, maps in finished])
+            yield from self._refine([self.pending.pop(key) for key, _ in finished], [maps for _, maps in finished])
 
-    def _refine(self, items: list[_Pending], maps: list[torch.Tensor]) -> None:
+    def _refine(self, items: list[_Pending], maps: list[torch.Tensor]) -> Iterator[BatchItem]:
         """Probabilities and refinement of the images a model step finished: PAMR per image and the torch CRF
-        over all of them on the device, or pydensecrf in the worker processes."""
+        over all of them on the device, or pydensecrf in the worker processes. Yields the images that ran out of
+        GPU memory on the way as failed."""
         segmenter = self.segmenter
-        probabilities = []
+        kept, probabilities = [], []
         for item, item_maps in zip(items, maps):
-            item_probabilities, item.timings["pamr_s"] = segmenter._probabilities(item_maps, item.working,
-                                                                                   len(item.names))
+            try:
+                item_probabilities, item.timings["pamr_s"] = segmenter._probabilities(item_maps, item.working,
+                                                                                       len(item.names))
+            except torch.cuda.OutOfMemoryError:
+                yield BatchItem(item.source, error="out of GPU memory making its probabilities: lower max_side")
+                continue
+            kept.append(item)
             probabilities.append(item_probabilities)
-        probabilities, device_crf_s = segmenter._device_crf([item.working for item in items], probabilities)
-        for item, item_probabilities in zip(items, probabilities):
+        if not kept:
+            return
+        probabilities, device_crf_s = segmenter._device_crf([item.working for item in kept], probabilities)
+        for item, item_probabilities in zip(kept, probabilities):
             item.timings["crf_s"] = device_crf_s
-            if self.refiner is None:
-                future = Future()
-                future.set_result(finish_segmentation(item.working, item_probabilities, segmenter._cpu_crf,
-                                                      item.rgb.shape[:2]))
-            else:
-                future = self.refiner.submit(finish_segmentation, item.working, _as_array(item_probabilities),
-                                             segmenter._cpu_crf, item.rgb.shape[:2])
+            future = Future()
+            try:
+                if self.refiner is None:
+                    future.set_result(finish_segmentation(item.working, item_probabilities, segmenter._cpu_crf,
+                                                          item.rgb.shape[:2]))
+                else:
+                    future = self.refiner.submit(finish_segmentation, item.working, _as_array(item_probabilities),
+                                                 segmenter._cpu_crf, item.rgb.shape[:2])
+            except Exception as error:  # a CRF error, or a worker pool that died: the image fails in _collect
+                future.set_exception(error)
             self.refining[future] = item
 
     def _collect(self, block: bool) -> Iterator[BatchItem]:
@@ -560,7 +571,11 @@ class _BatchRun:
         done, _ = wait(self.refining, timeout=None if block else 0, return_when=FIRST_COMPLETED)
         for future in done:
             item = self.refining.pop(future)
-            mask, probabilities, crf_s = future.result()
+            try:
+                mask, probabilities, crf_s = future.result()
+            except Exception as error:  # raised in this process or in a worker
+                yield BatchItem(item.source, error=first_line(error))
+                continue
             result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.rgb,
                                         {**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
             yield BatchItem(item.source, result=result)
