@@ -12,9 +12,10 @@ from wildseg.coarse import coarse_probabilities
 from wildseg.metrics import confusion_matrix
 
 TINY_MODEL = "wildseg-tiny-vit"
+TINY_RESNET = "wildseg-tiny-resnet"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
-open_clip.add_model_config(Path(__file__).parent / "configs" / f"{TINY_MODEL}.json")
+open_clip.add_model_config(Path(__file__).parent / "configs")
 
 
 def make_tiny_model(seed: int = 0) -> torch.nn.Module:

@@ -4,9 +4,10 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, TINY_RESNET
 from safetensors.torch import save_file
 
+from wildseg import Segmenter
 from wildseg.backbone import TEMPLATE_SETS, load_backbone
 from wildseg.errors import WildsegError
 
@@ -29,9 +30,9 @@ def test_safetensors_checkpoint_loads(tmp_path, tiny_model):
         assert torch.equal(backbone.model.encode_image(IMAGES), tiny_model.encode_image(IMAGES))
 
 
-def save_openai_style_archive(path):
+def save_openai_style_archive(path, model_name=TINY_MODEL):
     """An archive shaped like OpenAI's: a scripted CLIP with QuickGELU whose attention mask is not a buffer."""
-    model = open_clip.create_model(TINY_MODEL, force_quick_gelu=True).eval()
+    model = open_clip.create_model(model_name, force_quick_gelu=True).eval()
     mask = model.attn_mask
     del model._buffers["attn_mask"]
     model.attn_mask = mask
@@ -123,6 +124,14 @@ def test_jit_archive_of_another_architecture_is_refused(tmp_path):
     save_openai_style_archive(path)
     with pytest.raises(WildsegError, match="does not fit model ViT-B-16 .*vision tower.*pass the --model"):
         load_backbone("ViT-B-16", checkpoint=path, device="cpu")
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_jit_archive_of_a_resnet_is_refused_by_what_relevance_needs(tmp_path):
+    path = tmp_path / "tiny-resnet-jit.pt"
+    save_openai_style_archive(path, TINY_RESNET)
+    with pytest.raises(WildsegError, match=f"model {TINY_RESNET} is not a ViT with class-token output"):
+        Segmenter(model=TINY_RESNET, checkpoint=path, device="cpu")
 
 
 def test_checkpoint_folder_is_named_as_such(tmp_path):

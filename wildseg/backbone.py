@@ -168,9 +168,12 @@ def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
 
 
 def _check_vision_shape(model: torch.nn.Module, model_name: str, path: Path) -> None:
-    """OpenAI archives define their own architecture; it must be the one `model_name` names."""
-    config = open_clip.get_model_config(model_name)["vision_cfg"]
+    """OpenAI archives define their own architecture; a ViT's must be the one `model_name` names (other towers
+    are refused by the segmenter, which names what it needs)."""
     visual = model.visual
+    if not isinstance(visual, open_clip.transformer.VisionTransformer):
+        return
+    config = open_clip.get_model_config(model_name)["vision_cfg"]
     found = (visual.conv1.weight.shape[0], len(visual.transformer.resblocks), visual.conv1.weight.shape[-1])
     expected = (config.get("width"), config.get("layers"), config.get("patch_size"))
     if found != expected:
