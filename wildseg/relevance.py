@@ -181,10 +181,7 @@ def _class_row(attention: torch.Tensor, gradient: torch.Tensor, device: torch.de
     """Chefer et al.'s rule for the last block alone, class row over the patches, from the class attention row
     (batch x heads x 1 x tokens) and its label-batched gradient: images x labels x grid x grid in fp32."""
     with torch.autocast(device.type, enabled=False):
-        weighted = (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
-    labels, batch, _, tokens = weighted.shape
-    grid = math.isqrt(tokens - 1)
-    return weighted[..., 0, 1:].reshape(labels, batch, grid, grid).transpose(0, 1).contiguous()
+        return _patch_grid(_weighted_attention(attention, gradient)[..., 0, :])
 
 
 def _accumulate(attentions, gradients, device: torch.device, labels: int, batch: int) -> torch.Tensor:
@@ -193,7 +190,18 @@ def _accumulate(attentions, gradients, device: torch.device, labels: int, batch:
     with torch.autocast(device.type, enabled=False):
         relevance = torch.eye(tokens, device=device).expand(labels, batch, tokens, tokens)
         for attention, gradient in zip(attentions, gradients):
-            weighted = (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
-            relevance = relevance + weighted @ relevance
+            relevance = relevance + _weighted_attention(attention, gradient) @ relevance
+    return _patch_grid(relevance[..., 0, :])
+
+
+def _weighted_attention(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """Chefer et al. (2021), eq. 5: mean over heads of clamp(grad A * A, 0), in fp32 (labels first, as the
+    gradient is batched over labels)."""
+    return (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
+
+
+def _patch_grid(class_row: torch.Tensor) -> torch.Tensor:
+    """The class token's row (labels x images x tokens) over the patches, as images x labels x grid x grid."""
+    labels, batch, tokens = class_row.shape
     grid = math.isqrt(tokens - 1)
-    return relevance[..., 0, 1:].reshape(labels, batch, grid, grid).transpose(0, 1).contiguous()
+    return class_row[..., 1:].reshape(labels, batch, grid, grid).transpose(0, 1).contiguous()
