@@ -14,8 +14,13 @@ from wildseg.metrics import confusion_matrix
 TINY_MODEL = "wildseg-tiny-vit"
 TINY_RESNET = "wildseg-tiny-resnet"
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+ORACLES = SHARED_DATA.parent / "oracles"
+ORACLE_MODEL = "tiny_openclip_config"
+"""The tiny CLIP (OpenAI's architecture, QuickGELU) that the official implementations ran in ../shared/oracles."""
 
 open_clip.add_model_config(Path(__file__).parent / "configs")
+if (ORACLES / f"{ORACLE_MODEL}.json").is_file():
+    open_clip.add_model_config(ORACLES / f"{ORACLE_MODEL}.json")
 
 
 def make_tiny_model(seed: int = 0) -> torch.nn.Module:
@@ -26,6 +31,12 @@ def make_tiny_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_model() -> torch.nn.Module:
     return make_tiny_model()
+
+
+def tiny_cli_args(checkpoint) -> list:
+    """CLI options that load the tiny model from `checkpoint`; its random weights were made with GELU."""
+    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--activation", "gelu", "--device", "cpu",
+            "--templates", "photo"]
 
 
 @pytest.fixture(scope="session")
@@ -48,6 +59,14 @@ def camvid_coarse_confusions(refine, images: int = 24, seed: int = 0):
         coarse += confusion_matrix(probabilities.argmax(0), truth, 11, ignore_index=11)
         refined += confusion_matrix(refine(image, probabilities).argmax(0), truth, 11, ignore_index=11)
     return coarse, refined
+
+
+def oracle_file(name: str) -> Path:
+    """A file of ../shared/oracles (outputs of the official implementations), or skip the test with the reason."""
+    path = ORACLES / name
+    if not path.is_file():
+        pytest.skip(f"oracle {path} is absent (see shared/oracles/README.md)")
+    return path
 
 
 def shared_dataset(name: str) -> Path:

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_MODEL, shared_dataset
+from conftest import TINY_MODEL, shared_dataset, tiny_cli_args
 
 from wildseg import Segmenter
 from wildseg.autolabels import (
@@ -23,10 +23,6 @@ from wildseg.errors import WildsegError
 
 def run(*args):
     return CliRunner().invoke(main, [str(arg) for arg in args])
-
-
-def tiny_args(checkpoint):
-    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo"]
 
 
 def test_built_in_vocabularies_and_files(tmp_path):
@@ -75,7 +71,7 @@ def test_labels_auto_segments_with_vocabulary_entries_only(tmp_path, tiny_checkp
     image = next((shared_dataset("voc2012") / "JPEGImages").glob("*.jpg"))
     out = tmp_path / "out"
     result = run("segment", image, "--labels", "auto", "--vocab", "voc", "--auto-min-score", 0, "--out", out,
-                 *tiny_args(tiny_checkpoint))
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0, result.stderr
     record = json.loads((out / f"{image.stem}.json").read_text())
     vocabulary = {entry.name for entry in load_vocabulary("voc")}
@@ -90,13 +86,13 @@ def test_labels_auto_segments_with_vocabulary_entries_only(tmp_path, tiny_checkp
 def test_labels_auto_usage_errors_and_nothing_found(tmp_path, tiny_checkpoint):
     image = next((shared_dataset("voc2012") / "JPEGImages").glob("*.jpg"))
     unknown = run("segment", image, "--labels", "auto", "--vocab", "pets", "--out", tmp_path / "a",
-                  *tiny_args(tiny_checkpoint))
+                  *tiny_cli_args(tiny_checkpoint))
     assert unknown.exit_code == 2 and "unknown vocabulary 'pets'" in unknown.stderr
     misplaced = run("segment", image, "--labels", "cat", "--vocab", "voc", "--out", tmp_path / "b",
-                    *tiny_args(tiny_checkpoint))
+                    *tiny_cli_args(tiny_checkpoint))
     assert misplaced.exit_code == 2 and "--vocab is for --labels auto" in misplaced.stderr
     nothing = run("segment", image, "--labels", "auto", "--vocab", "voc", "--auto-min-area", 1.0, "--out",
-                  tmp_path / "c", "--summary", tmp_path / "summary.json", *tiny_args(tiny_checkpoint))
+                  tmp_path / "c", "--summary", tmp_path / "summary.json", *tiny_cli_args(tiny_checkpoint))
     assert nothing.exit_code == 1 and "no class of the vocabulary covers 100.0% of the image" in nothing.stderr
     assert json.loads((tmp_path / "summary.json").read_text())["failed"] == 1
     assert not any((tmp_path / "c").glob("*.json"))

@@ -48,6 +48,7 @@ def test_openai_jit_archive_loads(tmp_path):
     with torch.no_grad():
         difference = (backbone.model.encode_image(IMAGES) - model.encode_image(IMAGES)).abs().max()
     assert difference < 5e-3, "open_clip's OpenAI loader keeps the archive's weights up to fp16 rounding"
+    assert backbone.activation == "quickgelu" and "OpenAI JIT archive" in backbone.activation_source
 
 
 def test_text_embeddings_are_the_normalised_template_ensemble(tiny_checkpoint):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tiny_cli_args
 from PIL import Image
 
 from wildseg import Segmenter
@@ -38,8 +38,7 @@ def picture(path: Path, size=(40, 30), seed=0, mode="RGB", **save_options) -> Pa
 
 
 def tiny_args(checkpoint):
-    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo",
-            "--tta", "none", "--crf-iters", 1, "--max-side", 64]
+    return [*tiny_cli_args(checkpoint), "--tta", "none", "--crf-iters", 1, "--max-side", 64]
 
 
 def test_outputs_mirror_where_images_were_found(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import re
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_MODEL
+from conftest import TINY_MODEL, tiny_cli_args
 from PIL import Image
 
 from wildseg import Segmenter, __version__
@@ -41,13 +41,10 @@ def run(*args):
     return CliRunner().invoke(main, [str(arg) for arg in args])
 
 
-def tiny_args(checkpoint):
-    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo"]
-
-
 def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint):
     out = tmp_path / "out"
-    result = run("segment", photo, "--labels", "cat, sofa", "--out", out, "--crf-iters", 2, *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "--labels", "cat, sofa", "--out", out, "--crf-iters", 2,
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["photo.json", "photo.png", "photo_overlay.jpg"]
     mask_image = Image.open(out / "photo.png")
@@ -65,6 +62,7 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
     assert record["settings"]["model"] == TINY_MODEL and record["settings"]["refine"] == "crf"
     assert record["settings"]["crf"]["iterations"] == 2 and record["settings"]["tta"] == "default"
     assert record["settings"]["crf"]["backend"] == "pydensecrf", "auto is pydensecrf on the CPU"
+    assert record["settings"]["activation"] == "gelu" and record["settings"]["activation_source"] == "--activation"
     assert record["timings_s"]["decode_s"] > 0 and record["timings_s"]["crf_s"] > 0
     assert "background" in result.stdout and "photo.png" in result.stdout
     assert not list(out.glob(".*")), "no temporary files are left"
@@ -72,7 +70,7 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
 
 def test_quiet_prints_nothing(photo, tmp_path, tiny_checkpoint):
     result = run("segment", photo, "-l", "cat", "-o", tmp_path / "q", "-q", "--tta", "none",
-                 *tiny_args(tiny_checkpoint))
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
 
 
@@ -123,7 +121,7 @@ def test_bad_input_is_one_line_exit_2_and_no_outputs(case, message, photo, tmp_p
     image = {"missing image": tmp_path / "nope.jpg"}.get(case, photo)
     labels = {"empty labels": "", "blank labels": "  ,  ",
               "too many labels": ",".join(f"thing {index}" for index in range(256))}.get(case, "cat")
-    args = ["segment", image, "--out", tmp_path / "out", *tiny_args(tiny_checkpoint)]
+    args = ["segment", image, "--out", tmp_path / "out", *tiny_cli_args(tiny_checkpoint)]
     args += {
         "unknown model": ["--model", "ViT-Q-99"],
         "corrupt checkpoint": ["--checkpoint", corrupt],
@@ -140,7 +138,7 @@ def test_bad_input_is_one_line_exit_2_and_no_outputs(case, message, photo, tmp_p
 
 
 def test_duplicate_labels_are_merged_with_a_warning(photo, tmp_path, tiny_checkpoint):
-    result = run("segment", photo, "-l", "cat,CAT", "-o", tmp_path / "o", "--tta", "none", *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "cat,CAT", "-o", tmp_path / "o", "--tta", "none", *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0
     assert "wildseg: warning: duplicate label 'CAT' merged with 'cat'" in result.stderr
     assert json.loads((tmp_path / "o" / "photo.json").read_text())["labels"] == ["background", "cat"]
@@ -150,7 +148,7 @@ def test_outputs_never_overwrite_the_input(tmp_path, tiny_checkpoint):
     image = tmp_path / "picture.png"
     Image.new("RGB", (32, 32), (10, 200, 30)).save(image)
     before = image.read_bytes()
-    result = run("segment", image, "-l", "cat", "-o", tmp_path, *tiny_args(tiny_checkpoint))
+    result = run("segment", image, "-l", "cat", "-o", tmp_path, *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and "would overwrite the input" in result.stderr
     assert image.read_bytes() == before
 
@@ -165,14 +163,14 @@ def test_invalid_settings_are_refused(tiny_checkpoint):
 def test_unwritable_outputs_fail_before_any_work(photo, tmp_path, tiny_checkpoint):
     blocker = tmp_path / "file"
     blocker.write_text("keep me")
-    result = run("segment", photo, "-l", "cat", "-o", blocker / "sub", *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "cat", "-o", blocker / "sub", *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
     assert blocker.read_text() == "keep me"
     (tmp_path / "out" / "photo.png").mkdir(parents=True)
-    result = run("segment", photo, "-l", "cat", "-o", tmp_path / "out", *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "cat", "-o", tmp_path / "out", *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and "is a folder" in result.stderr and len(result.stderr.splitlines()) == 1
     result = run("segment", photo, "-l", "cat", "-o", tmp_path / "other", "--summary", tmp_path / "out",
-                 *tiny_args(tiny_checkpoint))
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and "is a folder: move it away or choose another --summary" in result.stderr
     assert len(result.stderr.splitlines()) == 1 and not (tmp_path / "other").exists()
 
@@ -194,7 +192,7 @@ def test_a_run_removes_its_own_leftover_temporaries_and_no_one_elses(photo, tmp_
     ours, theirs = out / ".photo.png.k3j2.part", out / ".other.png.x9q1.part"
     ours.write_bytes(b"half a png")
     theirs.write_bytes(b"another run's png in progress")
-    result = run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0, result.stderr
     assert not ours.exists() and theirs.read_bytes() == b"another run's png in progress"
 
@@ -202,7 +200,7 @@ def test_a_run_removes_its_own_leftover_temporaries_and_no_one_elses(photo, tmp_
 def test_a_file_that_is_not_an_image_fails_in_one_line_with_exit_1(tmp_path, tiny_checkpoint):
     text = tmp_path / "notes.jpg"
     text.write_text("not a picture")
-    result = run("segment", text, "-l", "cat", "-o", tmp_path / "out", "-q", *tiny_args(tiny_checkpoint))
+    result = run("segment", text, "-l", "cat", "-o", tmp_path / "out", "-q", *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 1
     assert result.stderr.strip().splitlines() == [f"wildseg: failed: {text}: {text} is not an image file Pillow can "
                                                   "read (JPEG, PNG, BMP, TIFF, WebP, ...)"]
@@ -212,13 +210,13 @@ def test_a_file_that_is_not_an_image_fails_in_one_line_with_exit_1(tmp_path, tin
 def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo, tmp_path, tiny_checkpoint,
                                                                          monkeypatch):
     out = tmp_path / "out"
-    assert run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint)).exit_code == 0
+    assert run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint)).exit_code == 0
     import wildseg.cli
     import wildseg.outputs
 
     with monkeypatch.context() as patch:
         patch.setattr(wildseg.cli, "build_segmenter", lambda *args, **kwargs: pytest.fail("nothing to do: no model"))
-        again = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", *tiny_args(tiny_checkpoint))
+        again = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
     assert again.exit_code == 0 and "0 done, 1 skipped" in again.stdout
     assert json.loads((out / "photo.json").read_text())["labels"] == ["background", "cat"]
 
@@ -226,7 +224,7 @@ def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo,
         raise OSError("disk full")
 
     monkeypatch.setattr(wildseg.outputs, "overlay_image", failing_overlay)
-    result = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", "--overwrite", *tiny_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", "--overwrite", *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 1 and "cannot write the outputs" in result.stderr and "disk full" in result.stderr
     assert not (out / "photo.json").exists(), "no record marks the half-replaced outputs as done"
     assert not list(out.glob(".*"))
@@ -241,7 +239,7 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     out = tmp_path / "out"
     result = run("segment", photo, "--labels", "cat, sofa", "--out", out, "--method", "dense", "--attention",
                  "clearclip", "--window", 32, "--short-side", 64, "--refine", "pamr", "--pamr-iters", 3,
-                 *tiny_args(tiny_checkpoint))
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0, result.stderr
     record = json.loads((out / "photo.json").read_text())
     settings = record["settings"]
@@ -267,6 +265,6 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
 ])
 def test_dense_usage_errors_are_one_line(photo, tmp_path, tiny_checkpoint, arguments, message):
     result = run("segment", photo, "--labels", "cat", "--out", tmp_path / "out", *arguments,
-                 *tiny_args(tiny_checkpoint))
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_MODEL, shared_dataset
+from conftest import TINY_MODEL, shared_dataset, tiny_cli_args
 from PIL import Image
 from test_datasets import save_image, voc_tree
 
@@ -199,8 +199,7 @@ def run(*args):
 
 
 def tiny_args(checkpoint):
-    return ["--model", TINY_MODEL, "--checkpoint", checkpoint, "--device", "cpu", "--templates", "photo",
-            "--tta", "none", "--crf-iters", 1, "--max-side", 40]
+    return [*tiny_cli_args(checkpoint), "--tta", "none", "--crf-iters", 1, "--max-side", 40]
 
 
 def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_voc, tmp_path, tiny_checkpoint):
@@ -347,8 +346,8 @@ def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_i
                                                                                    tiny_checkpoint):
     report, predictions = tmp_path / "report.json", tmp_path / "predictions"
     arguments = ["eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--method", "dense",
-                 "--window", 32, "--short-side", 64, "--save-predictions", predictions, "--model", TINY_MODEL,
-                 "--checkpoint", tiny_checkpoint, "--device", "cpu", "--templates", "photo", "--max-side", 40]
+                 "--window", 32, "--short-side", 64, "--save-predictions", predictions, "--max-side", 40,
+                 *tiny_cli_args(tiny_checkpoint)]
     result = run(*arguments)
     assert result.exit_code == 0, result.output
     resumed = run(*arguments)

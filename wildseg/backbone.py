@@ -6,6 +6,7 @@ classifier (Radford et al. 2021, Sec. 3.1.4): each templated prompt is embedded 
 embeddings of a label are averaged and normalised again.
 """
 
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,14 +14,24 @@ from typing import Callable, Optional, Sequence, Union
 
 import open_clip
 import torch
+from open_clip.factory import load_state_dict
+from open_clip.model import build_model_from_openai_state_dict
+from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
-from .errors import WildsegError, first_line
+from .errors import WildsegError, WildsegWarning, first_line
 
 TEMPLATE_SETS: dict[str, Sequence[Union[str, Callable[[str], str]]]] = {
     "imagenet80": open_clip.OPENAI_IMAGENET_TEMPLATES,
     "photo": ("a photo of a {}.",),
 }
 DEFAULT_TEMPLATES = "imagenet80"
+ACTIVATIONS = {
+    "auto": "follow the weights: QuickGELU for OpenAI's (tag config, JIT archive, OpenAI state dict), else the config",
+    "gelu": "exact GELU, as open_clip's own trainings (LAION, DataComp) use",
+    "quickgelu": "QuickGELU x * sigmoid(1.702 x), as OpenAI's CLIP was trained",
+}
+OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
+"""Entries that OpenAI's CLIP state dicts carry beside the tensors of the model (open_clip's have none)."""
 
 
 def resolve_device(device: str) -> torch.device:
@@ -53,6 +64,10 @@ class Backbone:
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    activation: str
+    """`gelu` or `quickgelu`: the MLP activation the model runs with."""
+    activation_source: str
+    """Why that activation: what told it (the tag's config, the file's format, the model config, the user)."""
     _label_cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property
@@ -93,22 +108,29 @@ def load_backbone(
     checkpoint: Optional[Union[str, Path]] = None,
     device: str = "auto",
     cache_dir: Optional[Union[str, Path]] = None,
+    activation: str = "auto",
 ) -> Backbone:
     """Build an open_clip model with weights from `checkpoint` if given, else from the `pretrained` tag.
 
     `pretrained=None` (CLI: `--pretrained none`) keeps open_clip's random initialisation, for speed tests.
+    `activation` (`ACTIVATIONS`) sets the MLP activation; `auto` follows the weights (`_weights_activation`).
     """
     torch_device = resolve_device(device)
+    if activation not in ACTIVATIONS:
+        raise WildsegError(f"unknown activation {activation!r}: use one of {', '.join(ACTIVATIONS)}")
     if model_name not in open_clip.list_models():
         raise WildsegError(
             f"unknown model {model_name!r}: run `wildseg models` to list the architectures open_clip has"
         )
     if checkpoint is not None:
-        model, weights = _model_from_checkpoint(model_name, Path(checkpoint)), str(checkpoint)
+        (model, weights_activation), weights = _model_from_checkpoint(model_name, Path(checkpoint)), str(checkpoint)
     elif pretrained is not None and pretrained.lower() != "none":
         model, weights = _model_from_tag(model_name, pretrained, cache_dir), pretrained
+        weights_activation = _tag_activation(model_name, pretrained)
     else:
-        model, weights = open_clip.create_model(model_name), "random"
+        model, weights, weights_activation = open_clip.create_model(model_name), "random", None
+    activation, source = _choose_activation(activation, weights_activation, model_name, weights)
+    set_activation(model, activation)
     model = model.to(torch_device).eval().requires_grad_(False)
     preprocess = open_clip.get_model_preprocess_cfg(model)
     size = preprocess.get("size", model.visual.image_size)
@@ -121,7 +143,44 @@ def load_backbone(
         image_size=size if isinstance(size, int) else size[0],
         mean=tuple(preprocess.get("mean", open_clip.OPENAI_DATASET_MEAN)),
         std=tuple(preprocess.get("std", open_clip.OPENAI_DATASET_STD)),
+        activation=activation,
+        activation_source=source,
     )
+
+
+def _tag_activation(model_name: str, tag: str) -> Optional[tuple[str, str]]:
+    """The activation a pretrained tag's open_clip config names (OpenAI's tags: QuickGELU), with the reason."""
+    quick = open_clip.get_pretrained_cfg(model_name, tag).get("quick_gelu")
+    if quick is None:
+        return None
+    return ("quickgelu" if quick else "gelu"), f"the open_clip config of pretrained tag {tag!r}"
+
+
+def _choose_activation(asked: str, from_weights: Optional[tuple[str, str]], model_name: str, weights: str
+                       ) -> tuple[str, str]:
+    """The activation to run with and why: the user's choice; else what the weights say; else the model config,
+    with one warning line when real weights could not tell (a state dict without OpenAI's entries)."""
+    if asked != "auto":
+        return asked, "--activation"
+    if from_weights is not None:
+        return from_weights
+    configured = "quickgelu" if open_clip.get_model_config(model_name).get("quick_gelu") else "gelu"
+    if configured == "gelu" and weights != "random":
+        warnings.warn(
+            f"{weights} does not tell which activation its weights were trained with; using GELU as {model_name}'s "
+            "config says: pass --activation quickgelu for OpenAI-trained weights (--activation gelu silences this)",
+            WildsegWarning, stacklevel=3,
+        )
+    return configured, f"the config of {model_name}"
+
+
+def set_activation(model: torch.nn.Module, activation: str) -> None:
+    """Give every transformer MLP of both towers the activation `gelu` (exact) or `quickgelu` (Radford et al.
+    2021: x * sigmoid(1.702 x)); neither has parameters, so the weights are untouched."""
+    layer = QuickGELU if activation == "quickgelu" else torch.nn.GELU
+    for module in model.modules():
+        if isinstance(module, ResidualAttentionBlock):
+            module.mlp.gelu = layer()
 
 
 def _model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Path]]) -> torch.nn.Module:
@@ -144,15 +203,22 @@ def _model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Pa
         ) from None
 
 
-def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
+def _model_from_checkpoint(model_name: str, path: Path) -> tuple[torch.nn.Module, Optional[tuple[str, str]]]:
+    """The model with the file's weights, and the activation the file's format tells (OpenAI's: QuickGELU)."""
     if path.is_dir():
         raise WildsegError(f"--checkpoint {path} is a folder: pass the weights file inside it")
     if not path.is_file():
         raise WildsegError(f"checkpoint not found: {path} (check the path given to --checkpoint)")
     try:
-        if not _is_torchscript_archive(path):
-            return open_clip.create_model(model_name, pretrained=str(path))
-        model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+        if _is_torchscript_archive(path):
+            model = open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
+            source = "an OpenAI JIT archive"
+        else:
+            state_dict = load_state_dict(str(path))
+            if not any(key in state_dict for key in OPENAI_EXTRA_KEYS):
+                return open_clip.create_model(model_name, pretrained=str(path)), None
+            model = build_model_from_openai_state_dict(state_dict).float()
+            source = "an OpenAI state dict (it has OpenAI's input_resolution, context_length, vocab_size entries)"
     except Exception as error:
         if _is_architecture_mismatch(error):
             raise WildsegError(
@@ -164,7 +230,7 @@ def _model_from_checkpoint(model_name: str, path: Path) -> torch.nn.Module:
             "(.pt, .bin, .safetensors) or an OpenAI JIT archive"
         ) from None
     _check_vision_shape(model, model_name, path)
-    return model
+    return model, ("quickgelu", f"{path} is {source}")
 
 
 def _check_vision_shape(model: torch.nn.Module, model_name: str, path: Path) -> None:

@@ -43,7 +43,7 @@ from .autolabels import (
     load_vocabulary,
     rule_for,
 )
-from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS
+from .backbone import ACTIVATIONS, DEFAULT_TEMPLATES, TEMPLATE_SETS
 from .datasets import DATASETS, open_dataset
 from .dense import ATTENTION_VARIANTS, DEFAULT_ATTENTION, DenseSettings
 from .errors import WildsegError, first_line
@@ -127,6 +127,8 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
         click.option("--checkpoint", type=click.Path(path_type=Path),
                      help="Local weights: open_clip state dict (.pt/.bin/.safetensors) or OpenAI JIT archive."),
         click.option("--cache-dir", type=click.Path(path_type=Path), help="Where open_clip caches downloaded weights."),
+        click.option("--activation", type=click.Choice(list(ACTIVATIONS)), default="auto", show_default=True,
+                     help="MLP activation: auto follows the weights (QuickGELU for OpenAI's), else gelu or quickgelu."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="auto = CUDA when available (fp16), else CPU (fp32)."),
         click.option("--method", type=click.Choice(list(METHODS)), default="relevance", show_default=True,

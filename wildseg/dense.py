@@ -6,7 +6,8 @@ block, x, go through a variant of the attention (below), optionally with the res
 feed-forward branch, then through ln_post and the visual projection into the joint space, where the cosine
 with each label's text embedding gives a map on the patch grid (Zhou et al. 2022, MaskCLIP, Sec. 3.2).
 
-Positional embeddings are interpolated bicubically to the window's patch grid, so windows of any size work.
+Positional embeddings are interpolated bicubically to the window's patch grid (as the official code does), so
+windows of any size work.
 """
 
 import math
@@ -99,11 +100,17 @@ def check_attention(name: str) -> AttentionVariant:
 
 def interpolated_positions(visual: VisionTransformer, grid: tuple[int, int]) -> torch.Tensor:
     """The positional embedding (1 + rows * columns, width) for a patch grid of another size: the class token's
-    entry kept, the patch entries resized bicubically on their native square grid (align_corners=False)."""
+    entry kept, the patch entries resized bicubically on their native square grid as the official NACLIP, SCLIP
+    and ClearCLIP code does (after DINO): scale factor (g + 0.1) / native per axis, which floors to g patches,
+    with sample positions following that factor (align_corners=False, recompute_scale_factor=False)."""
     embedding = visual.positional_embedding
     native = math.isqrt(embedding.shape[0] - 1)
+    if grid == (native, native):
+        return embedding
     patches = embedding[1:].reshape(1, native, native, -1).permute(0, 3, 1, 2)
-    resized = F.interpolate(patches.float(), size=grid, mode="bicubic", align_corners=False)
+    scale = ((grid[0] + 0.1) / native, (grid[1] + 0.1) / native)
+    resized = F.interpolate(patches.float(), scale_factor=scale, mode="bicubic", align_corners=False,
+                            recompute_scale_factor=False)
     return torch.cat([embedding[:1], resized[0].flatten(1).T.to(embedding.dtype)])
 
 
@@ -135,18 +142,21 @@ def patch_tokens(visual: VisionTransformer, windows: torch.Tensor, variant: Atte
     return visual.ln_post(x)
 
 
-def dense_label_maps(visual: VisionTransformer, windows: torch.Tensor, text: torch.Tensor,
-                     variant: AttentionVariant) -> torch.Tensor:
-    """Cosine of every patch with every label (windows x labels x rows x columns), fp32.
-
-    `text` holds unit-norm label embeddings (labels x dim); patch tokens are projected by the visual
-    projection and normalised.
-    """
+def dense_features(visual: VisionTransformer, windows: torch.Tensor, variant: AttentionVariant) -> torch.Tensor:
+    """Unit-norm patch features in the joint space (windows x patches x dim, row-major grid, fp32): patch tokens
+    after ln_post and the visual projection."""
     with torch.no_grad():
         tokens = patch_tokens(visual, windows, variant)[:, 1:]
         if visual.proj is not None:
             tokens = tokens @ visual.proj
-        cosine = F.normalize(tokens.float(), dim=-1) @ text.float().T
+        return F.normalize(tokens.float(), dim=-1)
+
+
+def dense_label_maps(visual: VisionTransformer, windows: torch.Tensor, text: torch.Tensor,
+                     variant: AttentionVariant) -> torch.Tensor:
+    """Cosine of every patch with every label (windows x labels x rows x columns), fp32, for unit-norm label
+    embeddings `text` (labels x dim)."""
+    cosine = dense_features(visual, windows, variant) @ text.float().T
     rows, columns = windows.shape[-2] // visual.patch_size[0], windows.shape[-1] // visual.patch_size[1]
     return cosine.transpose(1, 2).reshape(windows.shape[0], text.shape[0], rows, columns)
 

@@ -137,6 +137,7 @@ class Segmenter:
         checkpoint: Optional[Union[str, Path]] = None,
         device: str = "auto",
         cache_dir: Optional[Union[str, Path]] = None,
+        activation: str = "auto",
         method: str = "relevance",
         dense: Optional[DenseSettings] = None,
         tta: str = "default",
@@ -153,7 +154,8 @@ class Segmenter:
     ):
         """`dense` defaults to DenseSettings(); `bg_threshold` to the method's (0.4 for relevance, 0.1 for dense);
         `view_batch` to 32 views per model batch on CUDA, 8 on the CPU; `crf_backend` (`CRF_BACKENDS`) to torch
-        on a GPU, pydensecrf on the CPU."""
+        on a GPU, pydensecrf on the CPU; `activation` (`backbone.ACTIVATIONS`) to the one the weights were trained
+        with."""
         _check_choice("method", method, METHODS)
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
@@ -171,7 +173,7 @@ class Segmenter:
         if view_batch is not None and view_batch < 1:
             raise WildsegError(f"the view batch size must be at least 1, got {view_batch}")
         check_settings(bg_threshold, temperature)
-        self.backbone: Backbone = load_backbone(model, pretrained, checkpoint, device, cache_dir)
+        self.backbone: Backbone = load_backbone(model, pretrained, checkpoint, device, cache_dir, activation)
         check_vision_tower(self.backbone.model.visual, model)
         patch = self.backbone.model.visual.patch_size[0]
         if method == "dense" and dense.window % patch:
@@ -196,6 +198,8 @@ class Segmenter:
             "wildseg_version": __version__,
             "model": backbone.model_name,
             "weights": backbone.weights,
+            "activation": backbone.activation,
+            "activation_source": backbone.activation_source,
             "device": backbone.device.type,
             "precision": "fp16" if backbone.half_precision else "fp32",
             "image_size": backbone.image_size,

@@ -1,0 +1,110 @@
+"""wildseg against the official implementations: ../shared/oracles holds what Chefer et al.'s notebook, NACLIP,
+SCLIP and ClearCLIP computed on a tiny random CLIP in OpenAI's format. The weights are loaded through wildseg's
+own loading path; agreement here is the evidence that wildseg's numbers with real weights are the published ones.
+Tolerances are the oracle README's: 1e-5 for features and relevance."""
+
+import json
+import warnings
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from conftest import ORACLE_MODEL, oracle_file
+
+from wildseg.backbone import load_backbone
+from wildseg.errors import WildsegWarning
+from wildseg.dense import ATTENTION_VARIANTS, dense_features
+from wildseg.relevance import relevance_maps
+
+
+@pytest.fixture(scope="module")
+def oracle_backbone():
+    return load_backbone(ORACLE_MODEL, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu")
+
+
+def test_the_oracle_weights_load_with_quickgelu_and_reproduce_clip_features(oracle_backbone):
+    chefer = np.load(oracle_file("chefer.npz"))
+    model = oracle_backbone.model
+    assert oracle_backbone.activation == "quickgelu"
+    with torch.no_grad():
+        image = model.encode_image(torch.from_numpy(chefer["image"]))
+        text = model.encode_text(torch.from_numpy(chefer["tokens"]))
+    np.testing.assert_allclose(image.numpy(), chefer["image_features"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(text.numpy(), chefer["text_features"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("start_block, key", [(-1, "relevance_start_m1"), (0, "relevance_start_0")])
+def test_relevance_reproduces_chefer_et_al_interpret(oracle_backbone, start_block, key):
+    """The notebook explains text i on copy i of the image; wildseg explains every label on one image."""
+    chefer = np.load(oracle_file("chefer.npz"))
+    text = F.normalize(torch.from_numpy(chefer["text_features"]), dim=-1)
+    maps = relevance_maps(oracle_backbone.model, torch.from_numpy(chefer["image"]), text, start_block)
+    np.testing.assert_allclose(maps[0].numpy(), chefer[key], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["naclip", "sclip", "clearclip", "vanilla"])
+@pytest.mark.parametrize("window", ["win224", "full336x448"])
+def test_dense_features_reproduce_the_official_segmentors(oracle_backbone, attention, window):
+    """Patch features of a 224 window (native positions) and of a whole 336 x 448 input (interpolated ones)."""
+    oracle = np.load(oracle_file("dense_windows.npz"))
+    features = dense_features(oracle_backbone.model.visual, torch.from_numpy(oracle[f"input_{window}"]),
+                              ATTENTION_VARIANTS[attention])[0]
+    np.testing.assert_allclose(features.numpy(), oracle[f"{attention}_{window}_features"], atol=1e-5, rtol=0)
+    text = torch.from_numpy(oracle[f"text_embeddings_{'naclip' if attention == 'vanilla' else attention}"])
+    np.testing.assert_allclose((features @ text.T).numpy(), oracle[f"{attention}_{window}_logits"], atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def gelu_config_model(tmp_path_factory):
+    """The oracle architecture under a config that names no activation, as ViT-B-16's does."""
+    config = json.loads(oracle_file(f"{ORACLE_MODEL}.json").read_text())
+    del config["quick_gelu"]
+    path = tmp_path_factory.mktemp("configs") / "oracle-plain.json"
+    path.write_text(json.dumps(config))
+    open_clip.add_model_config(path)
+    return "oracle-plain"
+
+
+def oracle_image_error(backbone) -> float:
+    chefer = np.load(oracle_file("chefer.npz"))
+    with torch.no_grad():
+        image = backbone.model.encode_image(torch.from_numpy(chefer["image"]))
+    return float(np.abs(image.numpy() - chefer["image_features"]).max())
+
+
+def test_a_state_dict_that_cannot_tell_keeps_the_config_and_warns_in_one_line(gelu_config_model):
+    with pytest.warns(WildsegWarning) as caught:
+        backbone = load_backbone(gelu_config_model, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu")
+    message = str(caught[0].message)
+    assert "\n" not in message and "GELU" in message and "--activation quickgelu" in message
+    assert backbone.activation == "gelu" and oracle_image_error(backbone) > 1e-2
+    backbone = load_backbone(gelu_config_model, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu",
+                             activation="quickgelu")
+    assert backbone.activation_source == "--activation" and oracle_image_error(backbone) < 1e-5
+
+
+def test_an_openai_state_dict_with_its_extra_entries_gets_quickgelu(gelu_config_model, tmp_path):
+    state_dict = torch.load(oracle_file("tiny_openai_sd.pt"))
+    state_dict.update(input_resolution=torch.tensor(224), context_length=torch.tensor(77),
+                      vocab_size=torch.tensor(49408))
+    torch.save(state_dict, tmp_path / "openai.pt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", WildsegWarning)
+        backbone = load_backbone(gelu_config_model, checkpoint=tmp_path / "openai.pt", device="cpu")
+    assert backbone.activation == "quickgelu" and "OpenAI state dict" in backbone.activation_source
+    assert oracle_image_error(backbone) < 1e-5
+
+
+def test_a_pretrained_tag_gets_the_activation_of_its_open_clip_config(gelu_config_model, monkeypatch):
+    """The download is replaced by the local file (open_clip's `file` entry); the rest is open_clip's tag path."""
+    tag = {"file": str(oracle_file("tiny_openai_sd.pt")), "quick_gelu": True, "mean": OPENAI_DATASET_MEAN,
+           "std": OPENAI_DATASET_STD}
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, gelu_config_model, {"openai": tag})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # open_clip's own QuickGELU mismatch notice
+        backbone = load_backbone(gelu_config_model, pretrained="openai", device="cpu")
+    assert backbone.activation == "quickgelu" and "pretrained tag 'openai'" in backbone.activation_source
+    assert oracle_image_error(backbone) < 1e-5
