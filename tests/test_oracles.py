@@ -1,7 +1,7 @@
 """wildseg against the official implementations: ../shared/oracles holds what Chefer et al.'s notebook, NACLIP,
 SCLIP and ClearCLIP computed on a tiny random CLIP in OpenAI's format. The weights are loaded through wildseg's
 own loading path; agreement here is the evidence that wildseg's numbers with real weights are the published ones.
-Tolerances are the oracle README's: 1e-5 for features and relevance."""
+Tolerances are the oracle README's: 1e-5 for features and relevance, 1e-4 for PAMR outputs."""
 
 import json
 import warnings
@@ -16,8 +16,13 @@ from conftest import ORACLE_MODEL, oracle_file
 
 from wildseg.backbone import load_backbone
 from wildseg.errors import WildsegWarning
+from wildseg.pamr import PamrSettings, pamr
 from wildseg.dense import ATTENTION_VARIANTS, dense_features
 from wildseg.relevance import relevance_maps
+
+OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
+OPENAI_STD_255 = (68.501, 66.632, 70.323)
+"""The official segmentors' input normalisation (CLIP's mean and std in 0-255 units)."""
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +113,20 @@ def test_a_pretrained_tag_gets_the_activation_of_its_open_clip_config(gelu_confi
         backbone = load_backbone(gelu_config_model, pretrained="openai", device="cpu")
     assert backbone.activation == "quickgelu" and "pretrained tag 'openai'" in backbone.activation_source
     assert oracle_image_error(backbone) < 1e-5
+
+
+@pytest.mark.parametrize("image", ["voc_2007_000123", "camvid_0001TP_008550"])
+def test_pamr_reproduces_naclips_on_its_cosine_maps(image):
+    """NACLIP's PAMR step alone: its own patch logits upsampled as it does (to the 336 x 448 input, then to the
+    original size), its guide (the normalised input resized to the original size), 10 iterations, (8, 16)."""
+    oracle = np.load(oracle_file("naclip_voc21.npz"))
+    size = tuple(int(side) for side in oracle[f"{image}_ori_shape"])
+    pixels = torch.from_numpy(oracle[f"{image}_input_u8_rgb"]).permute(2, 0, 1).float()
+    normalised = (pixels - torch.tensor(OPENAI_MEAN_255)[:, None, None]) / torch.tensor(OPENAI_STD_255)[:, None, None]
+    logits = F.interpolate(torch.from_numpy(oracle[f"{image}_patch_logits"])[None], size=(336, 448), mode="bilinear")
+    logits = F.interpolate(logits, size=size, mode="bilinear")[0]
+    guide = F.interpolate(normalised[None], size=size, mode="bilinear")[0]
+    refined = pamr(guide, logits, PamrSettings(iterations=10, dilations=(8, 16)))
+    expected = oracle[f"{image}_cfg_pamr_out_lattice"]
+    assert np.abs(logits[:, 4::8, 4::8].numpy() - expected).max() > 0.05, "PAMR changes the maps"
+    np.testing.assert_allclose(refined[:, 4::8, 4::8].numpy(), expected, atol=1e-4, rtol=0)

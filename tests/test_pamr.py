@@ -33,7 +33,8 @@ def test_output_is_a_distribution_per_pixel():
 
 
 def reference_pamr(image: np.ndarray, probabilities: np.ndarray, dilations, iterations, sharpness) -> np.ndarray:
-    """The formula pixel by pixel in float64: neighbours by clamped indices, population std (ddof = 0)."""
+    """The formula pixel by pixel in float64: neighbours by clamped indices; sigma over each dilation's 3 x 3
+    window with its centre, unbiased (ddof = 1), as the authors' code computes it."""
     channels, height, width = image.shape
     directions = [(row, col) for row in (-1, 0, 1) for col in (-1, 0, 1) if (row, col) != (0, 0)]
     offsets = [(row * dilation, col * dilation) for dilation in dilations for row, col in directions]
@@ -44,7 +45,8 @@ def reference_pamr(image: np.ndarray, probabilities: np.ndarray, dilations, iter
                 (min(max(y + row, 0), height - 1), min(max(x + col, 0), width - 1)) for row, col in offsets
             ]
             values = np.array([image[:, ny, nx] for ny, nx in neighbours])  # neighbours x channels
-            sigma = values.std(axis=0, ddof=0)
+            centres = np.repeat(image[None, :, y, x], len(dilations), axis=0)
+            sigma = np.concatenate([centres, values]).std(axis=0, ddof=1)
             logits = np.array(
                 [-np.mean(np.abs(image[:, y, x] - value) / (sharpness * sigma + 1e-8)) for value in values]
             )

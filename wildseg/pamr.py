@@ -1,18 +1,16 @@
 """Pixel-adaptive mask refinement (PAMR; Araslanov & Roth, "Single-Stage Semantic Segmentation from Image
-Labels", CVPR 2020).
+Labels", CVPR 2020), with the authors' formula, which NACLIP (Hajimiri et al., WACV 2025) applies as published.
 
 Each pixel i looks at its neighbours j: the 8 neighbours of a 3 x 3 neighbourhood at every dilation d in
 `dilations` (default 1, 2, 4, 8, 12, 24, so 48 neighbours). With image channels I_c, the affinity logits are
 
     k_ij = -(1/C) sum_c |I_ic - I_jc| / (lambda * sigma_ic + eps),    alpha_ij = softmax_j(k_ij),
 
-where sigma_ic is the population standard deviation (ddof = 0) of channel c over pixel i's neighbours j
-(the centre pixel i itself excluded), lambda = `sharpness` (0.1) and eps = 1e-8. The class probabilities
-m (classes x H x W) are then updated `iterations` times: m_i <- sum_j alpha_ij m_j. Pixels outside the image
-take the value of the nearest border pixel (replicate padding), for the image and for the mask alike.
-
-The authors' code differs in one detail: it takes sigma over the 3 x 3 windows including the centre
-(counted once per dilation) with the unbiased estimator. Here sigma follows the formula above.
+where sigma_ic is the unbiased standard deviation of channel c over the 3 x 3 windows of pixel i at every
+dilation, each window including pixel i itself (9 values per dilation, so i counts once per dilation),
+lambda = `sharpness` (0.1) and eps = 1e-8. The maps m (classes x H x W: probabilities, or NACLIP's cosines)
+are then updated `iterations` times: m_i <- sum_j alpha_ij m_j. Pixels outside the image take the value of the
+nearest border pixel (replicate padding), for the image and for the maps alike.
 """
 
 from dataclasses import dataclass
@@ -48,13 +46,26 @@ def shifted(padded: torch.Tensor, offset: tuple[int, int], margin: int, height: 
     return padded[:, margin + row : margin + row + height, margin + col : margin + col + width]
 
 
+def window_deviation(image: torch.Tensor, padded: torch.Tensor, offsets: list[tuple[int, int]], margin: int
+                     ) -> torch.Tensor:
+    """sigma (channels x H x W): the unbiased standard deviation over the neighbours and the centre pixel counted
+    once per dilation, accumulated one neighbour at a time."""
+    _, height, width = image.shape
+    centres = len(offsets) // len(DIRECTIONS)
+    count = centres + len(offsets)
+    mean = (centres * image + sum(shifted(padded, offset, margin, height, width) for offset in offsets)) / count
+    squares = centres * (image - mean).square()
+    for offset in offsets:
+        squares += (shifted(padded, offset, margin, height, width) - mean).square()
+    return (squares / (count - 1)).sqrt()
+
+
 def affinities(image: torch.Tensor, offsets: list[tuple[int, int]], margin: int, sharpness: float) -> torch.Tensor:
     """alpha (neighbours x H x W): softmax over neighbours of the normalised colour-difference logits."""
     _, height, width = image.shape
     padded = F.pad(image[None], [margin] * 4, mode="replicate")[0]
-    mean = sum(shifted(padded, offset, margin, height, width) for offset in offsets) / len(offsets)
-    squares = sum((shifted(padded, offset, margin, height, width) - mean).square() for offset in offsets)
-    scale = sharpness * (squares / len(offsets)).sqrt() + EPSILON
+    sigma = window_deviation(image, padded, offsets, margin)
+    scale = sharpness * sigma + EPSILON
     logits = image.new_empty(len(offsets), height, width)
     for logit, offset in zip(logits, offsets):
         torch.mean((image - shifted(padded, offset, margin, height, width)).abs() / scale, dim=0, out=logit)
