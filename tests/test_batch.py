@@ -242,12 +242,13 @@ def test_a_view_batch_out_of_gpu_memory_is_split_and_retried():
         return activations[:, :1, ::8, ::8] * 2 / 3
 
     image = torch.rand(3, 32, 48)
-    views = [View((0, 0, 48, 32), False), View((0, 0, 32, 32), False), View((16, 0, 48, 32), True)]
-    stream = ViewStream(32, map_views, batch_size=8)
+    views = [View((0, 0, 48, 32), False, (32, 32)), View((0, 0, 32, 32), False, (32, 32)),
+             View((16, 0, 48, 32), True, (32, 32))]
+    stream = ViewStream(map_views, batch_size=8)
     finished = stream.add("a", image, views) + stream.add("b", image, views) + stream.flush()
     assert [key for key, _ in finished] == ["a", "b"] and stream.batch_size == 1
     assert sizes[:2] == [6, 3] and set(sizes[2:]) == {1} and len(sizes) == 2 + 6, "halved until it fits"
-    reference = ViewStream(32, map_views, batch_size=1)
+    reference = ViewStream(map_views, batch_size=1)
     expected = reference.add("a", image, views) + reference.flush()
     assert torch.allclose(finished[0][1], expected[0][1])
 

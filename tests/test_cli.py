@@ -88,9 +88,8 @@ def test_api_pipeline_matches_its_stages(tiny_segmenter):
     pixels = np.random.default_rng(1).integers(0, 255, (40, 56, 3), dtype=np.uint8)
     backbone = tiny_segmenter.backbone
     text = backbone.embed_labels(["cat", "sofa"], "photo")
-    views = plan_views(40, 56, tiny_segmenter.tta)
-    merged = merge_views(tiny_segmenter._normalized(pixels), views, backbone.image_size,
-                         tiny_segmenter._map_views(text), batch_size=3)
+    views = plan_views(40, 56, backbone.image_size, tiny_segmenter.tta)
+    merged = merge_views(tiny_segmenter._normalized(pixels), views, tiny_segmenter._map_views(text), batch_size=3)
     expected = scores_to_probabilities(label_scores(merged, 0.4), 0.1).numpy()
     result = tiny_segmenter.segment(pixels, "cat,sofa")
     assert np.allclose(result.scores, expected, atol=1e-6)
@@ -245,7 +244,7 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     settings = record["settings"]
     assert settings["method"] == "dense" and settings["start_block"] is None and settings["crf"] is None
     assert settings["dense"] == {"attention": "clearclip", "window": 32, "stride": 16, "short_side": 64,
-                                 "logit_scale": 40.0, "background_words": settings["dense"]["background_words"]}
+                                 "long_side": 2048, "logit_scale": 40.0, "background_words": settings["dense"]["background_words"]}
     assert settings["dense"]["background_words"][:3] == ["sky", "wall", "tree"]
     assert settings["pamr"]["iterations"] == 3 and settings["bg_threshold"] == 0.1
     assert np.array(Image.open(out / "photo.png")).shape == (80, 48)
@@ -261,7 +260,7 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     (["--crf-backend", "torch", "--refine-workers", "1"], "--refine-workers is an option of pydensecrf's CRF"),
     (["--refine", "pamr", "--refine-workers", "1"], "--refine-workers is an option of pydensecrf's CRF"),
     (["--method", "dense", "--attention", "qk"], "Invalid value for '--attention'"),
-    (["--method", "dense", "--window", "64", "--short-side", "32"], "--short-side (32) must be at least the window"),
+    (["--method", "dense", "--window", "8"], "--window must be 0 (the whole image) or at least 16 pixels"),
 ])
 def test_dense_usage_errors_are_one_line(photo, tmp_path, tiny_checkpoint, arguments, message):
     result = run("segment", photo, "--labels", "cat", "--out", tmp_path / "out", *arguments,

@@ -132,7 +132,7 @@ def test_sliding_windows_reproduce_a_local_map_of_the_whole_image(size, window, 
     def local_map(batch):
         return torch.stack([batch[:, 0] * batch[:, 1], batch[:, 2].exp()], dim=1)
 
-    stitched = merge_views(image, views, window, local_map)
+    stitched = merge_views(image, views, local_map)
     torch.testing.assert_close(stitched, local_map(image[None])[0], atol=1e-6, rtol=0)
 
 
@@ -170,7 +170,8 @@ def test_segmenter_dense_method_end_to_end(tiny_checkpoint):
 @pytest.mark.parametrize("dense, message", [
     (DenseSettings(attention="qq"), "unknown attention"),
     (DenseSettings(window=60, short_side=96), "multiple of"),
-    (DenseSettings(window=64, short_side=48), "--short-side"),
+    (DenseSettings(window=8), "--window must be 0"),
+    (DenseSettings(short_side=8), "--short-side must be at least 16"),
     (DenseSettings(window=64, stride=80, short_side=96), "--stride"),
 ])
 def test_bad_dense_settings_are_one_line_errors(tiny_checkpoint, dense, message):

@@ -359,7 +359,7 @@ def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_i
     assert segmenter["bg_threshold"] == 0.1 and segmenter["tta"] == "none" and segmenter["refine"] == "pamr"
     assert segmenter["pamr"]["dilations"] == [8, 16] and segmenter["crf"] is None
     assert segmenter["dense"] == {"attention": "naclip", "window": 32, "stride": 16, "short_side": 64,
-                                  "logit_scale": 40.0, "background_words": []}
+                                  "long_side": 2048, "logit_scale": 40.0, "background_words": []}
 
 
 def test_dense_protocols_per_data_set(tmp_path):

@@ -1,5 +1,7 @@
 """Test-time views: exact inverse warps and view-equivariant averaging."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,18 +22,18 @@ SIZES = [(75, 100), (100, 75), (64, 64), (37, 211)]
 @pytest.mark.parametrize("height,width", SIZES)
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_views_lie_inside_the_image_and_cover_it(height, width, policy):
-    views = plan_views(height, width, policy)
+    views = plan_views(height, width, 64, policy)
     covered = torch.zeros(height, width)
     for view in views:
         left, top, right, bottom = view.box
         assert 0 <= left < right <= width and 0 <= top < bottom <= height
         covered[top:bottom, left:right] += 1
     assert covered.min() >= 1
-    assert views[0] == View((0, 0, width, height), False)
+    assert views[0] == View((0, 0, width, height), False, (64, 64))
 
 
 def test_default_policy_views_of_a_voc_sized_image():
-    views = plan_views(375, 500, "default")
+    views = plan_views(375, 500, 64, "default")
     assert len(views) == 19
     assert sum(view.mirrored for view in views) == 1
     assert {view.box[2] - view.box[0] for view in views[2:]} == {375, 188}
@@ -48,7 +50,7 @@ def test_inverse_warp_maps_a_grid_ramp_back_exactly(height, width, grid):
     centres = torch.arange(grid) + 0.5
     ramp_x = centres.expand(grid, grid)
     ramp_y = ramp_x.T
-    for view in plan_views(height, width, "heavy"):
+    for view in plan_views(height, width, 64, "heavy"):
         left, top, right, bottom = view.box
         warped = warp_to_box(torch.stack([ramp_x, ramp_y]), view)
         x = (torch.arange(left, right) + 0.5 - left) * grid / (right - left)
@@ -65,11 +67,11 @@ def test_inverse_warp_maps_a_grid_ramp_back_exactly(height, width, grid):
 def test_render_then_warp_back_returns_the_crop_at_native_scale(policy):
     """With the view's size equal to its crop size, rendering and warping back is the identity on pixels."""
     image = torch.rand(3, 48, 64, generator=torch.Generator().manual_seed(0))
-    for view in plan_views(48, 64, policy):
+    for view in plan_views(48, 64, 64, policy):
         left, top, right, bottom = view.box
         if right - left != bottom - top:
             continue
-        rendered = render_view(image, view, size=right - left)
+        rendered = render_view(image, replace(view, size=(bottom - top, right - left)))
         restored = warp_to_box(rendered, view)
         assert torch.allclose(restored, image[:, top:bottom, left:right], atol=1e-6)
 
@@ -90,9 +92,9 @@ def test_averaging_an_equivariant_map_equals_the_single_view_map(policy):
     height, width = 96, 128
     ys, xs = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
     image = torch.stack([0.3 + 0.004 * xs + 0.002 * ys] * 3)
-    single = merge_views(image, plan_views(height, width, "none"), 64, equivariant_map)
-    views = plan_views(height, width, policy)
-    averaged = merge_views(image, views, 64, equivariant_map, batch_size=5)
+    single = merge_views(image, plan_views(height, width, 64, "none"), equivariant_map)
+    views = plan_views(height, width, 64, policy)
+    averaged = merge_views(image, views, equivariant_map, batch_size=5)
     exact = torch.ones(height, width, dtype=torch.bool)
     for view in views:
         left, top, right, bottom = view.box
@@ -112,12 +114,12 @@ def test_merge_counts_each_view_once_per_pixel():
         calls.append(len(batch))
         return torch.full((len(batch), 2, 7, 7), 3.0)
 
-    views = plan_views(75, 100, "heavy")
-    merged = merge_views(torch.rand(3, 75, 100), views, 32, constant_map, batch_size=8)
+    views = plan_views(75, 100, 32, "heavy")
+    merged = merge_views(torch.rand(3, 75, 100), views, constant_map, batch_size=8)
     assert torch.allclose(merged, torch.full((2, 75, 100), 3.0))
     assert sum(calls) == len(views) and max(calls) == 8
 
 
 def test_unknown_policy_is_a_clear_error():
     with pytest.raises(WildsegError, match="unknown TTA policy 'wild'"):
-        plan_views(10, 10, "wild")
+        plan_views(10, 10, 64, "wild")

@@ -136,8 +136,9 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                           "changed last block (MaskCLIP/SCLIP/ClearCLIP/NACLIP)."),
         click.option("--attention", type=click.Choice(list(ATTENTION_VARIANTS)),
                      help=f"Dense method: last-block attention [default: {DEFAULT_ATTENTION}]."),
-        click.option("--window", type=click.IntRange(min=16),
-                     help=f"Dense method: sliding-window side in pixels [default: {DenseSettings.window}]."),
+        click.option("--window", type=click.IntRange(min=0),
+                     help="Dense method: sliding-window side in pixels, 0 for the whole image in one pass "
+                          f"[default: {DenseSettings.window}]."),
         click.option("--stride", type=click.IntRange(min=1),
                      help="Dense method: window stride [default: half the window]."),
         click.option("--short-side", type=click.IntRange(min=16),

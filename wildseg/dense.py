@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
@@ -168,8 +170,9 @@ def default_background_words() -> tuple[str, ...]:
 
 @dataclass(frozen=True)
 class DenseSettings:
-    """Settings of the dense method: attention variant, window and stride (pixels at the model's input),
-    the image's short side before windowing, the logit scale of the label softmax, and background words.
+    """Settings of the dense method: attention variant; the image is resized so that its short side is
+    `short_side` (its long side at most `long_side`) and seen in windows of `window` pixels every `stride`
+    (`window` 0: the whole image in one pass); the logit scale of the label softmax; background words.
 
     `stride=None` means half a window. `background_words` are scored as background (with the threshold);
     by default those of PASCAL VOC's background class; `()` turns them off, as evaluation does, where data
@@ -180,9 +183,27 @@ class DenseSettings:
     window: int = 224
     stride: Optional[int] = None
     short_side: int = 336
+    long_side: int = 2048
     logit_scale: float = 40.0
     background_words: tuple[str, ...] = field(default_factory=default_background_words)
 
     @property
     def window_stride(self) -> int:
         return self.stride if self.stride is not None else self.window // 2
+
+
+def model_image_size(height: int, width: int, short_side: int, long_side: int) -> tuple[int, int]:
+    """(height, width) of an image rescaled as mmcv's `Resize(scale=(long_side, short_side), keep_ratio=True)`
+    rescales it for the official dense segmenters: by min(long_side / long, short_side / short), rounded
+    half up."""
+    scale = min(long_side / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_for_model(rgb: np.ndarray, settings: DenseSettings) -> np.ndarray:
+    """The image the dense method's windows are cut from: `rgb` rescaled by `model_image_size` with OpenCV's
+    bilinear interpolation, as mmcv does."""
+    height, width = model_image_size(*rgb.shape[:2], settings.short_side, settings.long_side)
+    if (height, width) == rgb.shape[:2]:
+        return rgb
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)

@@ -28,10 +28,11 @@ from typing import Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS, Backbone, load_backbone
-from .dense import DenseSettings, check_attention, dense_label_maps
+from .dense import DenseSettings, check_attention, dense_label_maps, resize_for_model
 from .errors import WildsegError, first_line
 from .images import ImageInput, load_image
 from .labels import BACKGROUND, clean_labels
@@ -111,6 +112,16 @@ class SegmentationResult:
             mean_score = float(self.scores[index][selected].mean()) if selected.any() else 0.0
             rows.append({"label": name, "pixel_fraction": counts[index] / self.mask.size, "mean_score": mean_score})
         return rows
+
+
+@dataclass
+class Decoded:
+    """An image as displayed (`rgb`), at working resolution (`working`), and as the model's views are cut from
+    it (`source`: the working image for the relevance method, the image resized for the dense method)."""
+
+    rgb: np.ndarray
+    working: np.ndarray
+    source: np.ndarray
 
 
 @dataclass
@@ -228,27 +239,46 @@ class Segmenter:
         """
         timings = {}
         names = _checked_labels(labels)
-        (rgb, working), timings["decode_s"] = _timed(_decode, image, self.max_side)
-
-        maps = self._merged_maps(working, names, timings, on_progress)
-        return self._finish(maps, names, rgb, working, timings)
+        decoded, timings["decode_s"] = _timed(self._decode, image)
+        text, timings["text_s"] = _timed(self._embed_query, names)
+        maps = self._merged_maps(decoded.source, text, timings, on_progress)
+        return self._finish(maps, names, decoded, timings)
 
     def label_scores(self, image: ImageInput, labels: Union[str, Iterable[str]]) -> np.ndarray:
         """Scores ((1 + labels) x h x w, background first, at working resolution) by the method's rule
-        (`pseudolabels`): what `segment` turns into probabilities and refines. Their argmax is an unrefined mask."""
+        (`pseudolabels`): what `segment` turns into probabilities and refines. Their argmax is an unrefined mask
+        (for the dense method, after PAMR where `refine` asks for it, as PAMR refines its cosines)."""
         names = _checked_labels(labels)
-        _, working = _decode(image, self.max_side)
-        return self._scores(self._merged_maps(working, names, {}), len(names)).cpu().numpy()
+        decoded = self._decode(image)
+        maps = self._merged_maps(decoded.source, self._embed_query(names), {})
+        if self.method == "dense":
+            maps, _ = self._dense_maps_at_working(maps, decoded)
+        return self._scores(maps, len(names)).cpu().numpy()
 
-    def _merged_maps(self, working: np.ndarray, names: list[str], timings: dict[str, float],
+    def query_probabilities(self, image: ImageInput, queries: list[str]) -> np.ndarray:
+        """Dense method: per pixel at working resolution, softmax(logit scale x cosine) over `queries` (any words,
+        `background` included, in the order given), after PAMR where `refine` asks for it: what the official
+        dense segmenters (NACLIP, SCLIP, ClearCLIP) turn into class scores, a class's the max over its queries."""
+        if self.method != "dense":
+            raise WildsegError("query probabilities are the dense method's: build the Segmenter with method='dense'")
+        decoded = self._decode(image)
+        maps = self._merged_maps(decoded.source, self.backbone.embed_labels(queries, self.templates), {})
+        cosines, _ = self._dense_maps_at_working(maps, decoded)
+        return torch.softmax(self.dense.logit_scale * cosines, dim=0).cpu().numpy()
+
+    def _decode(self, image: ImageInput) -> Decoded:
+        """The image as displayed (RGB uint8), at working resolution, and as the model's views are cut from it."""
+        rgb, working = _decode(image, self.max_side)
+        return Decoded(rgb, working, resize_for_model(rgb, self.dense) if self.method == "dense" else working)
+
+    def _merged_maps(self, source: np.ndarray, text: torch.Tensor, timings: dict[str, float],
                      on_progress: Callable[[int, int], None] = lambda done, total: None) -> torch.Tensor:
-        """The labels' maps (labels [+ background words] x h x w) merged over all views of the working image."""
-        text, timings["text_s"] = _timed(self._embed_query, names)
+        """Maps for the `text` embeddings (labels x h x w) merged over all views of the image they are cut from."""
         clock = time.perf_counter()
-        views = self._plan(working)
+        views = self._plan(source)
         on_progress(0, len(views))
-        maps = merge_views(self._normalized(working), views, self._view_size, self._map_views(text),
-                           self.view_batch, on_batch=lambda done: on_progress(done, len(views)), stages=self.stages)
+        maps = merge_views(self._normalized(source), views, self._map_views(text), self.view_batch,
+                           on_batch=lambda done: on_progress(done, len(views)), stages=self.stages)
         timings["maps_s"] = time.perf_counter() - clock
         return maps
 
@@ -258,18 +288,19 @@ class Segmenter:
         method one backward) per label and view, fp32 on every device, the CRF by pydensecrf in this process."""
         timings = {}
         names = _checked_labels(labels)
-        (rgb, working), timings["decode_s"] = _timed(_decode, image, self.max_side)
+        decoded, timings["decode_s"] = _timed(self._decode, image)
         text, timings["text_s"] = _timed(partial(self._embed_query, cached=False), names)
         clock = time.perf_counter()
         per_label = [self._map_views(text[row : row + 1], half_precision=False) for row in range(len(text))]
-        maps = merge_views(self._normalized(working), self._plan(working), self._view_size,
+        maps = merge_views(self._normalized(decoded.source), self._plan(decoded.source),
                            lambda view: torch.cat([map_label(view) for map_label in per_label], dim=1),
                            batch_size=1, stages=self.stages)
         timings["maps_s"] = time.perf_counter() - clock
-        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
+        probabilities, timings["pamr_s"] = self._probabilities(maps, decoded, len(names))
         crf = self.crf if "crf" in self.refine else None
-        mask, probabilities, timings["crf_s"] = finish_segmentation(working, probabilities, crf, rgb.shape[:2])
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
+        mask, probabilities, timings["crf_s"] = finish_segmentation(decoded.working, probabilities, crf,
+                                                                    decoded.rgb.shape[:2])
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, timings)
 
     def segment_many(
         self,
@@ -307,23 +338,17 @@ class Segmenter:
         return (pixels - mean) / std
 
     @property
-    def _view_size(self) -> int:
-        """Pixels of a rendered view's side: the model's input for relevance, the window for the dense method."""
-        return self.backbone.image_size if self.method == "relevance" else self.dense.window
-
-    @property
     def _cpu_crf(self) -> Optional[CrfSettings]:
         """The CRF settings where the CRF runs in pydensecrf once the probabilities have left the device."""
         return self.crf if "crf" in self.refine and self.crf_backend == "pydensecrf" else None
 
-    def _plan(self, working: np.ndarray) -> list[View]:
-        """The views of an image at working resolution: TTA views, or for the dense method sliding windows
-        whose side is `window` at the image's scale to `short_side`."""
-        height, width = working.shape[:2]
+    def _plan(self, source: np.ndarray) -> list[View]:
+        """The views of the image they are cut from: TTA views of the working image at the model's input size,
+        or for the dense method the windows of the resized image."""
+        height, width = source.shape[:2]
         if self.method == "relevance":
-            return plan_views(height, width, self.tta)
-        scale = min(height, width) / self.dense.short_side
-        return plan_windows(height, width, self.dense.window * scale, self.dense.window_stride * scale, self.tta)
+            return plan_views(height, width, self.backbone.image_size, self.tta)
+        return plan_windows(height, width, self.dense.window, self.dense.window_stride, self.tta)
 
     def _embed_query(self, names: list[str], cached: bool = True) -> torch.Tensor:
         """Text embeddings of the labels, then (dense method) of the background words that are not labels."""
@@ -354,19 +379,40 @@ class Segmenter:
             return dense_scores(maps, labels, self.dense.logit_scale, self.bg_threshold)
         return label_scores(maps, self.bg_threshold)
 
-    def _probabilities(self, maps: torch.Tensor, working: np.ndarray, labels: int) -> tuple[torch.Tensor, float]:
-        """Per-pixel class probabilities (background first) from merged maps, PAMR-refined if asked, on the
-        model's device; with PAMR's seconds."""
+    def _probabilities(self, maps: torch.Tensor, decoded: Decoded, labels: int) -> tuple[torch.Tensor, float]:
+        """Per-pixel class probabilities (background first) at working resolution from merged maps, on the model's
+        device, PAMR-refined if asked: the dense method's cosines before its scores, as NACLIP refines them, the
+        relevance method's probabilities; with PAMR's seconds."""
+        pamr_s = 0.0
+        if self.method == "dense":
+            maps, pamr_s = self._dense_maps_at_working(maps, decoded)
         with self.stages.stage("pseudo_labels"):
             probabilities = scores_to_probabilities(self._scores(maps, labels), self.temperature)
+        if self.method == "relevance" and "pamr" in self.refine:
+            pixels = torch.from_numpy(decoded.working).to(probabilities.device).permute(2, 0, 1).float()
+            probabilities, pamr_s = self._pamr(pixels, probabilities)
+        return probabilities, pamr_s
+
+    def _dense_maps_at_working(self, maps: torch.Tensor, decoded: Decoded) -> tuple[torch.Tensor, float]:
+        """The dense method's merged cosines (at the resized image's size) bilinearly resized to working resolution
+        and, with PAMR, refined there with the normalised resized image resized likewise as the guide, as NACLIP
+        does; with PAMR's seconds."""
+        size = decoded.working.shape[:2]
+        maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+        if "pamr" not in self.refine:
+            return maps, 0.0
+        guide = F.interpolate(self._normalized(decoded.source)[None], size=size, mode="bilinear",
+                              align_corners=False)[0]
+        return self._pamr(guide, maps)
+
+    def _pamr(self, guide: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """PAMR of `maps` on `guide`, timed (synchronised on CUDA)."""
         clock = time.perf_counter()
-        if "pamr" in self.refine:
-            with self.stages.stage("refine"):
-                pixels = torch.from_numpy(working).to(probabilities.device).permute(2, 0, 1).float()
-                probabilities = pamr(pixels, probabilities, self.pamr_settings)
-            if probabilities.device.type == "cuda":
-                torch.cuda.synchronize(probabilities.device)
-        return probabilities, time.perf_counter() - clock
+        with self.stages.stage("refine"):
+            maps = pamr(guide, maps, self.pamr_settings)
+        if maps.device.type == "cuda":
+            torch.cuda.synchronize(maps.device)
+        return maps, time.perf_counter() - clock
 
     def _device_crf(self, workings: list[np.ndarray], probabilities: list[torch.Tensor]
                     ) -> tuple[list[torch.Tensor], float]:
@@ -403,14 +449,15 @@ class Segmenter:
         return (self._crf_batch(workings[:half], probabilities[:half])
                 + self._crf_batch(workings[half:], probabilities[half:]))
 
-    def _finish(self, maps: torch.Tensor, names: list[str], rgb: np.ndarray, working: np.ndarray,
-                timings: dict[str, float]) -> SegmentationResult:
+    def _finish(self, maps: torch.Tensor, names: list[str], decoded: Decoded, timings: dict[str, float]
+                ) -> SegmentationResult:
         """Probabilities, refinement and the full-size mask of one image from its merged maps."""
-        probabilities, timings["pamr_s"] = self._probabilities(maps, working, len(names))
-        (probabilities,), device_crf_s = self._device_crf([working], [probabilities])
-        mask, probabilities, crf_s = finish_segmentation(working, probabilities, self._cpu_crf, rgb.shape[:2])
+        probabilities, timings["pamr_s"] = self._probabilities(maps, decoded, len(names))
+        (probabilities,), device_crf_s = self._device_crf([decoded.working], [probabilities])
+        mask, probabilities, crf_s = finish_segmentation(decoded.working, probabilities, self._cpu_crf,
+                                                         decoded.rgb.shape[:2])
         timings["crf_s"] = device_crf_s + crf_s
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], rgb, timings)
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, timings)
 
 
 def finish_segmentation(
@@ -457,8 +504,7 @@ class _Pending:
 
     source: ImageInput
     names: list[str]
-    rgb: np.ndarray
-    working: np.ndarray
+    decoded: Decoded
     timings: dict[str, float]
 
 
@@ -486,7 +532,7 @@ class _BatchRun:
             self._top_up(decoding, sources)
             try:
                 names = _checked_labels(self.labels_of(source))
-                (rgb, working), decode_s = decoded.result()
+                image, decode_s = decoded.result()
             except Exception as error:  # one image's labels or pixels (any library's error) never stop the batch
                 yield BatchItem(source, error=first_line(error))
                 continue
@@ -494,9 +540,9 @@ class _BatchRun:
                 yield from self._drain_stream()
                 self._open_stream(names)
             key = next(self.keys)
-            self.pending[key] = _Pending(source, names, rgb, working, {"decode_s": decode_s})
-            yield from self._map(partial(self.stream.add, key, self.segmenter._normalized(working),
-                                         self.segmenter._plan(working)))
+            self.pending[key] = _Pending(source, names, image, {"decode_s": decode_s})
+            yield from self._map(partial(self.stream.add, key, self.segmenter._normalized(image.source),
+                                         self.segmenter._plan(image.source)))
             yield from self._collect(block=len(self.refining) >= self.max_refining)
         yield from self._drain_stream()
         while self.refining:
@@ -512,12 +558,12 @@ class _BatchRun:
             source = next(sources, _END)
             if source is _END:
                 return
-            decoding.append((source, self.decoder.submit(_timed, _decode, source, self.segmenter.max_side)))
+            decoding.append((source, self.decoder.submit(_timed, self.segmenter._decode, source)))
 
     def _open_stream(self, names: list[str]) -> None:
         segmenter = self.segmenter
         text = segmenter._embed_query(names)
-        self.stream = ViewStream(segmenter._view_size, segmenter._map_views(text), segmenter.view_batch,
+        self.stream = ViewStream(segmenter._map_views(text), segmenter.view_batch,
                                  stages=segmenter.stages)
         self.stream_names = names
 
@@ -545,7 +591,7 @@ class _BatchRun:
         kept, probabilities = [], []
         for item, item_maps in zip(items, maps):
             try:
-                item_probabilities, item.timings["pamr_s"] = segmenter._probabilities(item_maps, item.working,
+                item_probabilities, item.timings["pamr_s"] = segmenter._probabilities(item_maps, item.decoded,
                                                                                        len(item.names))
             except torch.cuda.OutOfMemoryError:
                 yield BatchItem(item.source, error="out of GPU memory making its probabilities: lower max_side")
@@ -554,17 +600,18 @@ class _BatchRun:
             probabilities.append(item_probabilities)
         if not kept:
             return
-        probabilities, device_crf_s = segmenter._device_crf([item.working for item in kept], probabilities)
+        probabilities, device_crf_s = segmenter._device_crf([item.decoded.working for item in kept], probabilities)
         for item, item_probabilities in zip(kept, probabilities):
             item.timings["crf_s"] = device_crf_s
             future = Future()
             try:
                 if self.refiner is None:
-                    future.set_result(finish_segmentation(item.working, item_probabilities, segmenter._cpu_crf,
-                                                          item.rgb.shape[:2]))
+                    future.set_result(finish_segmentation(item.decoded.working, item_probabilities,
+                                                          segmenter._cpu_crf, item.decoded.rgb.shape[:2]))
                 else:
-                    future = self.refiner.submit(finish_segmentation, item.working, _as_array(item_probabilities),
-                                                 segmenter._cpu_crf, item.rgb.shape[:2])
+                    future = self.refiner.submit(finish_segmentation, item.decoded.working,
+                                                 _as_array(item_probabilities), segmenter._cpu_crf,
+                                                 item.decoded.rgb.shape[:2])
             except Exception as error:  # a CRF error, or a worker pool that died: the image fails in _collect
                 future.set_exception(error)
             self.refining[future] = item
@@ -580,7 +627,7 @@ class _BatchRun:
             except Exception as error:  # raised in this process or in a worker
                 yield BatchItem(item.source, error=first_line(error))
                 continue
-            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.rgb,
+            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.decoded.rgb,
                                         {**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
             yield BatchItem(item.source, result=result)
 
@@ -597,12 +644,12 @@ def _timed(function, *arguments):
 def _check_dense(dense: DenseSettings) -> None:
     """Refuse dense settings that cannot work, naming the option to change."""
     check_attention(dense.attention)
-    if dense.window < 16:
-        raise WildsegError(f"--window must be at least 16 pixels, got {dense.window}")
-    if not 0 < dense.window_stride <= dense.window:
+    if 0 < dense.window < 16 or dense.window < 0:
+        raise WildsegError(f"--window must be 0 (the whole image) or at least 16 pixels, got {dense.window}")
+    if dense.window and not 0 < dense.window_stride <= dense.window:
         raise WildsegError(f"--stride must lie in 1..{dense.window} (the window), got {dense.window_stride}")
-    if dense.short_side < dense.window:
-        raise WildsegError(f"--short-side ({dense.short_side}) must be at least the window ({dense.window})")
+    if dense.short_side < 16:
+        raise WildsegError(f"--short-side must be at least 16 pixels, got {dense.short_side}")
     if dense.logit_scale <= 0:
         raise WildsegError(f"--logit-scale must be positive, got {dense.logit_scale}")
 

@@ -1,6 +1,7 @@
 """Test-time augmentation: views of an image seen at the model's resolution, and their maps merged back.
 
-A view is a crop box of the image, optionally mirrored left-right, resized to the model's input size.
+A view is a crop box of the image, optionally mirrored left-right, resized to a given size (the model's input
+for the relevance method) or seen as cropped.
 Its map (on the patch grid) is warped back exactly: mirrored back, resized to the box with bilinear
 interpolation whose sample positions are pixel centres (`align_corners=False`), and added into the box.
 Each pixel's merged value is the mean over the views that cover it.
@@ -13,9 +14,10 @@ Policies (Zabari & Hoshen refine relevance by augmentation; the set of views her
   sliding with half-crop overlap.
 - ``heavy``: as ``default`` with zoom 3 added and every crop also mirrored.
 
-The dense method slides square windows over the image instead (`plan_windows`); a policy's zooms are then
-window scales (zoom 2 = windows of half the side, seen at the model's input size), and its mirrors mirror
-those windows.
+The dense method slides square windows over the image, already resized for the model, as the official
+dense segmenters do (`plan_windows`: their window placement, windows seen as cropped, or the whole image in
+one view); a policy's zooms are then window scales (zoom 2 = windows of half the side, enlarged to the
+window's size), and its mirrors mirror those windows.
 
 The whole-image view squashes the image to a square; crops are square, so they keep the aspect ratio.
 """
@@ -33,10 +35,12 @@ from .timing import NoStageTimes
 
 @dataclass(frozen=True)
 class View:
-    """A crop box (left, top, right, bottom in pixels, right and bottom exclusive), mirrored or not."""
+    """A crop box (left, top, right, bottom in pixels, right and bottom exclusive), mirrored or not, and the
+    (height, width) the model sees it at: None for the crop's own size."""
 
     box: tuple[int, int, int, int]
     mirrored: bool
+    size: Optional[tuple[int, int]] = None
 
 
 @dataclass(frozen=True)
@@ -71,11 +75,12 @@ def sliding_starts(length: int, window: float, stride: float) -> list[int]:
     return [round(i * (length - window) / steps) for i in range(steps + 1)]
 
 
-def plan_views(height: int, width: int, policy: str = "default") -> list[View]:
-    """The views a policy takes of an image of this size, whole image first."""
+def plan_views(height: int, width: int, size: int, policy: str = "default") -> list[View]:
+    """The views a policy takes of an image of this size, whole image first, each seen at size x size."""
     plan = policy_named(policy)
+    square = (size, size)
     whole = (0, 0, width, height)
-    views = [View(whole, False)] + ([View(whole, True)] if plan.mirror_whole else [])
+    views = [View(whole, False, square)] + ([View(whole, True, square)] if plan.mirror_whole else [])
     crops = []
     for zoom in plan.zooms:
         side = max(1, round(min(height, width) / zoom))
@@ -85,34 +90,56 @@ def plan_views(height: int, width: int, policy: str = "default") -> list[View]:
                 if box != whole:
                     crops.append(box)
     for box in dict.fromkeys(crops):
-        views.append(View(box, False))
+        views.append(View(box, False, square))
         if plan.mirror_crops:
-            views.append(View(box, True))
+            views.append(View(box, True, square))
     return views
 
 
-def plan_windows(height: int, width: int, side: float, stride: float, policy: str = "default") -> list[View]:
-    """Sliding windows for the dense method: square boxes of `side` pixels at most `stride` apart covering the
-    image, and for test-time augmentation the same at each zoom z of the policy (side / z, stride / z),
-    mirrored where the policy mirrors (the whole-image mirror applies to zoom 1)."""
+def window_spans(length: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """(start, end) of the windows along one axis as mmsegmentation's sliding inference places them, which the
+    official NACLIP, SCLIP and ClearCLIP code uses: starts every `stride`, as many as needed to reach the end,
+    the last one moved back to end flush with it; a window longer than the axis is cut to it."""
+    count = max(length - window + stride - 1, 0) // stride + 1
+    spans = []
+    for index in range(count):
+        end = min(index * stride + window, length)
+        spans.append((max(end - window, 0), end))
+    return spans
+
+
+def plan_windows(height: int, width: int, window: int, stride: int, policy: str = "default") -> list[View]:
+    """Views for the dense method on the image as resized for the model: windows of `window` pixels every
+    `stride` (`window_spans`), seen as cropped, or with `window` 0 the whole image in one view; for test-time
+    augmentation, windows of window / z pixels every stride / z at each zoom z > 1 of the policy, enlarged z
+    times, and mirrors where the policy mirrors (the whole-image mirror applies to zoom 1). The whole image
+    has no zooms."""
     plan = policy_named(policy)
+    zooms = (1,) if window == 0 else tuple(dict.fromkeys((1, *plan.zooms)))
     views = []
-    for zoom in dict.fromkeys((1, *plan.zooms)):
+    for zoom in zooms:
         mirrors = (False, True) if (plan.mirror_whole if zoom == 1 else plan.mirror_crops) else (False,)
-        window = min(max(1, round(side / zoom)), height, width)
-        boxes = [(left, top, left + window, top + window)
-                 for top in sliding_starts(height, window, stride / zoom)
-                 for left in sliding_starts(width, window, stride / zoom)]
-        views += [View(box, mirrored) for mirrored in mirrors for box in boxes]
+        if window == 0:
+            boxes = [(0, 0, width, height)]
+        else:
+            side, step = max(1, round(window / zoom)), max(1, round(stride / zoom))
+            boxes = [(left, top, right, bottom) for top, bottom in window_spans(height, side, step)
+                     for left, right in window_spans(width, side, step)]
+        for mirrored in mirrors:
+            for left, top, right, bottom in boxes:
+                size = None if zoom == 1 else (round((bottom - top) * zoom), round((right - left) * zoom))
+                views.append(View((left, top, right, bottom), mirrored, size))
     return views
 
 
-def render_view(image: torch.Tensor, view: View, size: int) -> torch.Tensor:
-    """The view's pixels (channels x size x size) from an image tensor (channels x H x W), antialiased."""
+def render_view(image: torch.Tensor, view: View) -> torch.Tensor:
+    """The view's pixels (channels x height x width) from an image tensor (channels x H x W): the crop, resized
+    (antialiased) to the view's size unless that is its own, mirrored if the view is."""
     left, top, right, bottom = view.box
-    crop = image[None, :, top:bottom, left:right]
-    resized = F.interpolate(crop, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
-    return resized.flip(-1) if view.mirrored else resized
+    crop = image[:, top:bottom, left:right]
+    if view.size is not None and view.size != tuple(crop.shape[-2:]):
+        crop = F.interpolate(crop[None], size=view.size, mode="bilinear", align_corners=False, antialias=True)[0]
+    return crop.flip(-1) if view.mirrored else crop
 
 
 def warp_to_box(maps: torch.Tensor, view: View) -> torch.Tensor:
@@ -142,21 +169,20 @@ class ViewStream:
     """Maps the views of successive images in full batches, across image boundaries, and averages them per image.
 
     `add(key, image, views)` queues an image (channels x H x W); whenever `batch_size` views are waiting they
-    are rendered, mapped by `map_views` (views x channels x size x size -> views x labels x g x g) and warped
-    back. `add` and `flush` return the (key, merged maps) of the images all of whose views are done. A batch
+    are rendered, mapped by `map_views` (views x channels x h x w -> views x labels x grid), views of one
+    rendered size at a time, and warped back. `add` and `flush` return the (key, merged maps) of the images all of whose views are done. A batch
     that runs out of CUDA memory is split in halves and `batch_size` lowered for the rest of the stream.
     `stages` times rendering and merging as the stage "tta_merge".
     """
 
     def __init__(
         self,
-        size: int,
         map_views: Callable[[torch.Tensor], torch.Tensor],
         batch_size: int = 8,
         on_batch: Callable[[int], None] = lambda done: None,
         stages=NoStageTimes(),
     ):
-        self.size, self.map_views, self.batch_size, self.on_batch = size, map_views, batch_size, on_batch
+        self.map_views, self.batch_size, self.on_batch = map_views, batch_size, on_batch
         self.stages = stages
         self.waiting: list[tuple[_Job, View]] = []
         self.views_done = 0
@@ -186,7 +212,7 @@ class ViewStream:
         with self.stages.stage("tta_merge"):
             for (job, view), view_maps in zip(batch, maps):
                 if job.accumulator is None:
-                    job.accumulator = ViewAccumulator(maps.shape[1], *job.image.shape[-2:], maps.device)
+                    job.accumulator = ViewAccumulator(view_maps.shape[0], *job.image.shape[-2:], view_maps.device)
                 job.accumulator.add(view_maps, view)
                 job.remaining -= 1
                 if job.remaining == 0:
@@ -195,16 +221,21 @@ class ViewStream:
         self.on_batch(self.views_done)
         return finished
 
-
-    def _mapped(self, batch: list[tuple["_Job", View]]) -> Optional[torch.Tensor]:
-        """The batch's maps; None when it ran out of CUDA memory, having put it back and halved `batch_size`.
+    def _mapped(self, batch: list[tuple["_Job", View]]) -> Optional[list[torch.Tensor]]:
+        """The maps of the batch's views, one model call per rendered size; None when it ran out of CUDA memory,
+        having put it back and halved `batch_size`.
 
         The retry happens in the caller, once this frame's exception, and with it the failed attempt's tensors,
         is gone, so that `empty_cache` can release them."""
         try:
             with self.stages.stage("tta_merge"):
-                rendered = torch.stack([render_view(job.image, view, self.size) for job, view in batch])
-            return self.map_views(rendered)
+                rendered = [render_view(job.image, view) for job, view in batch]
+            maps = [None] * len(batch)
+            for shape in dict.fromkeys(pixels.shape for pixels in rendered):
+                indices = [index for index, pixels in enumerate(rendered) if pixels.shape == shape]
+                for index, view_maps in zip(indices, self.map_views(torch.stack([rendered[i] for i in indices]))):
+                    maps[index] = view_maps
+            return maps
         except torch.cuda.OutOfMemoryError:
             if len(batch) == 1:
                 raise
@@ -223,13 +254,12 @@ class _Job:
 def merge_views(
     image: torch.Tensor,
     views: list[View],
-    size: int,
     map_views: Callable[[torch.Tensor], torch.Tensor],
     batch_size: int = 8,
     on_batch: Callable[[int], None] = lambda done: None,
     stages=NoStageTimes(),
 ) -> torch.Tensor:
     """Average `map_views` over all views of one image (a ViewStream of a single image)."""
-    stream = ViewStream(size, map_views, batch_size, on_batch, stages)
+    stream = ViewStream(map_views, batch_size, on_batch, stages)
     finished = stream.add(None, image, views) + stream.flush()
     return finished[0][1]
