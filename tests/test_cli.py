@@ -137,7 +137,8 @@ def test_bad_input_is_one_line_exit_2_and_no_outputs(case, message, photo, tmp_p
 
 
 def test_duplicate_labels_are_merged_with_a_warning(photo, tmp_path, tiny_checkpoint):
-    result = run("segment", photo, "-l", "cat,CAT", "-o", tmp_path / "o", "--tta", "none", *tiny_cli_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "cat,CAT", "-o", tmp_path / "o", "--tta", "none",
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 0
     assert "wildseg: warning: duplicate label 'CAT' merged with 'cat'" in result.stderr
     assert json.loads((tmp_path / "o" / "photo.json").read_text())["labels"] == ["background", "cat"]
@@ -209,7 +210,8 @@ def test_a_file_that_is_not_an_image_fails_in_one_line_with_exit_1(tmp_path, tin
 def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo, tmp_path, tiny_checkpoint,
                                                                          monkeypatch):
     out = tmp_path / "out"
-    assert run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint)).exit_code == 0
+    first = run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
+    assert first.exit_code == 0
     import wildseg.cli
     import wildseg.outputs
 
@@ -223,7 +225,8 @@ def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo,
         raise OSError("disk full")
 
     monkeypatch.setattr(wildseg.outputs, "overlay_image", failing_overlay)
-    result = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", "--overwrite", *tiny_cli_args(tiny_checkpoint))
+    result = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", "--overwrite",
+                 *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 1 and "cannot write the outputs" in result.stderr and "disk full" in result.stderr
     assert not (out / "photo.json").exists(), "no record marks the half-replaced outputs as done"
     assert not list(out.glob(".*"))
@@ -244,7 +247,8 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     settings = record["settings"]
     assert settings["method"] == "dense" and settings["start_block"] is None and settings["crf"] is None
     assert settings["dense"] == {"attention": "clearclip", "window": 32, "stride": 16, "short_side": 64,
-                                 "long_side": 2048, "logit_scale": 40.0, "background_words": settings["dense"]["background_words"]}
+                                 "long_side": 2048, "logit_scale": 40.0,
+                                 "background_words": settings["dense"]["background_words"]}
     assert settings["dense"]["background_words"][:3] == ["sky", "wall", "tree"]
     assert settings["pamr"]["iterations"] == 3 and settings["bg_threshold"] == 0.1
     assert np.array(Image.open(out / "photo.png")).shape == (80, 48)

@@ -17,9 +17,11 @@ from wildseg.datasets.classes import parse_class_names
 from wildseg.errors import WildsegError
 from wildseg.evaluation import (
     PredictionStore,
+    Query,
     build_query,
     check_dataset,
     class_prediction,
+    dense_class_prediction,
     dense_protocol,
     evaluate,
     load_ids,
@@ -46,6 +48,8 @@ class OracleSegmenter:
 
     It records the labels it is asked for, and shifts its answer by `error_shift` columns to make mistakes.
     """
+
+    method = "relevance"
 
     def __init__(self, dataset, error_shift=0):
         self.dataset, self.error_shift, self.calls = dataset, error_shift, []
@@ -354,19 +358,88 @@ def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_i
     assert resumed.exit_code == 0, resumed.output
     assert json.loads(report.read_text())["images"]["reused"] == 3
     record = json.loads(report.read_text())
-    segmenter, defaults = record["segmenter"], record["protocol_defaults"]
-    assert defaults["bg_threshold"] == 0.1 and defaults["short_side"] == 336 and defaults["refine"] == "pamr"
+    segmenter, published = record["segmenter"], record["dense_protocol"]
+    assert published["follows"] == "naclip" and published["config"] == "configs/cfg_voc21.py"
+    assert published["options"]["window"] == 0 and published["options"]["short_side"] == 336
+    assert published["options"]["bg_threshold"] == 0.1 and published["published_miou"] == 64.07
+    assert published["deviations"] == ["--window 32 instead of 0", "--short-side 64 instead of 336",
+                                       "--max-side 40 instead of 2048", "--templates photo instead of imagenet80"]
+    assert "deviations from naclip's protocol: --window 32" in result.stderr
     assert segmenter["bg_threshold"] == 0.1 and segmenter["tta"] == "none" and segmenter["refine"] == "pamr"
     assert segmenter["pamr"]["dilations"] == [8, 16] and segmenter["crf"] is None
     assert segmenter["dense"] == {"attention": "naclip", "window": 32, "stride": 16, "short_side": 64,
                                   "long_side": 2048, "logit_scale": 40.0, "background_words": []}
+    person = record["classes"][15]
+    assert person[:3] == ["person", "person", "person in shirt"], "NACLIP's list, word for word"
+    assert record["classes"][0][1:4] == ["sky", "wall", "tree"] and "sands" in record["classes"][0]
 
 
-def test_dense_protocols_per_data_set(tmp_path):
-    no_background = small_dataset(tmp_path, ["sky", "road"], [np.zeros((4, 4), dtype=np.uint8)])
-    assert dense_protocol("cityscapes", no_background)["short_side"] == 560
-    assert dense_protocol("coco-stuff", no_background)["short_side"] == 448
-    assert dense_protocol("ade20k", no_background)["bg_threshold"] == 0.0
-    with_background = small_dataset(tmp_path, ["background", "cat"], [np.zeros((4, 4), dtype=np.uint8)])
-    assert dense_protocol("folder", with_background)["bg_threshold"] == 0.1
-    assert dense_protocol("voc", with_background)["window"] == 224
+@pytest.mark.parametrize("attention, dataset, expected", [
+    ("naclip", "voc", {"window": 0, "short_side": 336, "logit_scale": 40.0, "bg_threshold": 0.1, "refine": "pamr"}),
+    ("naclip", "cityscapes", {"window": 224, "short_side": 560, "bg_threshold": 0.0}),
+    ("sclip", "voc", {"window": 224, "logit_scale": 65.0, "bg_threshold": 0.1, "refine": "none"}),
+    ("sclip", "coco-stuff", {"short_side": 448, "logit_scale": 40.0, "bg_threshold": 0.0}),
+    ("clearclip", "voc", {"window": 448, "short_side": 448, "logit_scale": 50.0, "bg_threshold": 0.5}),
+    ("clearclip", "cityscapes", {"window": 224, "stride": 224, "short_side": 448}),
+])
+def test_dense_protocols_are_the_official_configs(attention, dataset, expected):
+    """Rows checked by hand against each repository's configs/cfg_*.py (see dense_protocols.json's sources)."""
+    background = DATASET_BACKGROUND[dataset]
+    published = dense_protocol(attention, dataset, SimpleNamespace(background_class=background))
+    assert {key: published["options"][key] for key in expected} == expected
+    assert published["follows"] == attention
+
+
+DATASET_BACKGROUND = {"voc": 0, "cityscapes": None, "coco-stuff": None}
+
+
+def test_only_sclip_voc_has_an_area_threshold_and_others_follow_naclip(tmp_path):
+    with_background = SimpleNamespace(background_class=0)
+    assert dense_protocol("sclip", "voc", with_background)["area_threshold"] == 0.1
+    assert dense_protocol("naclip", "voc", with_background)["area_threshold"] is None
+    maskclip = dense_protocol("maskclip", "voc", with_background)
+    assert maskclip["follows"] == "naclip"
+    assert "maskclip has no published evaluation protocol" in maskclip["deviations"][0]
+    folder = dense_protocol("naclip", "folder", with_background)
+    assert folder["options"]["bg_threshold"] == 0.1 and folder["class_list"] is None
+    assert "naclip published no protocol for this data set" in folder["deviations"][0]
+
+
+def test_dense_class_prediction_applies_sclips_area_rule_then_the_threshold_by_hand():
+    """Queries: background word, cat, kitty (cat's synonym), dog; one row of 5 pixels.
+
+    Class scores (max over queries): background .30 .20 .10 .05 .40 | cat .60 .70 .50 .30 .35 | dog .10 .10 .40 .65
+    .25. Argmax: cat, cat, cat, dog, background: foreground areas cat 3, dog 1 of 4. With area threshold 0.3 dog
+    (1 <= 1.2) is dropped, so pixel 3 goes to cat (.30 beats background .05); with background threshold 0.35
+    the pixels whose best remaining score is below it (pixel 3: .30) become background."""
+    probabilities = np.array([
+        [0.30, 0.20, 0.10, 0.05, 0.40],
+        [0.60, 0.30, 0.50, 0.30, 0.35],
+        [0.10, 0.70, 0.20, 0.10, 0.10],
+        [0.10, 0.10, 0.40, 0.65, 0.25],
+    ], dtype=np.float32)[:, None, :]
+    query = Query(["sky", "cat", "kitty", "dog"], [1, 2, 0], [[1, 2], [3], [0]])
+    assert dense_class_prediction(probabilities, query, (1, 5), 0.0, None, 0).tolist() == [[1, 1, 1, 2, 0]]
+    assert dense_class_prediction(probabilities, query, (1, 5), 0.0, 0.3, 0).tolist() == [[1, 1, 1, 1, 0]]
+    assert dense_class_prediction(probabilities, query, (1, 5), 0.35, 0.3, 0).tolist() == [[1, 1, 1, 0, 0]]
+    assert dense_class_prediction(probabilities, query, (1, 5), 0.0, 0.2, 0).tolist() == [[1, 1, 1, 2, 0]], \
+        "1 of 4 foreground pixels is above a 0.2 share"
+
+
+def test_clearclip_eval_asks_for_the_literal_background_query(synthetic_voc, tmp_path, tiny_checkpoint):
+    """ClearCLIP's VOC21 list names background with the word itself, and its threshold is 0.5."""
+    report = tmp_path / "report.json"
+    result = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--method", "dense",
+                 "--attention", "clearclip", "--window", 32, "--short-side", 64, "--max-side", 40,
+                 *tiny_cli_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    record = json.loads(report.read_text())
+    assert record["classes"][0] == ["background", "background"] and record["classes"][15] == ["person", "person"]
+    assert record["segmenter"]["bg_threshold"] == 0.5 and record["segmenter"]["dense"]["logit_scale"] == 50.0
+    assert record["dense_protocol"]["follows"] == "clearclip" and record["segmenter"]["refine"] == "none"
+
+
+def test_dense_eval_refuses_the_crf_in_one_line(synthetic_voc, tiny_checkpoint):
+    result = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--method", "dense", "--refine", "crf",
+                 *tiny_cli_args(tiny_checkpoint))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--refine pamr or none" in result.stderr

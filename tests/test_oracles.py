@@ -5,6 +5,7 @@ Tolerances are the oracle README's: 1e-5 for features and relevance, 1e-4 for PA
 
 import json
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import open_clip
@@ -12,12 +13,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
-from conftest import ORACLE_MODEL, oracle_file
+from click.testing import CliRunner
+from conftest import ORACLE_MODEL, oracle_file, shared_dataset
+from PIL import Image
 
+from wildseg import Segmenter
 from wildseg.backbone import load_backbone
+from wildseg.cli import main
+from wildseg.datasets.classes import published_class_prompts
 from wildseg.errors import WildsegWarning
+from wildseg.evaluation import Query, dense_class_prediction, dense_protocol
 from wildseg.pamr import PamrSettings, pamr
-from wildseg.dense import ATTENTION_VARIANTS, dense_features
+from wildseg.dense import ATTENTION_VARIANTS, DenseSettings, dense_features
 from wildseg.relevance import relevance_maps
 
 OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
@@ -130,3 +137,65 @@ def test_pamr_reproduces_naclips_on_its_cosine_maps(image):
     expected = oracle[f"{image}_cfg_pamr_out_lattice"]
     assert np.abs(logits[:, 4::8, 4::8].numpy() - expected).max() > 0.05, "PAMR changes the maps"
     np.testing.assert_allclose(refined[:, 4::8, 4::8].numpy(), expected, atol=1e-4, rtol=0)
+
+
+NACLIP_VARIANTS = {"cfg": (0, "pamr"), "cfg_nopamr": (0, "none"), "slide224": (224, "pamr"),
+                   "slide224_nopamr": (224, "none")}
+"""The oracle's NACLIP runs: the published VOC21 config (whole image), the class default 224/112 sliding window,
+each with and without PAMR."""
+
+
+@pytest.fixture(scope="module")
+def naclip_segmenters(oracle_backbone):
+    """A Segmenter per variant, with the settings of wildseg's NACLIP VOC21 protocol."""
+    options = dense_protocol("naclip", "voc", SimpleNamespace(background_class=0))["options"]
+    return {
+        variant: Segmenter(backbone=oracle_backbone, method="dense", tta=options["tta"], refine=refine,
+                           max_side=options["max_side"], bg_threshold=options["bg_threshold"],
+                           dense=DenseSettings(window=window, short_side=options["short_side"],
+                                               logit_scale=options["logit_scale"], background_words=()),
+                           pamr_settings=PamrSettings(options["pamr_iters"], options["pamr_dilations"]))
+        for variant, (window, refine) in NACLIP_VARIANTS.items()
+    }
+
+
+def test_the_published_voc21_list_is_naclips_query_list_word_for_word():
+    oracle = np.load(oracle_file("naclip_voc21.npz"))
+    published = published_class_prompts("naclip/cls_voc21.txt")
+    assert [word for prompts in published for word in prompts] == oracle["query_words"].tolist()
+    assert [index for index, prompts in enumerate(published) for _ in prompts] == oracle["query_idx"].tolist()
+
+
+@pytest.mark.parametrize("variant", NACLIP_VARIANTS)
+@pytest.mark.parametrize("image", ["voc_2007_000123", "camvid_0001TP_008550"])
+def test_naclips_whole_voc21_pipeline_is_reproduced(naclip_segmenters, variant, image):
+    """Per-class scores (max over a class's queries, normalised per pixel as NACLIP returns them) to 1e-4, and the
+    label maps with NACLIP's background threshold 0.1 and without one on at least 99.9% of the pixels."""
+    oracle = np.load(oracle_file("naclip_voc21.npz"))
+    path = {"voc_2007_000123": shared_dataset("voc2012") / "JPEGImages" / "2007_000123.jpg",
+            "camvid_0001TP_008550": shared_dataset("camvid") / "images" / "0001TP_008550.png"}[image]
+    words, owners = oracle["query_words"].tolist(), oracle["query_idx"]
+    probabilities = naclip_segmenters[variant].query_probabilities(path, words)
+    classes = np.stack([probabilities[owners == index].max(axis=0) for index in range(21)])
+    expected = oracle[f"{image}_{variant}_probs_lattice"]
+    np.testing.assert_allclose((classes / classes.sum(axis=0))[:, 4::8, 4::8], expected, atol=1e-4, rtol=0)
+    query = Query(words, list(range(21)), [np.flatnonzero(owners == index).tolist() for index in range(21)])
+    for threshold in (0.1, 0):
+        predicted = dense_class_prediction(probabilities, query, probabilities.shape[1:], threshold, None, 0)
+        assert (predicted == oracle[f"{image}_{variant}_pred_thd{threshold}"]).mean() >= 0.999
+
+
+def test_wildseg_eval_reproduces_naclips_voc21_prediction_from_the_command_line(tmp_path):
+    """`wildseg eval --method dense` on the real VOC file, with the protocol's defaults and published class list:
+    the saved prediction is NACLIP's (variant cfg, background threshold 0.1)."""
+    root, ids = shared_dataset("voc2012"), tmp_path / "ids.txt"
+    ids.write_text("2007_000123\n")
+    result = CliRunner().invoke(main, [
+        "eval", "-d", "voc", "--root", str(root), "--ids", str(ids), "--method", "dense", "--model", ORACLE_MODEL,
+        "--checkpoint", str(oracle_file("tiny_openai_sd.pt")), "--device", "cpu", "--save-predictions",
+        str(tmp_path / "predictions"), "--report", str(tmp_path / "report.json"), "-q"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "report.json").read_text())["dense_protocol"]["deviations"] == []
+    predicted = np.array(Image.open(tmp_path / "predictions" / "2007_000123.png"))
+    oracle = np.load(oracle_file("naclip_voc21.npz"))
+    assert (predicted == oracle["voc_2007_000123_cfg_pred_thd0.1"]).mean() >= 0.999

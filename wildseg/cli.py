@@ -56,6 +56,7 @@ from .evaluation import (
     load_ids,
     protocol_bg_threshold,
     run_settings,
+    use_published_class_list,
 )
 from .inputs import expand_inputs, read_labels_file
 from .labels import clean_labels
@@ -524,9 +525,9 @@ def _image_progress(console: Console) -> Progress:
               help="Save each predicted mask as <id>.png here; a rerun with the same settings reuses them.")
 @segmenter_options("Background threshold; default where background is a class 0.4 (relevance) or the protocol's "
                    "(dense), else 0 (no background).",
-                   "With --method dense, options not given follow the published protocol of the dense family for "
-                   "the data set (wildseg/dense_protocols.json: NACLIP's short side, window 224, stride half the "
-                   "window, logit scale 40, background threshold, PAMR, no TTA); the report records them.")
+                   "With --method dense, options not given follow the published protocol of the segmenter that "
+                   "--attention names (NACLIP, SCLIP or ClearCLIP; NACLIP's for the others) on the data set, with "
+                   "its class list (wildseg/dense_protocols.json); the report records it and every deviation.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no tables.")
 def evaluate_command(dataset_name, root, split, download, ignore_index, class_names, given_labels, limit, ids_file,
                      report, save_predictions, quiet, bg_threshold, **segmenter_arguments):
@@ -535,23 +536,30 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
     ids = load_ids(ids_file, dataset) if ids_file else list(dataset.ids)
     ids = ids[:limit] if limit else ids
     protocol = "given" if given_labels else "open"
+    published = None
+    if segmenter_arguments["method"] == "dense":
+        published = _published_protocol(dataset_name, dataset, class_names, protocol,
+                                         {**segmenter_arguments, "bg_threshold": bg_threshold})
     check_dataset(dataset, protocol)
     if save_predictions is not None:
         _check_output_folder(save_predictions, [], "--save-predictions")
     if report is not None:
         _check_output_folder(report.parent, [report], "--report")
-    defaults = (dense_protocol(dataset_name, dataset) if segmenter_arguments["method"] == "dense"
+    defaults = (published["options"] if published is not None
                 else {"bg_threshold": protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)})
     console = Console(stderr=True, quiet=quiet)
     segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, bg_threshold=bg_threshold,
                                 **segmenter_arguments)
-    settings = {**run_settings(dataset, protocol, segmenter.settings()),
-                "protocol_defaults": defaults if segmenter_arguments["method"] == "dense" else None}
+    settings = {**run_settings(dataset, protocol, segmenter.settings()), "dense_protocol": published}
     store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
+    if published is not None and published["deviations"]:
+        console.print(f"deviations from {published['follows']}'s protocol: {'; '.join(published['deviations'])}",
+                      markup=False, highlight=False)
     with _image_progress(console) as progress:
         task = progress.add_task(f"{dataset.name} {dataset.split or ''}", total=len(ids))
         evaluation = evaluate(segmenter, dataset, ids, protocol, store,
-                              on_image=lambda image_id, outcome: progress.advance(task))
+                              on_image=lambda image_id, outcome: progress.advance(task),
+                              area_threshold=published and published["area_threshold"])
     selection = {"images": len(ids), "limit": limit, "ids_file": None if ids_file is None else str(ids_file)}
     result = build_report(dataset, settings, selection, evaluation)
     output = Console(quiet=quiet)
@@ -563,6 +571,30 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
         write_json(report, result, "the report")
     if evaluation.failed:
         sys.exit(1)
+
+
+def _published_protocol(dataset_key: str, dataset, class_names: Optional[Path], protocol: str, options: dict
+                        ) -> dict:
+    """The dense protocol for the run (`evaluation.dense_protocol`): the data set takes its published class list
+    unless --class-names was given, and every given option, class list or protocol that departs from the
+    published run is added to its deviations. Refuses the CRF, which the official scoring has no place for."""
+    published = dense_protocol(options["attention"] or DEFAULT_ATTENTION, dataset_key, dataset)
+    if "crf" in (options["refine"] or published["options"]["refine"]):
+        raise WildsegError("the dense method's eval scores as the official dense segmenters do, with PAMR or no "
+                           "refinement: use --refine pamr or none")
+    deviations = published["deviations"]
+    if class_names is not None and published["class_list"] is not None:
+        deviations.append(f"--class-names {class_names} instead of the published list {published['class_list']}")
+    elif published["class_list"] is not None:
+        use_published_class_list(dataset, published["class_list"])
+    if protocol != "open":
+        deviations.append("the label-given protocol instead of the published open-vocabulary one")
+    expected = {"stride": (published["options"].get("window", 0) // 2) or None, "templates": DEFAULT_TEMPLATES,
+                **published["options"]}
+    for name, value in options.items():
+        if name in expected and value is not None and value != expected[name]:
+            deviations.append(f"--{name.replace('_', '-')} {value} instead of {expected[name]}")
+    return published
 
 
 def _per_class_table(rows: list[dict]) -> Table:

@@ -8,6 +8,10 @@ Protocols:
 
 A class scores the max of its synonyms' probabilities; the prediction is the best-scoring candidate class.
 When the data set has no background class, the segmenter's background row is left out of that choice.
+
+The dense method is scored as the official dense segmenters score it (`dense_class_prediction`), under the
+published protocol of the segmenter its attention names (`dense_protocol`, wildseg/dense_protocols.json),
+with the class lists they evaluate with, word for word.
 """
 
 import json
@@ -19,9 +23,11 @@ from typing import Callable, Optional, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .datasets import SegmentationDataset
 from .datasets.base import read_label_image
+from .datasets.classes import ClassName, published_class_prompts
 from .errors import WildsegError, first_line
 from .images import ImageInput
 from .labels import MAX_LABELS
@@ -45,7 +51,12 @@ SETTINGS_FILE = "settings.json"
 
 
 class SegmenterLike(Protocol):
+    method: str
+    bg_threshold: float
+
     def segment(self, image: ImageInput, labels: list[str]): ...
+
+    def query_probabilities(self, image: ImageInput, queries: list[str]) -> np.ndarray: ...
 
     def settings(self) -> dict: ...
 
@@ -71,19 +82,25 @@ def candidate_classes(dataset: SegmentationDataset, truth: np.ndarray, protocol:
     return [index for index in scored if index in present]
 
 
-def build_query(dataset: SegmentationDataset, candidates: list[int], protocol: str) -> Query:
-    """Flatten the candidates' synonyms into one label list and remember which rows belong to which class."""
+def build_query(dataset: SegmentationDataset, candidates: list[int], protocol: str, threshold_row: bool = True
+                ) -> Query:
+    """Flatten the candidates' synonyms into one label list and remember which rows belong to which class.
+
+    With `threshold_row` the rows are those of a segmentation's scores (row 0 the threshold background, which the
+    background class owns); without, they index the label list itself (the dense method's query probabilities).
+    """
+    first = 1 if threshold_row else 0
     labels, classes, rows = [], [], []
     for index in candidates:
         prompts = dataset.classes[index].prompts
         classes.append(index)
-        rows.append(list(range(1 + len(labels), 1 + len(labels) + len(prompts))))
+        rows.append(list(range(first + len(labels), first + len(labels) + len(prompts))))
         labels.extend(prompts)
     background = dataset.background_class
     if background is not None:
         stuff = dataset.classes[background].prompts if protocol == "open" else ()
         classes.append(background)
-        rows.append([0, *range(1 + len(labels), 1 + len(labels) + len(stuff))])
+        rows.append([0] * threshold_row + list(range(first + len(labels), first + len(labels) + len(stuff))))
         labels.extend(stuff)
     return Query(labels, classes, rows)
 
@@ -102,14 +119,62 @@ def protocol_bg_threshold(dataset: SegmentationDataset, default: float) -> float
     return default if dataset.background_class is not None else 0.0
 
 
-def dense_protocol(dataset_key: str, dataset: SegmentationDataset) -> dict:
-    """The dense family's published evaluation settings for a data set of the registry, as option values:
-    `common` with the data set's entry of wildseg/dense_protocols.json on top; where the entry gives no
-    background threshold, 0.1 if background is a class, else 0."""
+def dense_class_prediction(probabilities: np.ndarray, query: Query, size: tuple[int, int], bg_threshold: float,
+                           area_threshold: Optional[float], background: Optional[int]) -> np.ndarray:
+    """The official dense segmenters' prediction (NACLIP, SCLIP, ClearCLIP `postprocess_result`) from per-query
+    probabilities (`query` without threshold row): a class scores the max over its queries, bilinearly resized to
+    `size` if need be; with `area_threshold` (SCLIP), a foreground class that wins on no more than that share of
+    the pixels won by any foreground class scores 0 everywhere; the best class wins, and the background class
+    where the best score is below `bg_threshold`."""
+    maps = torch.from_numpy(np.ascontiguousarray(probabilities))
+    grouped = torch.stack([maps[rows].amax(dim=0) if rows else torch.zeros_like(maps[0]) for rows in query.rows])
+    if tuple(grouped.shape[1:]) != tuple(size):
+        grouped = F.interpolate(grouped[None], size=size, mode="bilinear", align_corners=False)[0]
+    if area_threshold is not None:
+        foreground = torch.tensor([index != background for index in query.classes])
+        areas = torch.bincount(grouped.argmax(dim=0).flatten(), minlength=len(query.classes))
+        dropped = foreground & (areas <= area_threshold * areas[foreground].sum())
+        grouped[dropped] = 0
+    best, winner = grouped.max(dim=0)
+    prediction = torch.tensor(query.classes, dtype=torch.uint8)[winner]
+    if background is not None:
+        prediction[best < bg_threshold] = background
+    return prediction.numpy()
+
+
+def dense_protocol(attention: str, dataset_key: str, dataset: SegmentationDataset) -> dict:
+    """The published evaluation protocol of the dense segmenter that `attention` names (NACLIP, SCLIP, ClearCLIP;
+    NACLIP's for the others) on a data set of the registry, from wildseg/dense_protocols.json: `options` (segmenter
+    option values: the segmenter's common settings with the data set's on top; where none sets a background
+    threshold, 0.1 if background is a class, else 0), `area_threshold`, `class_list`, `config`, `published_miou`,
+    `source`, `follows` and the `deviations` of wildseg's run from the official one known in advance."""
     table = json.loads(resources.files("wildseg").joinpath("dense_protocols.json").read_text(encoding="utf-8"))
-    settings = {**table["common"], **table["datasets"].get(dataset_key, {})}
-    settings.setdefault("bg_threshold", protocol_bg_threshold(dataset, DEFAULT_DENSE_BG_THRESHOLD))
-    return {**settings, "pamr_dilations": tuple(settings["pamr_dilations"]), "source": table["source"]}
+    follows = attention if attention in table else "naclip"
+    published = table[follows]
+    entry = dict(published["datasets"].get(dataset_key, {}))
+    deviations = list(published["known_deviations"])
+    if follows != attention:
+        deviations.append(f"{attention} has no published evaluation protocol: NACLIP's is used")
+    if dataset_key not in published["datasets"]:
+        deviations.append(f"{follows} published no protocol for this data set: its common settings are used")
+    metadata = {key: entry.pop(key, None) for key in ("config", "class_list", "area_threshold", "published_miou")}
+    options = {**published["common"], **entry}
+    options.setdefault("bg_threshold", protocol_bg_threshold(dataset, DEFAULT_DENSE_BG_THRESHOLD))
+    if "pamr_dilations" in options:
+        options["pamr_dilations"] = tuple(options["pamr_dilations"])
+    return {"follows": follows, "source": published["source"], **metadata, "options": options,
+            "deviations": deviations}
+
+
+def use_published_class_list(dataset: SegmentationDataset, class_list: str) -> None:
+    """Give the data set's classes the queries of a published class list (`datasets/classnames/published`), word
+    for word, keeping wildseg's class names for the report."""
+    published = published_class_prompts(class_list)
+    if len(published) != len(dataset.classes):
+        raise WildsegError(f"the published class list {class_list} has {len(published)} classes, {dataset.name} "
+                           f"{len(dataset.classes)}: pass --class-names with one line per class")
+    dataset.rename_classes([ClassName(entry.name, prompts, entry.is_background)
+                            for entry, prompts in zip(dataset.classes, published)])
 
 
 class PredictionStore:
@@ -197,11 +262,13 @@ def evaluate(
     protocol: str = "open",
     store: Optional[PredictionStore] = None,
     on_image: Callable[[str, str], None] = lambda image_id, outcome: None,
+    area_threshold: Optional[float] = None,
 ) -> Evaluation:
     """Segment every image of `ids` under `protocol` and accumulate the confusion matrix against ground truth.
 
     An image that cannot be read or segmented is recorded in `failed` and the run goes on. `on_image(id,
-    outcome)` is called after each image with outcome `done`, `reused` or `failed`.
+    outcome)` is called after each image with outcome `done`, `reused` or `failed`. `area_threshold` is the
+    dense method's (SCLIP's, see `dense_class_prediction`).
     """
     if protocol not in PROTOCOLS:
         raise WildsegError(f"unknown protocol {protocol!r}: use one of {', '.join(PROTOCOLS)}")
@@ -217,7 +284,8 @@ def evaluate(
             outcome = "reused" if prediction is not None else "done"
             if prediction is None:
                 clock = time.perf_counter()
-                prediction = _predict(segmenter, dataset, sample.image, sample.truth, protocol, evaluation.timings_s)
+                prediction = _predict(segmenter, dataset, sample.image, sample.truth, protocol, evaluation.timings_s,
+                                      area_threshold)
                 if store:
                     store.save(image_id, prediction)
                 _add_time(evaluation.timings_s, "predict_s", time.perf_counter() - clock)
@@ -240,11 +308,17 @@ def _predict(
     truth: np.ndarray,
     protocol: str,
     timings: dict[str, float],
+    area_threshold: Optional[float],
 ) -> np.ndarray:
-    query = build_query(dataset, candidate_classes(dataset, truth, protocol), protocol)
+    dense = segmenter.method == "dense"
+    query = build_query(dataset, candidate_classes(dataset, truth, protocol), protocol, threshold_row=not dense)
     if not query.labels:
         # Nothing to ask: the background where there is one; else no pixel is scored, and any class will do.
         return np.full(truth.shape, query.classes[0] if query.classes else 0, dtype=np.uint8)
+    if dense:
+        probabilities = segmenter.query_probabilities(image, query.labels)
+        return dense_class_prediction(probabilities, query, truth.shape, segmenter.bg_threshold, area_threshold,
+                                      dataset.background_class)
     result = segmenter.segment(image, query.labels)
     for stage, seconds in result.timings.items():
         _add_time(timings, stage, seconds)

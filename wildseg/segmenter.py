@@ -162,11 +162,13 @@ class Segmenter:
         templates: str = DEFAULT_TEMPLATES,
         view_batch: Optional[int] = None,
         max_side: int = DEFAULT_MAX_SIDE,
+        backbone: Optional[Backbone] = None,
     ):
         """`dense` defaults to DenseSettings(); `bg_threshold` to the method's (0.4 for relevance, 0.1 for dense);
         `view_batch` to 32 views per model batch on CUDA, 8 on the CPU; `crf_backend` (`CRF_BACKENDS`) to torch
         on a GPU, pydensecrf on the CPU; `activation` (`backbone.ACTIVATIONS`) to the one the weights were trained
-        with."""
+        with. A loaded `backbone` (another Segmenter's) is used as it is, with its label embeddings, instead of
+        loading the model the first six arguments name."""
         _check_choice("method", method, METHODS)
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
@@ -184,7 +186,9 @@ class Segmenter:
         if view_batch is not None and view_batch < 1:
             raise WildsegError(f"the view batch size must be at least 1, got {view_batch}")
         check_settings(bg_threshold, temperature)
-        self.backbone: Backbone = load_backbone(model, pretrained, checkpoint, device, cache_dir, activation)
+        self.backbone: Backbone = backbone or load_backbone(model, pretrained, checkpoint, device, cache_dir,
+                                                            activation)
+        model = self.backbone.model_name
         check_vision_tower(self.backbone.model.visual, model)
         patch = self.backbone.model.visual.patch_size[0]
         if method == "dense" and dense.window % patch:

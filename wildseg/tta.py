@@ -170,9 +170,9 @@ class ViewStream:
 
     `add(key, image, views)` queues an image (channels x H x W); whenever `batch_size` views are waiting they
     are rendered, mapped by `map_views` (views x channels x h x w -> views x labels x grid), views of one
-    rendered size at a time, and warped back. `add` and `flush` return the (key, merged maps) of the images all of whose views are done. A batch
-    that runs out of CUDA memory is split in halves and `batch_size` lowered for the rest of the stream.
-    `stages` times rendering and merging as the stage "tta_merge".
+    rendered size at a time, and warped back. `add` and `flush` return the (key, merged maps) of the images all
+    of whose views are done. A batch that runs out of CUDA memory is split in halves and `batch_size` lowered
+    for the rest of the stream. `stages` times rendering and merging as the stage "tta_merge".
     """
 
     def __init__(

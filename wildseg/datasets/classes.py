@@ -60,6 +60,14 @@ def read_class_names(path: Path) -> list[ClassName]:
     return parse_class_names(text.splitlines(), str(path))
 
 
+def published_class_prompts(class_list: str) -> list[tuple[str, ...]]:
+    """The queries of each class of a class list that an official dense segmenter evaluates with, word for word
+    (`classnames/published/<class_list>`, copied from its repository): line i holds class i's names separated by
+    ', ', read as their `get_cls_idx` reads them."""
+    text = resources.files(__package__).joinpath("classnames", "published", class_list).read_text(encoding="utf-8")
+    return [tuple(line.split(", ")) for line in text.split("\n") if line]
+
+
 def builtin_class_names(key: str) -> list[ClassName]:
     """A class-name list shipped with wildseg, from `wildseg/datasets/classnames/<key>.txt`."""
     text = resources.files(__package__).joinpath("classnames", f"{key}.txt").read_text(encoding="utf-8")
