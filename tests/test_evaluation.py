@@ -364,7 +364,7 @@ def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_i
     assert published["options"]["bg_threshold"] == 0.1 and published["published_miou"] == 64.07
     assert published["deviations"] == ["--window 32 instead of 0", "--short-side 64 instead of 336",
                                        "--max-side 40 instead of 2048", "--templates photo instead of imagenet80"]
-    assert "deviations from naclip's protocol: --window 32" in result.stderr
+    assert "naclip: deviations from naclip's protocol: --window 32" in result.stderr
     assert segmenter["bg_threshold"] == 0.1 and segmenter["tta"] == "none" and segmenter["refine"] == "pamr"
     assert segmenter["pamr"]["dilations"] == [8, 16] and segmenter["crf"] is None
     assert segmenter["dense"] == {"attention": "naclip", "window": 32, "stride": 16, "short_side": 64,
@@ -398,7 +398,7 @@ def test_only_sclip_voc_has_an_area_threshold_and_others_follow_naclip(tmp_path)
     assert dense_protocol("sclip", "voc", with_background)["area_threshold"] == 0.1
     assert dense_protocol("naclip", "voc", with_background)["area_threshold"] is None
     maskclip = dense_protocol("maskclip", "voc", with_background)
-    assert maskclip["follows"] == "naclip"
+    assert maskclip["follows"] == "naclip" and maskclip["published_miou"] is None
     assert "maskclip has no published evaluation protocol" in maskclip["deviations"][0]
     folder = dense_protocol("naclip", "folder", with_background)
     assert folder["options"]["bg_threshold"] == 0.1 and folder["class_list"] is None
@@ -443,3 +443,37 @@ def test_dense_eval_refuses_the_crf_in_one_line(synthetic_voc, tiny_checkpoint):
     result = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--method", "dense", "--refine", "crf",
                  *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and "--refine pamr or none" in result.stderr
+
+
+def test_compare_runs_each_method_under_its_own_protocol_and_tabulates_miou(synthetic_voc, tmp_path,
+                                                                            tiny_checkpoint):
+    """One model, three protocols: each run of the comparison is the single run of that method."""
+    report, predictions = tmp_path / "report.json", tmp_path / "predictions"
+    arguments = ["eval", "--dataset", "voc", "--root", synthetic_voc, *tiny_cli_args(tiny_checkpoint), "--tta", "none",
+                 "--max-side", 40]
+    result = run(*arguments, "--compare", "relevance,naclip,sclip", "--report", report,
+                 "--save-predictions", predictions)
+    assert result.exit_code == 0, result.output
+    record = json.loads(report.read_text())
+    assert [row["run"] for row in record["comparison"]] == ["relevance", "naclip", "sclip"]
+    assert [row["follows"] for row in record["comparison"]] == [None, "naclip", "sclip"]
+    assert record["comparison"][2]["published_miou"] == 59.63
+    assert record["runs"]["sclip"]["dense_protocol"]["area_threshold"] == 0.1
+    assert sorted(path.name for path in predictions.iterdir()) == ["naclip", "relevance", "sclip"]
+    for name in ("relevance", "naclip"):
+        method = ["--method", "dense", "--attention", name] if name != "relevance" else []
+        single = tmp_path / f"{name}.json"
+        assert run(*arguments, *method, "--report", single).exit_code == 0
+        assert json.loads(single.read_text())["confusion"] == record["runs"][name]["confusion"]
+        assert json.loads(single.read_text())["metrics"]["miou"] == record["comparison"][
+            ["relevance", "naclip"].index(name)]["miou"]
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--compare", "naclip,qk"], "--compare takes relevance and dense attentions"),
+    (["--compare", "naclip", "--method", "dense"], "--compare names the methods itself"),
+    (["--compare", "relevance,naclip", "--window", "32"], "--window is an option of --method dense"),
+])
+def test_compare_refuses_bad_lists_in_one_line(synthetic_voc, tiny_checkpoint, options, message):
+    result = run("eval", "--dataset", "voc", "--root", synthetic_voc, *options, *tiny_cli_args(tiny_checkpoint))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr

@@ -193,7 +193,6 @@ def build_segmenter(console: Console, method: str, protocol: dict, **options) ->
     crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
     pamr = PamrSettings(**{field: values.pop(option) for option, field in
                            (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
-    values.pop("source", None)
     with console.status("loading the model", spinner="dots"):
         return Segmenter(method=method, dense=dense, crf=crf, pamr_settings=pamr, **values)
 
@@ -528,49 +527,111 @@ def _image_progress(console: Console) -> Progress:
                    "With --method dense, options not given follow the published protocol of the segmenter that "
                    "--attention names (NACLIP, SCLIP or ClearCLIP; NACLIP's for the others) on the data set, with "
                    "its class list (wildseg/dense_protocols.json); the report records it and every deviation.")
+@click.option("--compare", help="Evaluate several methods on the same images, each under its own protocol: a "
+                                 "comma-separated list of relevance and dense attentions (naclip, sclip, clearclip, "
+                                 "maskclip, vanilla); the report holds every run and a table of mIoU.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no tables.")
 def evaluate_command(dataset_name, root, split, download, ignore_index, class_names, given_labels, limit, ids_file,
-                     report, save_predictions, quiet, bg_threshold, **segmenter_arguments):
+                     report, save_predictions, compare, quiet, bg_threshold, **segmenter_arguments):
     """Evaluate on a benchmark: per-class IoU, mIoU, pixel and mean class accuracy."""
     dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
     ids = load_ids(ids_file, dataset) if ids_file else list(dataset.ids)
     ids = ids[:limit] if limit else ids
-    protocol = "given" if given_labels else "open"
-    published = None
-    if segmenter_arguments["method"] == "dense":
-        published = _published_protocol(dataset_name, dataset, class_names, protocol,
-                                         {**segmenter_arguments, "bg_threshold": bg_threshold})
-    check_dataset(dataset, protocol)
+    runs = _compared_runs(compare, segmenter_arguments)
     if save_predictions is not None:
         _check_output_folder(save_predictions, [], "--save-predictions")
     if report is not None:
         _check_output_folder(report.parent, [report], "--report")
+    console, output = Console(stderr=True, quiet=quiet), Console(quiet=quiet)
+    selection = {"images": len(ids), "limit": limit, "ids_file": None if ids_file is None else str(ids_file)}
+    results, failed, backbone = {}, False, None
+    for name, method, attention in runs:
+        if results:
+            dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
+        predictions = None if save_predictions is None else save_predictions / name if compare else save_predictions
+        arguments = {**segmenter_arguments, "method": method, "attention": attention, "bg_threshold": bg_threshold}
+        result, segmenter = _evaluate_run(console, dataset, dataset_name, ids, given_labels, class_names, predictions,
+                                          selection, arguments, backbone)
+        backbone, results[name] = segmenter.backbone, result
+        if not compare:
+            output.print(_per_class_table(result["per_class"]))
+        for failure in result["images"]["failures"]:
+            click.echo(f"wildseg: failed: {name + ': ' if compare else ''}{failure['id']}: {failure['reason']}",
+                       err=True)
+        output.print(f"{name}: " * bool(compare) + _summary_line(result), soft_wrap=True)
+        failed = failed or bool(result["images"]["failures"])
+    if compare:
+        comparison = [_comparison_row(name, result) for name, result in results.items()]
+        output.print(_comparison_table(comparison))
+    if report is not None:
+        write_json(report, {"comparison": comparison, "runs": results} if compare else results[runs[0][0]],
+                   "the report")
+    if failed:
+        sys.exit(1)
+
+
+def _compared_runs(compare: Optional[str], options: dict) -> list[tuple[str, str, Optional[str]]]:
+    """(name, method, attention) of each run: the one --method/--attention name, or each entry of --compare."""
+    if compare is None:
+        return [("run", options["method"], options["attention"])]
+    if options["method"] != "relevance" or options["attention"] is not None:
+        raise WildsegError("--compare names the methods itself: leave out --method and --attention")
+    names = list(dict.fromkeys(name.strip() for name in compare.split(",") if name.strip()))
+    unknown = [name for name in names if name != "relevance" and name not in ATTENTION_VARIANTS]
+    if unknown or not names:
+        raise WildsegError(f"--compare takes relevance and dense attentions ({', '.join(ATTENTION_VARIANTS)}), "
+                           f"comma-separated; got {compare!r}")
+    runs = [(name, "relevance", None) if name == "relevance" else (name, "dense", name) for name in names]
+    for _, method, _ in runs:
+        given = {name: value for name, value in options.items() if value is not None and name != "attention"}
+        _refuse_misplaced(given, method, options.get("refine") or ("pamr" if method == "dense" else "crf"))
+    return runs
+
+
+def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], given_labels: bool,
+                  class_names: Optional[Path], save_predictions: Optional[Path], selection: dict, options: dict,
+                  backbone) -> tuple[dict, Segmenter]:
+    """One method over the images: its protocol (the published one of a dense attention), the segmenter (on
+    `backbone` when one is loaded), the evaluation and its report."""
+    protocol = "given" if given_labels else "open"
+    published = None
+    if options["method"] == "dense":
+        published = _published_protocol(dataset_key, dataset, class_names, protocol, options)
+    check_dataset(dataset, protocol)
     defaults = (published["options"] if published is not None
                 else {"bg_threshold": protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)})
-    console = Console(stderr=True, quiet=quiet)
-    segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, bg_threshold=bg_threshold,
-                                **segmenter_arguments)
+    segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, backbone=backbone, **options)
     settings = {**run_settings(dataset, protocol, segmenter.settings()), "dense_protocol": published}
     store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
     if published is not None and published["deviations"]:
-        console.print(f"deviations from {published['follows']}'s protocol: {'; '.join(published['deviations'])}",
-                      markup=False, highlight=False)
+        attention = options["attention"] or DEFAULT_ATTENTION
+        console.print(f"{attention}: deviations from {published['follows']}'s protocol: "
+                      f"{'; '.join(published['deviations'])}", markup=False, highlight=False, soft_wrap=True)
     with _image_progress(console) as progress:
         task = progress.add_task(f"{dataset.name} {dataset.split or ''}", total=len(ids))
         evaluation = evaluate(segmenter, dataset, ids, protocol, store,
                               on_image=lambda image_id, outcome: progress.advance(task),
                               area_threshold=published and published["area_threshold"])
-    selection = {"images": len(ids), "limit": limit, "ids_file": None if ids_file is None else str(ids_file)}
-    result = build_report(dataset, settings, selection, evaluation)
-    output = Console(quiet=quiet)
-    output.print(_per_class_table(result["per_class"]))
-    for failure in evaluation.failed:
-        click.echo(f"wildseg: failed: {failure['id']}: {failure['reason']}", err=True)
-    output.print(_summary_line(result), soft_wrap=True)
-    if report is not None:
-        write_json(report, result, "the report")
-    if evaluation.failed:
-        sys.exit(1)
+    return build_report(dataset, settings, selection, evaluation), segmenter
+
+
+def _comparison_row(name: str, result: dict) -> dict:
+    """One run of a comparison: its metrics beside the protocol it follows and the published mIoU."""
+    published = result["dense_protocol"] or {}
+    return {"run": name, "method": result["segmenter"]["method"], **result["metrics"],
+            "follows": published.get("follows"), "published_miou": published.get("published_miou"),
+            "deviations": len(published.get("deviations", []))}
+
+
+def _comparison_table(rows: list[dict]) -> Table:
+    table = Table()
+    for title in ("run", "mIoU %", "pixel acc %", "follows", "published mIoU %", "deviations"):
+        table.add_column(title, justify="left" if title in ("run", "follows") else "right")
+    for row in rows:
+        published = "-" if row["published_miou"] is None else f"{row['published_miou']:.2f}"
+        table.add_row(row["run"], _percent(row["miou"]), _percent(row["pixel_accuracy"]), row["follows"] or "-",
+                      published, str(row["deviations"]) if row["follows"] else "-")
+    return table
 
 
 def _published_protocol(dataset_key: str, dataset, class_names: Optional[Path], protocol: str, options: dict

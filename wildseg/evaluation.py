@@ -155,6 +155,7 @@ def dense_protocol(attention: str, dataset_key: str, dataset: SegmentationDatase
     deviations = list(published["known_deviations"])
     if follows != attention:
         deviations.append(f"{attention} has no published evaluation protocol: NACLIP's is used")
+        entry.pop("published_miou", None)
     if dataset_key not in published["datasets"]:
         deviations.append(f"{follows} published no protocol for this data set: its common settings are used")
     metadata = {key: entry.pop(key, None) for key in ("config", "class_list", "area_threshold", "published_miou")}
