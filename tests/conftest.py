@@ -1,5 +1,6 @@
 """Shared fixtures: a tiny randomly initialised open_clip ViT (registered from tests/configs) and real data paths."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,19 @@ ORACLE_MODEL = "tiny_openclip_config"
 open_clip.add_model_config(Path(__file__).parent / "configs")
 if (ORACLES / f"{ORACLE_MODEL}.json").is_file():
     open_clip.add_model_config(ORACLES / f"{ORACLE_MODEL}.json")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def text_cache_folder(tmp_path_factory):
+    """Label embeddings are cached in a folder of the test session (subprocesses inherit it), never the user's."""
+    folder = tmp_path_factory.mktemp("text-cache")
+    previous = os.environ.get("WILDSEG_CACHE_DIR")
+    os.environ["WILDSEG_CACHE_DIR"] = str(folder)
+    yield folder
+    if previous is None:
+        del os.environ["WILDSEG_CACHE_DIR"]
+    else:
+        os.environ["WILDSEG_CACHE_DIR"] = previous
 
 
 def make_tiny_model(seed: int = 0) -> torch.nn.Module:

@@ -1,17 +1,31 @@
 """Loading weights from checkpoints and tags, clear errors, and prompt-ensemble text embeddings."""
 
+import argparse
+import logging
+import time
+import warnings
+
+import numpy as np
 import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL, TINY_RESNET
+from conftest import TINY_MODEL, TINY_RESNET, make_tiny_model
+from PIL import Image
 from safetensors.torch import save_file
 
 from wildseg import Segmenter
 from wildseg.backbone import TEMPLATE_SETS, load_backbone
 from wildseg.errors import WildsegError
+from wildseg.text_cache import CACHE_DIR_VARIABLE
 
 IMAGES = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(autouse=True)
+def isolated_text_cache(tmp_path, monkeypatch):
+    """Label embeddings go to the test's folder, not to the user's cache."""
+    monkeypatch.setenv(CACHE_DIR_VARIABLE, str(tmp_path / "text-cache"))
 
 
 def test_state_dict_checkpoint_loads_the_saved_weights(tiny_checkpoint, tiny_model):
@@ -79,16 +93,58 @@ def test_unknown_pretrained_tag_lists_the_known_ones():
         load_backbone("ViT-B-16", pretrained="nope", device="cpu")
 
 
-def test_weights_that_cannot_be_downloaded_name_the_cause_and_the_fix(tmp_path, monkeypatch):
+def assert_nothing_else_was_said(capfd, caplog, root_handlers):
+    """No output on stdout/stderr, no log record, logging enabled again and the root logger's handlers as before."""
+    assert capfd.readouterr() == ("", "")
+    assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
+    assert logging.root.manager.disable == logging.NOTSET
+    assert logging.getLogger().handlers == root_handlers
+
+
+def test_weights_that_cannot_be_downloaded_name_the_cause_and_the_fix(tmp_path, monkeypatch, capfd, caplog):
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    root_handlers = list(logging.getLogger().handlers)
     with pytest.raises(WildsegError) as error:
         load_backbone("ViT-B-32", pretrained="openai", device="cpu",
                       cache_dir=tmp_path)
     message = str(error.value)
-    assert "could not get the 'openai' weights of ViT-B-32" in message
-    assert str(tmp_path) in message and "--checkpoint" in message and "\n" not in message
+    assert message.startswith(
+        "could not get the 'openai' weights of ViT-B-32: they are not in the download cache, and HF_HUB_OFFLINE=1 "
+        "forbids fetching them from https://huggingface.co/timm/vit_base_patch32_clip_224.openai (unset it to "
+        f"download); open_clip downloads them once into {tmp_path}:"
+    )
+    assert message.endswith("or pass --checkpoint PATH to a local weights file") and "\n" not in message
+    assert_nothing_else_was_said(capfd, caplog, root_handlers)
+
+
+def test_an_unreachable_hub_is_one_clean_line(tmp_path, monkeypatch, capfd, caplog):
+    """The hub's retries (logged twice each once open_clip's logging.info() has set up the root logger) and
+    open_clip's ERROR line stay unsaid; the error names the server, the cause and every fix."""
+    import huggingface_hub.constants
+    import huggingface_hub.utils._http
+
+    unreachable = "http://127.0.0.1:9"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        unreachable + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda seconds: None)
+    root_handlers = list(logging.getLogger().handlers)
+    started = time.monotonic()
+    with pytest.raises(WildsegError) as error:
+        load_backbone("ViT-B-16", pretrained="openai", device="cpu", cache_dir=tmp_path)
+    assert time.monotonic() - started < 30
+    assert str(error.value) == (
+        "could not get the 'openai' weights of ViT-B-16: http://127.0.0.1:9/timm/vit_base_patch16_clip_224.openai "
+        f"could not be reached and they are not in the download cache; open_clip downloads them once into "
+        f"{tmp_path}: connect to the network, point --cache-dir at a copy of that cache (with HF_HUB_OFFLINE=1 to "
+        "skip network attempts), or pass --checkpoint PATH to a local weights file"
+    )
+    assert_nothing_else_was_said(capfd, caplog, root_handlers)
+    with pytest.warns(UserWarning, match="warnings work again"):
+        warnings.warn("warnings work again")
 
 
 def test_missing_checkpoint(tmp_path):
@@ -96,16 +152,85 @@ def test_missing_checkpoint(tmp_path):
         load_backbone(TINY_MODEL, checkpoint=tmp_path / "missing.pt", device="cpu")
 
 
-def test_corrupt_checkpoint(tmp_path):
-    path = tmp_path / "corrupt.pt"
-    path.write_bytes(b"this is not a checkpoint")
-    with pytest.raises(WildsegError, match="cannot read checkpoint .*corrupt.pt"):
+def pickled_namespace(tmp_path):
+    """A training checkpoint: the state dict beside the run's argparse arguments."""
+    path = tmp_path / "training.pt"
+    torch.save({"state_dict": make_tiny_model().state_dict(), "args": argparse.Namespace(lr=1e-3)}, path)
+    return path.read_bytes()
+
+
+def png_bytes(tmp_path):
+    path = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((4, 4, 3), dtype=np.uint8)).save(path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize(("content", "kind"), [
+    (b"this is not a checkpoint", "it looks like text"),
+    (b"", r"it is empty \(0 bytes\), maybe an interrupted download"),
+    (png_bytes, "it is a PNG image"),
+    (("éa" * 2000).encode(), "it looks like text"),
+    (b"<!DOCTYPE html>\n<html><body>Hugging Face</body></html>",
+     r"it is a web page \(HTML\), not the weights: download the file itself"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 1\n", "it is a Git LFS pointer, .*git lfs pull`"),
+    (bytes(range(256)) * 4, "it is binary data PyTorch does not recognise, maybe a truncated download"),
+    (pickled_namespace, r"it holds a pickled argparse.Namespace beside its tensors, which PyTorch does not load "
+                        r"from files unchecked: save the state dict alone \(torch.save\(state_dict, 'weights.pt'\)\)"),
+])
+def test_a_file_that_is_not_weights_says_what_it_is(tmp_path, content, kind):
+    path = tmp_path / "notes.pt"
+    path.write_bytes(content(tmp_path) if callable(content) else content)
+    expected = (f"^cannot read checkpoint .*notes.pt, it is not a weights file PyTorch can load: {kind}; "
+                r"pass an open_clip state dict \(.pt, .bin, .safetensors\) or an OpenAI JIT archive$")
+    with pytest.raises(WildsegError, match=expected):
         load_backbone(TINY_MODEL, checkpoint=path, device="cpu")
 
 
 def test_checkpoint_of_another_architecture(tiny_checkpoint):
-    with pytest.raises(WildsegError, match="does not fit model ViT-B-32 .*: pass the --model it was saved from"):
+    with pytest.raises(WildsegError) as error:
         load_backbone("ViT-B-32", checkpoint=tiny_checkpoint, device="cpu")
+    assert str(error.value) == (
+        f"checkpoint {tiny_checkpoint} does not fit --model ViT-B-32: it holds a ViT with 8-pixel patches, width 128, "
+        f"3 layers and 64-pixel input ({TINY_MODEL} in open_clip's names): pass --model {TINY_MODEL}"
+    )
+
+
+def register_tiny_variant(monkeypatch, name, vision=None, text=None):
+    """An open_clip config like the tiny ViT's with some vision or text settings changed, for this test only."""
+    config = open_clip.get_model_config(TINY_MODEL)
+    config["vision_cfg"].update(vision or {})
+    config["text_cfg"].update(text or {})
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, config)
+
+
+def test_the_architecture_is_read_from_the_tensors_and_named(tmp_path, monkeypatch):
+    register_tiny_variant(monkeypatch, "tiny-p16", vision={"patch_size": 16})
+    register_tiny_variant(monkeypatch, "tiny-p16-quickgelu", vision={"patch_size": 16})
+    path = tmp_path / "tiny-p16.pt"
+    torch.save(open_clip.create_model("tiny-p16").state_dict(), path)
+    with pytest.raises(WildsegError) as error:
+        load_backbone(TINY_MODEL, checkpoint=path, device="cpu")
+    assert str(error.value) == (
+        f"checkpoint {path} does not fit --model {TINY_MODEL}: it holds a ViT with 16-pixel patches, width 128, "
+        "3 layers and 64-pixel input (tiny-p16 in open_clip's names): pass --model tiny-p16"
+    )
+
+
+def test_a_text_tower_of_another_shape_is_named(tiny_checkpoint, monkeypatch):
+    register_tiny_variant(monkeypatch, "tiny-deep-text", text={"layers": 2})
+    with pytest.raises(WildsegError, match=f"does not fit --model tiny-deep-text: it holds a ViT with 8-pixel patches, "
+                                           f".*, and a text tower unlike tiny-deep-text's .*pass --model {TINY_MODEL}"):
+        load_backbone("tiny-deep-text", checkpoint=tiny_checkpoint, device="cpu")
+
+
+def test_an_architecture_no_config_has_is_described(tmp_path):
+    state_dict = {name: tensor for name, tensor in make_tiny_model().state_dict().items()
+                  if not name.startswith("visual.transformer.resblocks.2.")}
+    path = tmp_path / "two-layers.pt"
+    torch.save(state_dict, path)
+    with pytest.raises(WildsegError, match="it holds a ViT with 8-pixel patches, width 128, 2 layers and 64-pixel "
+                                           "input, which no open_clip model config has: pass the --model of the"):
+        load_backbone(TINY_MODEL, checkpoint=path, device="cpu")
 
 
 def test_cuda_requested_without_a_gpu(monkeypatch):
@@ -123,7 +248,8 @@ def test_random_weights_when_no_pretrained():
 def test_jit_archive_of_another_architecture_is_refused(tmp_path):
     path = tmp_path / "tiny-jit.pt"
     save_openai_style_archive(path)
-    with pytest.raises(WildsegError, match="does not fit model ViT-B-16 .*vision tower.*pass the --model"):
+    with pytest.raises(WildsegError, match=f"does not fit --model ViT-B-16: it holds a ViT with 8-pixel patches.*"
+                                           f"pass --model {TINY_MODEL}$"):
         load_backbone("ViT-B-16", checkpoint=path, device="cpu")
 
 
