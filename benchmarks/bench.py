@@ -67,6 +67,8 @@ def write_images(folder: Path, count: int) -> list[Path]:
 
 
 def build_segmenter(arguments) -> Segmenter:
+    if arguments.model_config is not None:
+        open_clip.add_model_config(arguments.model_config)
     return Segmenter(model=arguments.model, pretrained=None, checkpoint=arguments.checkpoint,
                      device=arguments.device, method=arguments.method, tta=arguments.tta, refine=arguments.refine,
                      crf_backend=arguments.crf_backend,
@@ -190,6 +192,7 @@ def parse_arguments(argv=None):
     parser.add_argument("--view-batch", type=int,
                         help="views per model batch on the fast path (default 32 on CUDA, 8 on CPU)")
     parser.add_argument("--model", default="ViT-B-16")
+    parser.add_argument("--model-config", type=Path, help="an open_clip model config (JSON) to register first")
     parser.add_argument("--checkpoint", type=Path)
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--path", choices=PATHS, help=argparse.SUPPRESS)

@@ -8,9 +8,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import TINY_MODEL, tiny_cli_args
 from PIL import Image
+from rich.progress import Progress
 
 from wildseg import Segmenter, __version__
-from wildseg.cli import main
+from wildseg.cli import RateColumn, TimeLeftColumn, advance, main, steady_rate
 from wildseg.errors import WildsegError
 from wildseg.outputs import label_palette, write_json
 from wildseg.pseudolabels import label_scores, scores_to_probabilities
@@ -63,7 +64,8 @@ def test_segment_writes_mask_overlay_and_record(photo, tmp_path, tiny_checkpoint
     assert record["settings"]["crf"]["iterations"] == 2 and record["settings"]["tta"] == "default"
     assert record["settings"]["crf"]["backend"] == "pydensecrf", "auto is pydensecrf on the CPU"
     assert record["settings"]["activation"] == "gelu" and record["settings"]["activation_source"] == "--activation"
-    assert record["timings_s"]["decode_s"] > 0 and record["timings_s"]["crf_s"] > 0
+    assert set(record["timings_s"]) == {"decode_s", "text_s", "maps_s", "crf_s", "write_s"}, "the stages that ran"
+    assert all(seconds > 0 for seconds in record["timings_s"].values())
     assert "background" in result.stdout and "photo.png" in result.stdout
     assert not list(out.glob(".*")), "no temporary files are left"
 
@@ -151,6 +153,16 @@ def test_outputs_never_overwrite_the_input(tmp_path, tiny_checkpoint):
     result = run("segment", image, "-l", "cat", "-o", tmp_path, *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and "would overwrite the input" in result.stderr
     assert image.read_bytes() == before
+
+
+def test_an_input_folder_that_is_the_output_folder_is_named_as_the_cause(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.new("RGB", (32, 32), (10, 200, 30)).save(folder / "road.png")
+    result = run("segment", folder, "-l", "road", "-o", folder, *tiny_cli_args(tiny_checkpoint))
+    assert result.exit_code == 2 and result.stderr.count("\n") == 1
+    assert f"the input folder {folder} lies in the output folder {folder}" in result.stderr
+    assert "give another --out (for example pngs_masks)" in result.stderr
 
 
 def test_invalid_settings_are_refused(tiny_checkpoint):
@@ -271,3 +283,57 @@ def test_dense_usage_errors_are_one_line(photo, tmp_path, tiny_checkpoint, argum
                  *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
+
+
+def test_scores_and_heatmaps_are_written_and_asked_for_again_on_rerun(photo, tmp_path, tiny_checkpoint):
+    """The npz holds the probabilities the record's mean scores come from; a rerun that asks for scores an
+    earlier run did not write segments the image again."""
+    out = tmp_path / "out"
+    plain = run("segment", photo, "-l", "cat,sofa", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
+    assert plain.exit_code == 0 and not list(out.glob("*_scores.npz"))
+    result = run("segment", photo, "-l", "cat,sofa", "-o", out, "--tta", "none", "--save-scores", "--heatmaps",
+                 *tiny_cli_args(tiny_checkpoint))
+    assert result.exit_code == 0 and "1 done, 0 skipped" in result.stdout
+    saved = np.load(out / "photo_scores.npz")
+    record = json.loads((out / "photo.json").read_text())
+    assert saved["labels"].tolist() == ["background", "cat", "sofa"] and saved["image_size"].tolist() == [80, 48]
+    scores = saved["scores"].astype(np.float32)
+    mask = np.array(Image.open(out / "photo.png"))
+    for index, row in enumerate(record["classes"]):
+        if row["pixel_fraction"]:
+            assert scores[index][mask == index].mean() == pytest.approx(row["mean_score"], abs=1e-3)
+    assert sorted(path.name for path in out.glob("photo_heatmap_*")) == ["photo_heatmap_1_cat.jpg",
+                                                                        "photo_heatmap_2_sofa.jpg"]
+    assert Image.open(out / "photo_heatmap_1_cat.jpg").size == (48, 80)
+    again = run("segment", photo, "-l", "cat,sofa", "-o", out, "--tta", "none", "--save-scores", "--heatmaps",
+                *tiny_cli_args(tiny_checkpoint))
+    assert "0 done, 1 skipped" in again.stdout
+
+
+def test_models_lists_what_both_methods_work_with_and_why_not_the_rest():
+    wide = {"COLUMNS": "200"}
+    listed = CliRunner().invoke(main, ["models"], env=wide)
+    assert listed.exit_code == 0
+    rows = {line.split("│")[1].strip(): line.split("│")[2].strip() for line in listed.stdout.splitlines()
+            if line.count("│") == 3}
+    assert "openai" in rows["ViT-B-16"] and "RN50" not in rows and "coca_ViT-B-32" not in rows
+    assert "`wildseg models --all` lists them" in listed.stdout
+    everything = CliRunner().invoke(main, ["models", "--all"], env=wide)
+    assert "ResNet vision tower" in everything.stdout and "attentional pooling (CoCa)" in everything.stdout
+
+
+def test_the_rate_starts_at_the_first_image_done():
+    """Warm-up (1 s before the first image) and a burst do not make the rate: 1 image in the 2 s after the first
+    gives 0.5 images/s, and the 8 left take 16 s at that rate."""
+    now = [0.0]
+    progress = Progress(RateColumn(), TimeLeftColumn(), get_time=lambda: now[0], disable=True)
+    task = progress.add_task("segmenting", total=10)
+    now[0] = 1.0
+    advance(progress, task)
+    assert steady_rate(progress.tasks[task]) is None and str(TimeLeftColumn().render(progress.tasks[task])) == (
+        "-:--:-- left")
+    now[0] = 3.0
+    advance(progress, task)
+    assert steady_rate(progress.tasks[task]) == pytest.approx(0.5)
+    assert str(TimeLeftColumn().render(progress.tasks[task])) == "0:00:16 left"
+    assert str(RateColumn().render(progress.tasks[task])) == "0.50 img/s"

@@ -218,7 +218,8 @@ def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_
     assert record["images"] == {"evaluated": 3, "reused": 0, "failed": 0, "failures": []}
     assert record["classes"][0][:3] == ["background", "sky", "wall"] and len(record["per_class"]) == 21
     timings = record["timings_s"]
-    assert {"total_s", "maps_s", "pamr_s", "crf_s", "read_s"} <= set(timings)
+    assert {"total_s", "maps_s", "crf_s", "read_s", "text_s", "decode_s"} <= set(timings)
+    assert "pamr_s" not in timings, "PAMR did not run (--refine crf)"
     assert timings["maps_s"] < timings["predict_s"] < timings["total_s"]
     assert timings["per_segmented_image_s"] == pytest.approx(timings["predict_s"] / 3)
 
@@ -290,7 +291,9 @@ def test_eval_runs_on_the_real_camvid_folder(tmp_path, tiny_checkpoint):
 
 def test_eval_usage_errors_are_one_line(tmp_path, tiny_checkpoint):
     for args, message in [
-        (["-d", "voc"], "give --root"),
+        (["-d", "voc"], "--dataset voc needs --root: the VOCdevkit/VOC2012 folder"),
+        (["-d", "folder", "--limit", "5"], "--dataset folder needs --root: a folder holding images/, masks/ and "
+                                          "classes.txt"),
         (["-d", "ade20k", "--root", tmp_path], "ADE20K: folder"),
         (["-d", "folder", "--root", tmp_path, "--split", "val"], "has no splits"),
         (["-d", "nope"], "Invalid value for '--dataset'"),

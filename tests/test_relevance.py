@@ -1,5 +1,9 @@
 """Relevance maps against open_clip's own forward and against a plain one-label-at-a-time computation."""
 
+import copy
+import json
+
+import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
@@ -10,6 +14,7 @@ from wildseg.relevance import (
     forward_with_attention,
     relevance_maps,
     resolve_start_block,
+    vision_config_problem,
 )
 
 
@@ -85,3 +90,42 @@ def test_non_vit_models_are_refused():
     resnet = open_clip.create_model("RN50")
     with pytest.raises(WildsegError, match="not a ViT"):
         check_vision_tower(resnet.visual, "RN50")
+
+
+def shrunk(config: dict) -> dict:
+    """The same architecture with tiny widths and depths (and open_clip's own text tower), quick to build."""
+    config = copy.deepcopy(config)
+    vision, text = config["vision_cfg"], config["text_cfg"]
+    config["embed_dim"] = 32
+    if isinstance(vision.get("layers"), int):
+        vision.update(layers=2, width=64, head_width=32)
+    else:
+        vision.update(layers=[1, 1, 1, 1], width=16)
+    for key in ("hf_model_name", "hf_tokenizer_name", "hf_proj_type", "hf_pooler_type"):
+        text.pop(key, None)
+    text.update(width=64, layers=1, heads=2)
+    if "multimodal_cfg" in config:
+        config["multimodal_cfg"].update(width=64, layers=1, heads=2)
+    return config
+
+
+def test_the_config_rule_agrees_with_the_built_vision_tower_for_every_architecture(tmp_path):
+    """`wildseg models` reads configs; every open_clip architecture but those with timm towers (which the rule
+    refuses by name) is built shrunk, and `check_vision_tower` must give the rule's verdict."""
+    verdicts = {}
+    for name in open_clip.list_models():
+        config = open_clip.get_model_config(name)
+        if config["vision_cfg"].get("timm_model_name"):
+            assert vision_config_problem(config).startswith("timm vision tower")
+            continue
+        path = tmp_path / f"shrunk-{name}.json"
+        path.write_text(json.dumps(shrunk(config)))
+        open_clip.add_model_config(path)
+        try:
+            check_vision_tower(open_clip.create_model(f"shrunk-{name}").visual, name)
+            verdicts[name] = None
+        except WildsegError:
+            verdicts[name] = "refused"
+        assert (verdicts[name] is None) == (vision_config_problem(config) is None), name
+    assert verdicts["ViT-B-16"] is None and verdicts["RN50"] == "refused" and verdicts["coca_ViT-B-32"] == "refused"
+    assert len(verdicts) > 50

@@ -4,6 +4,7 @@ Every error a user can fix is printed as one line `wildseg: error: ...` with exi
 """
 
 import contextlib
+import datetime
 import logging
 import math
 import os
@@ -26,7 +27,6 @@ from rich.progress import (
     ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
-    TimeRemainingColumn,
 )
 from rich.table import Table
 from rich.text import Text
@@ -59,7 +59,7 @@ from .evaluation import (
     use_published_class_list,
 )
 from .inputs import expand_inputs, read_labels_file
-from .labels import clean_labels
+from .labels import BACKGROUND, clean_labels
 from .outputs import (
     BackgroundWriter,
     is_done,
@@ -167,8 +167,14 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
         click.option("--start-block", type=int,
                      help=f"Relevance method: first block whose attention enters the relevance (-1 = last only, "
                           f"0 = all) [default: {DEFAULT_START_BLOCK}]."),
-        click.option("--templates", type=click.Choice(list(TEMPLATE_SETS)), default=DEFAULT_TEMPLATES,
-                     show_default=True, help="Prompt templates: CLIP's 80 ImageNet templates, or 'a photo of a {}.'."),
+        click.option("--templates", default=DEFAULT_TEMPLATES, show_default=True,
+                     help="Prompt templates: imagenet80 (CLIP's 80), photo ('a photo of a {}.'), or a file with one "
+                          "template per line containing {} (blank lines and # comments ignored)."),
+        click.option("--text-cache", type=click.Path(path_type=Path),
+                     help="Folder caching label embeddings across runs [default: $WILDSEG_CACHE_DIR, else "
+                          "~/.cache/wildseg]."),
+        click.option("--no-text-cache", is_flag=True, default=None,
+                     help="Compute label embeddings afresh, without reading or writing the cache."),
     ]
 
     def decorate(command):
@@ -189,6 +195,10 @@ def build_segmenter(console: Console, method: str, protocol: dict, **options) ->
     given = {name: value for name, value in options.items() if value is not None}
     _refuse_misplaced(given, method, options.get("refine") or protocol.get("refine") or "crf")
     values = {**protocol, **given}
+    if values.pop("no_text_cache", None):
+        if "text_cache" in values:
+            raise WildsegError("--text-cache names the cache folder and --no-text-cache turns the cache off: give one")
+        values["text_cache"] = False
     dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values})
     crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
     pamr = PamrSettings(**{field: values.pop(option) for option, field in
@@ -225,6 +235,10 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
               help="Per-image labels: CSV rows `image,label,...` or a JSON object {image: labels}.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"), show_default=True,
               help="Folder for each image's mask PNG, overlay JPEG and JSON record (sub-folders mirror the inputs).")
+@click.option("--save-scores", is_flag=True,
+              help="Also write <name>_scores.npz: per-class probabilities (float16, working resolution) and labels.")
+@click.option("--heatmaps", is_flag=True,
+              help="Also write <name>_heatmap_<i>_<label>.jpg: each label's probability as a colour map on the photo.")
 @click.option("--recursive", "-r", is_flag=True, help="Search folders and ** patterns into their sub-folders.")
 @click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path),
@@ -239,8 +253,8 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
                    "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale "
                    "40, background words of PASCAL VOC's background class; both methods: tta default, refine crf.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
-def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, recursive, overwrite,
-            summary_path, workers, refine_workers, quiet, **segmenter_arguments):
+def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps, recursive,
+            overwrite, summary_path, workers, refine_workers, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
     Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are
@@ -249,11 +263,13 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     --auto-min-area of it with mean score --auto-min-score are segmented as given (see README).
     """
     started = time.perf_counter()
-    labels_source = _labels_source(labels, labels_file, vocab, auto_min_area, auto_min_score)
+    labels_source, known_labels = _labels_source(labels, labels_file, vocab, auto_min_area, auto_min_score)
     images = expand_inputs(inputs, recursive, exclude=out_dir)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
-    jobs = {image.path: output_paths(image.stem, out_dir) for image in images}
+    heatmap_labels = [BACKGROUND, *clean_labels(labels)] if heatmaps and labels not in (None, AUTO) else None
+    jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels)
+            for image in images}
     _refuse_to_overwrite_inputs(jobs)
     _check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
     if summary_path is not None:
@@ -269,8 +285,10 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with Interrupts() as interrupts:
         if segmenter is not None:
+            _embed_ahead(console, segmenter, known_labels)
+            extras = {"save_scores": save_scores, "heatmaps": heatmaps}
             _segment_all(segmenter, todo, labels_source(segmenter), jobs, run, console, interrupts, workers,
-                         refine_workers)
+                         refine_workers, extras)
         run.seconds = time.perf_counter() - started
         report = Console(quiet=quiet)
         if len(jobs) == 1 and run.done == 1:
@@ -285,9 +303,10 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
 
 def _segment_all(segmenter: Segmenter, todo: list[Path], labels_of, jobs: dict[Path, dict[str, Path]],
                  run: "BatchSummary", console: Console, interrupts: "Interrupts", workers: int,
-                 refine_workers: Optional[int]) -> None:
-    """Segment the images to do and write their outputs behind the model (2 x `workers` writer threads),
-    counting each image in `run`; a stop signal ends the model's work and lets the writes in flight finish."""
+                 refine_workers: Optional[int], extras: dict[str, bool]) -> None:
+    """Segment the images to do and write their outputs behind the model (2 x `workers` writer threads), with
+    the `extras` asked for (scores, heat maps), counting each image in `run`; a stop signal ends the model's
+    work and lets the writes in flight finish."""
     with _image_progress(console) as progress, BackgroundWriter(2 * workers) as writer:
         task = progress.add_task("segmenting", total=len(todo))
 
@@ -296,7 +315,7 @@ def _segment_all(segmenter: Segmenter, todo: list[Path], labels_of, jobs: dict[P
                 run.account(source, error)
                 if source in run.failures:
                     _report_failure(progress.console, source, run.failures[source])
-                progress.advance(task)
+                advance(progress, task)
 
         try:
             for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
@@ -306,7 +325,7 @@ def _segment_all(segmenter: Segmenter, todo: list[Path], labels_of, jobs: dict[P
                         account([(item.source, WildsegError(item.error))])
                         continue
                     run.last_result = item.result
-                    writer.submit(item.source, partial(_save, item, jobs[item.source], segmenter, auto_record))
+                    writer.submit(item.source, partial(_save, item, jobs[item.source], segmenter, auto_record, extras))
                     account(writer.finished())
         except KeyboardInterrupt:
             run.interrupted = True
@@ -324,8 +343,9 @@ def _report_failure(console: Console, image: Path, reason: str) -> None:
 
 
 def _labels_source(labels, labels_file, vocab, min_area, min_score):
-    """Checks the label options; returns a function from the segmenter to the labels of an image: the same
-    --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary."""
+    """Checks the label options; returns a function from the segmenter to the labels of an image (the same
+    --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary), and every
+    label the run may embed."""
     if (labels is None) == (labels_file is None):
         raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
     for option, value in (("--vocab", vocab), ("--auto-min-area", min_area), ("--auto-min-score", min_score)):
@@ -334,10 +354,12 @@ def _labels_source(labels, labels_file, vocab, min_area, min_score):
     if labels == AUTO:
         vocabulary_name = vocab or DEFAULT_VOCABULARY
         rule = AutoLabelRule(min_score=min_score, **({} if min_area is None else {"min_area": min_area}))
-        return partial(AutoLabeler, vocabulary_name, load_vocabulary(vocabulary_name), rule)
+        vocabulary = load_vocabulary(vocabulary_name)
+        prompts = [prompt for entry in vocabulary for prompt in entry.prompts]
+        return partial(AutoLabeler, vocabulary_name, vocabulary, rule), prompts
     if labels is not None:
         names = clean_labels(labels)
-        return lambda segmenter: lambda path: names
+        return (lambda segmenter: lambda path: names), names
     table = read_labels_file(labels_file)
 
     def labels_of(path: Path) -> list[str]:
@@ -345,7 +367,16 @@ def _labels_source(labels, labels_file, vocab, min_area, min_score):
             raise WildsegError(f"no labels for this image in {labels_file}")
         return table[path.absolute()]
 
-    return lambda segmenter: labels_of
+    return (lambda segmenter: labels_of), [label for names in table.values() for label in names]
+
+
+def _embed_ahead(console: Console, segmenter: Segmenter, labels: list[str]) -> None:
+    """Embed the run's labels before the first image (`Segmenter.prepare_labels`), with a progress bar of their
+    own when the cache does not hold them all."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(f"embedding labels ({len(segmenter.templates.templates)} prompts each)", total=None)
+        segmenter.prepare_labels(labels, lambda done, total: progress.update(task, completed=done, total=total))
 
 
 class AutoLabeler:
@@ -362,9 +393,10 @@ class AutoLabeler:
         return found_labels(candidates, self.rule)
 
 
-def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict]) -> None:
-    """Write one image's outputs (JSON last), with its automatic-label record if any; a write that fails raises
-    a WildsegError naming the folder."""
+def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict], extras: dict[str, bool]
+          ) -> None:
+    """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any; a
+    write that fails raises a WildsegError naming the folder."""
     result = item.result
     record = {
         "image": str(item.source),
@@ -376,7 +408,7 @@ def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optio
         **({"auto_labels": auto_record} if auto_record is not None else {}),
     }
     try:
-        write_outputs(paths, *result.preview(), result.mask, result.labels, record)
+        write_outputs(paths, *result.preview(), result.mask, result.labels, record, scores=result.scores, **extras)
     except OSError as error:
         raise WildsegError(f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}") from error
 
@@ -485,23 +517,71 @@ def _summary_table(rows: list[dict]) -> Table:
 
 
 @main.command()
-def models():
-    """List open_clip architectures and their pretrained tags."""
+@click.option("--all", "show_all", is_flag=True, help="Also list the architectures wildseg cannot use, with why.")
+def models(show_all):
+    """List the open_clip architectures both methods work with, and their pretrained tags."""
+    import open_clip
+
+    from .relevance import vision_config_problem
+
+    table = Table("--model", "--pretrained tags", *(["cannot be used"] if show_all else []))
+    usable = unusable = 0
     for name in open_clip.list_models():
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        click.echo(f"{name}: {', '.join(tags) if tags else '(no pretrained tags)'}")
+        config = open_clip.get_model_config(name)
+        problem = vision_config_problem(config)
+        usable, unusable = usable + (problem is None), unusable + (problem is not None)
+        if problem is not None and not show_all:
+            continue
+        marked = name + (" (+)" if config.get("text_cfg", {}).get("hf_model_name") else "")
+        table.add_row(marked, ", ".join(open_clip.list_pretrained_tags_by_model(name)) or "-",
+                      *([problem or ""] if show_all else []))
+    console = Console()
+    console.print(table)
+    console.print(f"{usable} architectures work with both methods (relevance, dense); (+): a Hugging Face text tower, "
+                  f"pip install transformers. {unusable} have no ViT class-token tower of open_clip's own (ResNet, "
+                  "ConvNeXt and other timm towers, CoCa, pooled outputs)"
+                  + (": listed with why." if show_all else ": `wildseg models --all` lists them."))
+
+
+def advance(progress: Progress, task) -> None:
+    """One image more; the first one done marks where the rate starts (`steady_rate`)."""
+    progress.advance(task)
+    if "first_done" not in progress.tasks[task].fields:
+        progress.update(task, first_done=(progress.get_time(), progress.tasks[task].completed))
+
+
+def steady_rate(task) -> Optional[float]:
+    """Images per second since the first image was done, so that the model's warm-up and the label embeddings
+    before it do not count and a burst of images finished by one model batch does not read as the rate; None
+    until a second image is done."""
+    if "first_done" not in task.fields:
+        return None
+    started, count = task.fields["first_done"]
+    elapsed = task.get_time() - started
+    return (task.completed - count) / elapsed if task.completed > count and elapsed > 0 else None
 
 
 class RateColumn(ProgressColumn):
-    """Items per second of a progress task."""
+    """Images per second (`steady_rate`)."""
 
     def render(self, task) -> Text:
-        return Text(f"{task.speed:.2f} img/s" if task.speed else "- img/s")
+        rate = steady_rate(task)
+        return Text("- img/s" if rate is None else f"{rate:.2f} img/s")
+
+
+class TimeLeftColumn(ProgressColumn):
+    """Time left at the steady rate ('-:--:--' until there is one)."""
+
+    def render(self, task) -> Text:
+        rate = steady_rate(task)
+        if rate is None or task.total is None:
+            return Text("-:--:-- left")
+        return Text(f"{datetime.timedelta(seconds=round((task.total - task.completed) / rate))} left")
 
 
 def _image_progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), TimeLeftColumn(), console=console, transient=True)
 
 
 @main.command(name="eval")
@@ -603,6 +683,8 @@ def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], g
     segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, backbone=backbone, **options)
     settings = {**run_settings(dataset, protocol, segmenter.settings()), "dense_protocol": published}
     store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
+    _embed_ahead(console, segmenter, [prompt for index in dataset.scored_classes
+                                      for prompt in dataset.classes[index].prompts])
     if published is not None and published["deviations"]:
         attention = options["attention"] or DEFAULT_ATTENTION
         console.print(f"{attention}: deviations from {published['follows']}'s protocol: "
@@ -610,7 +692,7 @@ def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], g
     with _image_progress(console) as progress:
         task = progress.add_task(f"{dataset.name} {dataset.split or ''}", total=len(ids))
         evaluation = evaluate(segmenter, dataset, ids, protocol, store,
-                              on_image=lambda image_id, outcome: progress.advance(task),
+                              on_image=lambda image_id, outcome: advance(progress, task),
                               area_threshold=published and published["area_threshold"])
     return build_report(dataset, settings, selection, evaluation), segmenter
 

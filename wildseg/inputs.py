@@ -39,7 +39,7 @@ def expand_inputs(
     A folder contributes its files with an image extension (any letter case; with `recursive`, those of its
     sub-folders too); a glob pattern its matches; `@FILE` the paths listed in FILE, one per line; anything
     else is an image path (any extension; it fails on its own if it is not an image). Folders and
-    patterns skip what lies under `exclude` (the output folder).
+    patterns skip what lies under `exclude` (the output folder); a folder inside it is refused.
     """
     found: list[InputImage] = []
     loose: list[Path] = []
@@ -48,6 +48,11 @@ def expand_inputs(
             loose.extend(_listed_paths(Path(argument[1:])))
         elif Path(argument).is_dir():
             folder = Path(argument)
+            if _inside(folder, exclude):
+                raise WildsegError(
+                    f"the input folder {folder} lies in the output folder {exclude}, whose images are skipped as "
+                    f"outputs: give another --out (for example {folder.absolute().name}_masks)"
+                )
             found.extend(InputImage(path, path.relative_to(folder).with_suffix(""))
                          for path in _scan(folder, recursive, exclude))
         elif any(character in argument for character in GLOB_CHARACTERS):

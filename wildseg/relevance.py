@@ -15,6 +15,7 @@ the class token's row of that block is computed (`forward_with_class_attention`)
 """
 
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +46,22 @@ def check_vision_tower(visual: torch.nn.Module, model_name: str) -> None:
         raise WildsegError(
             f"model {model_name} is not a ViT with class-token output: relevance maps need one such as ViT-B-16"
         )
+
+
+def vision_config_problem(config: dict) -> Optional[str]:
+    """Why an open_clip model config's vision tower gives no relevance or dense maps, read from the config without
+    building the model (None when it does): what `check_vision_tower` requires, a ViT of open_clip's own whose
+    output is the class token."""
+    vision = config.get("vision_cfg", {})
+    if vision.get("timm_model_name"):
+        return f"timm vision tower ({vision['timm_model_name']})"
+    if not isinstance(vision.get("layers"), int):
+        return "ResNet vision tower"
+    if vision.get("attentional_pool"):
+        return "attentional pooling (CoCa)"
+    if vision.get("pool_type", "tok") != "tok":
+        return f"{vision['pool_type']} pooling instead of the class token"
+    return None
 
 
 def resolve_start_block(start_block: int, depth: int) -> int:

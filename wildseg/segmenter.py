@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__
-from .backbone import DEFAULT_TEMPLATES, TEMPLATE_SETS, Backbone, load_backbone
+from .backbone import DEFAULT_TEMPLATES, Backbone, ProgressCallback, load_backbone, resolve_templates
 from .dense import DenseSettings, check_attention, dense_label_maps, resize_for_model
 from .errors import WildsegError, first_line
 from .images import ImageInput, load_image
@@ -149,6 +149,7 @@ class Segmenter:
         device: str = "auto",
         cache_dir: Optional[Union[str, Path]] = None,
         activation: str = "auto",
+        text_cache=None,
         method: str = "relevance",
         dense: Optional[DenseSettings] = None,
         tta: str = "default",
@@ -159,7 +160,7 @@ class Segmenter:
         bg_threshold: Optional[float] = None,
         temperature: float = DEFAULT_TEMPERATURE,
         start_block: int = DEFAULT_START_BLOCK,
-        templates: str = DEFAULT_TEMPLATES,
+        templates: Union[str, Path] = DEFAULT_TEMPLATES,
         view_batch: Optional[int] = None,
         max_side: int = DEFAULT_MAX_SIDE,
         backbone: Optional[Backbone] = None,
@@ -167,12 +168,14 @@ class Segmenter:
         """`dense` defaults to DenseSettings(); `bg_threshold` to the method's (0.4 for relevance, 0.1 for dense);
         `view_batch` to 32 views per model batch on CUDA, 8 on the CPU; `crf_backend` (`CRF_BACKENDS`) to torch
         on a GPU, pydensecrf on the CPU; `activation` (`backbone.ACTIVATIONS`) to the one the weights were trained
-        with. A loaded `backbone` (another Segmenter's) is used as it is, with its label embeddings, instead of
-        loading the model the first six arguments name."""
+        with; `text_cache` (`text_cache.TextCacheSetting`) to the user's cache folder for label embeddings;
+        `templates` is a built-in set's name or a file of templates (`backbone.resolve_templates`). A loaded
+        `backbone` (another Segmenter's) is used as it is, with its label embeddings, instead of loading the model
+        the first seven arguments name."""
         _check_choice("method", method, METHODS)
         _check_choice("TTA policy", tta, POLICIES)
         _check_choice("refinement", refine, REFINEMENTS)
-        _check_choice("template set", templates, TEMPLATE_SETS)
+        template_set = resolve_templates(templates)
         _check_choice("CRF backend", crf_backend, CRF_BACKENDS)
         dense = dense if dense is not None else DenseSettings()
         _check_dense(dense)
@@ -187,7 +190,7 @@ class Segmenter:
             raise WildsegError(f"the view batch size must be at least 1, got {view_batch}")
         check_settings(bg_threshold, temperature)
         self.backbone: Backbone = backbone or load_backbone(model, pretrained, checkpoint, device, cache_dir,
-                                                            activation)
+                                                            activation, text_cache)
         model = self.backbone.model_name
         check_vision_tower(self.backbone.model.visual, model)
         patch = self.backbone.model.visual.patch_size[0]
@@ -200,7 +203,7 @@ class Segmenter:
             crf_backend = "torch" if self.backbone.device.type == "cuda" else "pydensecrf"
         self.crf_backend = crf_backend
         self.bg_threshold, self.temperature = bg_threshold, temperature
-        self.start_block, self.templates = start_block, templates
+        self.start_block, self.templates = start_block, template_set
         self.view_batch = view_batch or DEFAULT_VIEW_BATCH[self.backbone.device.type]
         self.max_side = max_side
         self.stages = NoStageTimes()
@@ -218,7 +221,7 @@ class Segmenter:
             "device": backbone.device.type,
             "precision": "fp16" if backbone.half_precision else "fp32",
             "image_size": backbone.image_size,
-            "templates": self.templates,
+            "templates": self.templates.identity,
             "method": self.method,
             "start_block": self.start_block if self.method == "relevance" else None,
             "dense": {**vars(self.dense), "stride": self.dense.window_stride} if self.method == "dense" else None,
@@ -304,7 +307,7 @@ class Segmenter:
         crf = self.crf if "crf" in self.refine else None
         mask, probabilities, timings["crf_s"] = finish_segmentation(decoded.working, probabilities, crf,
                                                                     decoded.rgb.shape[:2])
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, timings)
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, self._ran(timings))
 
     def segment_many(
         self,
@@ -354,13 +357,18 @@ class Segmenter:
             return plan_views(height, width, self.backbone.image_size, self.tta)
         return plan_windows(height, width, self.dense.window, self.dense.window_stride, self.tta)
 
-    def _embed_query(self, names: list[str], cached: bool = True) -> torch.Tensor:
+    def prepare_labels(self, labels: Iterable[str], on_progress: Optional[ProgressCallback] = None) -> None:
+        """Embed labels (and the dense method's background words) ahead of segmenting, reporting
+        `on_progress(done, total)`; `segment` and `segment_many` then find them cached."""
+        self._embed_query(list(dict.fromkeys(labels)), on_progress=on_progress)
+
+    def _embed_query(self, names: list[str], cached: bool = True, on_progress: Optional[ProgressCallback] = None
+                     ) -> torch.Tensor:
         """Text embeddings of the labels, then (dense method) of the background words that are not labels."""
-        if self.method == "relevance":
-            return self.backbone.embed_labels(names, self.templates, cached)
         taken = {name.casefold() for name in names}
         words = [word for word in self.dense.background_words if word.casefold() not in taken]
-        return self.backbone.embed_labels([*names, *words], self.templates, cached)
+        queries = names if self.method == "relevance" else [*names, *words]
+        return self.backbone.embed_labels(queries, self.templates, cached, on_progress)
 
     def _map_views(self, text: torch.Tensor, half_precision: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
         """Maps (views x labels x g x g) of a batch of rendered views for the labels' `text`; in fp16 on CUDA
@@ -418,6 +426,11 @@ class Segmenter:
             torch.cuda.synchronize(maps.device)
         return maps, time.perf_counter() - clock
 
+    def _ran(self, timings: dict[str, float]) -> dict[str, float]:
+        """The stage seconds of a result without those of refinements that `refine` does not run."""
+        skipped = [f"{refinement}_s" for refinement in ("pamr", "crf") if refinement not in self.refine]
+        return {stage: seconds for stage, seconds in timings.items() if stage not in skipped}
+
     def _device_crf(self, workings: list[np.ndarray], probabilities: list[torch.Tensor]
                     ) -> tuple[list[torch.Tensor], float]:
         """The torch CRF on the model's device where that backend is chosen (else the probabilities unchanged),
@@ -461,7 +474,7 @@ class Segmenter:
         mask, probabilities, crf_s = finish_segmentation(decoded.working, probabilities, self._cpu_crf,
                                                          decoded.rgb.shape[:2])
         timings["crf_s"] = device_crf_s + crf_s
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, timings)
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, self._ran(timings))
 
 
 def finish_segmentation(
@@ -540,11 +553,12 @@ class _BatchRun:
             except Exception as error:  # one image's labels or pixels (any library's error) never stop the batch
                 yield BatchItem(source, error=first_line(error))
                 continue
+            timings = {"decode_s": decode_s}
             if names != self.stream_names:
                 yield from self._drain_stream()
-                self._open_stream(names)
+                timings["text_s"] = self._open_stream(names)
             key = next(self.keys)
-            self.pending[key] = _Pending(source, names, image, {"decode_s": decode_s})
+            self.pending[key] = _Pending(source, names, image, timings)
             yield from self._map(partial(self.stream.add, key, self.segmenter._normalized(image.source),
                                          self.segmenter._plan(image.source)))
             yield from self._collect(block=len(self.refining) >= self.max_refining)
@@ -564,12 +578,15 @@ class _BatchRun:
                 return
             decoding.append((source, self.decoder.submit(_timed, self.segmenter._decode, source)))
 
-    def _open_stream(self, names: list[str]) -> None:
+    def _open_stream(self, names: list[str]) -> float:
+        """A view stream for the label list `names`; the seconds its label embeddings took (the first image of the
+        stream records them)."""
         segmenter = self.segmenter
-        text = segmenter._embed_query(names)
+        text, seconds = _timed(segmenter._embed_query, names)
         self.stream = ViewStream(segmenter._map_views(text), segmenter.view_batch,
                                  stages=segmenter.stages)
         self.stream_names = names
+        return seconds
 
     def _drain_stream(self) -> Iterator[BatchItem]:
         if self.stream is not None:
@@ -584,8 +601,11 @@ class _BatchRun:
             for lost in failed:
                 yield BatchItem(lost.source, error="out of GPU memory even with one view per batch: lower max_side")
             return
-        if finished:
-            yield from self._refine([self.pending.pop(key) for key, _ in finished], [maps for _, maps in finished])
+        items = [self.pending.pop(key) for key, _ in finished]
+        for item, (key, _) in zip(items, finished):
+            item.timings["maps_s"] = self.stream.seconds.pop(key)
+        if items:
+            yield from self._refine(items, [maps for _, maps in finished])
 
     def _refine(self, items: list[_Pending], maps: list[torch.Tensor]) -> Iterator[BatchItem]:
         """Probabilities and refinement of the images a model step finished: PAMR per image and the torch CRF
@@ -631,8 +651,8 @@ class _BatchRun:
             except Exception as error:  # raised in this process or in a worker
                 yield BatchItem(item.source, error=first_line(error))
                 continue
-            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.decoded.rgb,
-                                        {**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
+            timings = self.segmenter._ran({**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
+            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.decoded.rgb, timings)
             yield BatchItem(item.source, result=result)
 
 

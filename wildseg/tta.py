@@ -23,6 +23,7 @@ The whole-image view squashes the image to a square; crops are square, so they k
 """
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -172,7 +173,8 @@ class ViewStream:
     are rendered, mapped by `map_views` (views x channels x h x w -> views x labels x grid), views of one
     rendered size at a time, and warped back. `add` and `flush` return the (key, merged maps) of the images all
     of whose views are done. A batch that runs out of CUDA memory is split in halves and `batch_size` lowered
-    for the rest of the stream. `stages` times rendering and merging as the stage "tta_merge".
+    for the rest of the stream. `stages` times rendering and merging as the stage "tta_merge". `seconds[key]`
+    is an image's share of the time its batches took (each batch's time split by views), for its record.
     """
 
     def __init__(
@@ -186,6 +188,7 @@ class ViewStream:
         self.stages = stages
         self.waiting: list[tuple[_Job, View]] = []
         self.views_done = 0
+        self.seconds: dict[object, float] = {}
 
     def add(self, key, image: torch.Tensor, views: list[View]) -> list[tuple[object, torch.Tensor]]:
         job = _Job(key, image, len(views))
@@ -202,6 +205,7 @@ class ViewStream:
         return finished
 
     def _run(self, count: int) -> list[tuple[object, torch.Tensor]]:
+        clock = time.perf_counter()
         batch, self.waiting = self.waiting[:count], self.waiting[count:]
         maps = self._mapped(batch)
         while maps is None:
@@ -218,6 +222,9 @@ class ViewStream:
                 if job.remaining == 0:
                     finished.append((job.key, job.accumulator.mean()))
         self.views_done += len(batch)
+        share = (time.perf_counter() - clock) / len(batch)
+        for job, _ in batch:
+            self.seconds[job.key] = self.seconds.get(job.key, 0.0) + share
         self.on_batch(self.views_done)
         return finished
 

@@ -23,7 +23,8 @@ DEFAULT_SPLIT = "val"
 
 @dataclass(frozen=True)
 class DatasetEntry:
-    """A benchmark: its title, what --root holds, and the reader called with (root, split)."""
+    """A benchmark: its title, what --root is (a phrase: "the VOCdevkit/VOC2012 folder"), and the reader called
+    with (root, split)."""
 
     title: str
     root: str
@@ -31,22 +32,25 @@ class DatasetEntry:
 
 
 DATASETS: dict[str, DatasetEntry] = {
-    "voc": DatasetEntry("PASCAL VOC 2012, 21 classes (background scored)", "VOCdevkit/VOC2012",
+    "voc": DatasetEntry("PASCAL VOC 2012, 21 classes (background scored)", "the VOCdevkit/VOC2012 folder",
                         lambda root, split: voc_dataset(root, split, background=True)),
-    "voc20": DatasetEntry("PASCAL VOC 2012, 20 object classes (background ignored)", "VOCdevkit/VOC2012",
+    "voc20": DatasetEntry("PASCAL VOC 2012, 20 object classes (background ignored)", "the VOCdevkit/VOC2012 folder",
                           lambda root, split: voc_dataset(root, split, background=False)),
-    "context": DatasetEntry("PASCAL Context, 60 classes (background scored)", "VOCdevkit/VOC2010",
+    "context": DatasetEntry("PASCAL Context, 60 classes (background scored)", "the VOCdevkit/VOC2010 folder",
                             lambda root, split: context_dataset(root, split, background=True)),
-    "context59": DatasetEntry("PASCAL Context, 59 classes (background ignored)", "VOCdevkit/VOC2010",
+    "context59": DatasetEntry("PASCAL Context, 59 classes (background ignored)", "the VOCdevkit/VOC2010 folder",
                               lambda root, split: context_dataset(root, split, background=False)),
-    "coco-object": DatasetEntry("COCO-Object 2017, 80 things + background", "COCO 2017 (annotations/, val2017/)",
+    "coco-object": DatasetEntry("COCO-Object 2017, 80 things + background",
+                                "the COCO 2017 folder (annotations/, val2017/)",
                                 CocoObjects),
-    "coco-stuff": DatasetEntry("COCO-Stuff 164k, 171 classes", "cocostuff (images/, annotations/)",
+    "coco-stuff": DatasetEntry("COCO-Stuff 164k, 171 classes", "the COCO-Stuff folder (images/, annotations/)",
                                coco_stuff_dataset),
-    "ade20k": DatasetEntry("ADE20K SceneParsing, 150 classes", "ADEChallengeData2016", ade20k_dataset),
-    "cityscapes": DatasetEntry("Cityscapes fine, 19 classes", "cityscapes (leftImg8bit/, gtFine/)",
+    "ade20k": DatasetEntry("ADE20K SceneParsing, 150 classes", "the ADEChallengeData2016 folder",
+                           ade20k_dataset),
+    "cityscapes": DatasetEntry("Cityscapes fine, 19 classes", "the cityscapes folder (leftImg8bit/, gtFine/)",
                                cityscapes_dataset),
-    "folder": DatasetEntry("images/, masks/, classes.txt", "the folder", lambda root, split: folder_dataset(root)),
+    "folder": DatasetEntry("images/, masks/, classes.txt", "a folder holding images/, masks/ and classes.txt",
+                           lambda root, split: folder_dataset(root)),
 }
 
 
@@ -73,7 +77,7 @@ def open_dataset(
     if download is not None:
         dataset = voc_dataset(root, split, background=name == "voc", download=download)
     elif root is None:
-        raise WildsegError(f"give --root: the {DATASETS[name].root} folder of {name}")
+        raise WildsegError(f"--dataset {name} needs --root: {DATASETS[name].root}")
     elif not Path(root).is_dir():
         raise WildsegError(f"--root {root} is not a folder: point it at {DATASETS[name].root}")
     else:
