@@ -9,13 +9,13 @@ from conftest import TINY_MODEL, shared_dataset, tiny_cli_args
 
 from wildseg import Segmenter
 from wildseg.autolabels import (
-    DEFAULT_MIN_SCORES,
     AutoLabelRule,
     candidates_from_scores,
     find_labels,
     found_labels,
     load_vocabulary,
 )
+from wildseg.choices import AUTO_MIN_SCORES
 from wildseg.cli import main
 from wildseg.datasets.classes import parse_class_names
 from wildseg.errors import WildsegError
@@ -62,7 +62,7 @@ def test_find_labels_fills_in_the_methods_score_threshold(tiny_checkpoint):
                           tta="none")
     vocabulary = load_vocabulary("voc")
     scores = segmenter.label_scores(image, [prompt for entry in vocabulary for prompt in entry.prompts])
-    rule = AutoLabelRule(min_area=0.01, min_score=DEFAULT_MIN_SCORES["relevance"])
+    rule = AutoLabelRule(min_area=0.01, min_score=AUTO_MIN_SCORES["relevance"])
     found = find_labels(segmenter, image, vocabulary, AutoLabelRule(min_area=0.01))
     assert found == candidates_from_scores(scores, vocabulary, rule) and found
 

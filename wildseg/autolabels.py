@@ -16,26 +16,19 @@ from typing import Optional
 
 import numpy as np
 
+from .choices import AUTO_MIN_AREA, AUTO_MIN_SCORES, DEFAULT_VOCABULARY, VOCABULARIES
 from .datasets.classes import ClassName, builtin_class_names, read_class_names
 from .errors import WildsegError
 from .images import ImageInput
 
-VOCABULARIES = {"voc": "voc20", "coco": "coco_object", "ade": "ade20k"}
-"""Built-in vocabularies: --vocab name -> shipped class-name list."""
-DEFAULT_VOCABULARY = "coco"
-
-
-DEFAULT_MIN_SCORES = {"relevance": 0.6, "dense": 0.3}
-"""Mean score a found class needs by default: normalised relevance (which beats the 0.4 background threshold
-on every pixel a class owns, so the bar is above it) or label probability (dense, threshold 0.1)."""
 
 
 @dataclass(frozen=True)
 class AutoLabelRule:
     """Thresholds for keeping a vocabulary class: share of the image's pixels it owns, and its mean score there
-    (None: the method's default in DEFAULT_MIN_SCORES)."""
+    (None: the method's default in AUTO_MIN_SCORES)."""
 
-    min_area: float = 0.01
+    min_area: float = AUTO_MIN_AREA
     min_score: Optional[float] = None
 
 
@@ -92,7 +85,7 @@ def find_labels(segmenter, image: ImageInput, vocabulary: list[ClassName],
 
 def rule_for(rule: AutoLabelRule, method: str) -> AutoLabelRule:
     """The rule with the method's default score threshold filled in."""
-    return rule if rule.min_score is not None else replace(rule, min_score=DEFAULT_MIN_SCORES[method])
+    return rule if rule.min_score is not None else replace(rule, min_score=AUTO_MIN_SCORES[method])
 
 
 def found_labels(candidates: list[Candidate], rule: AutoLabelRule) -> list[str]:

@@ -22,18 +22,13 @@ from open_clip.factory import load_state_dict
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock
 
+from .choices import ACTIVATIONS, DEFAULT_TEMPLATES
 from .errors import WildsegError, WildsegWarning, first_line
 from .text_cache import EmbeddingGroup, TextCache, TextCacheSetting, digest, open_text_cache
 
 TEMPLATE_SETS: dict[str, Sequence[Union[str, Callable[[str], str]]]] = {
     "imagenet80": open_clip.OPENAI_IMAGENET_TEMPLATES,
     "photo": ("a photo of a {}.",),
-}
-DEFAULT_TEMPLATES = "imagenet80"
-ACTIVATIONS = {
-    "auto": "follow the weights: QuickGELU for OpenAI's (tag config, JIT archive, OpenAI state dict), else the config",
-    "gelu": "exact GELU, as open_clip's own trainings (LAION, DataComp) use",
-    "quickgelu": "QuickGELU x * sigmoid(1.702 x), as OpenAI's CLIP was trained",
 }
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 """Entries that OpenAI's CLIP state dicts carry beside the tensors of the model (open_clip's have none)."""

@@ -1,7 +1,11 @@
 """The `wildseg` command: a thin click layer over the Python API.
 
-Every error a user can fix is printed as one line `wildseg: error: ...` with exit code 2, no traceback.
+Every error a user can fix is printed as one line `wildseg: error: ...` with exit code 2, no traceback. The
+model libraries (torch, open_clip) are imported only where a command needs them, so that help, version,
+usage errors and the checks made before the model loads answer at once.
 """
+
+from __future__ import annotations
 
 import contextlib
 import datetime
@@ -14,10 +18,9 @@ import time
 import warnings
 from functools import partial
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import click
-import open_clip
 from PIL import Image
 from rich.console import Console
 from rich.progress import (
@@ -32,49 +35,36 @@ from rich.table import Table
 from rich.text import Text
 
 from . import __version__
-from .autolabels import (
-    DEFAULT_MIN_SCORES,
+from .choices import (
+    ACTIVATIONS,
+    ATTENTIONS,
+    AUTO_MIN_AREA,
+    AUTO_MIN_SCORES,
+    CRF_BACKENDS,
+    CRF_ITERATIONS,
+    DATASETS,
+    DEFAULT_ATTENTION,
+    DEFAULT_BG_THRESHOLD,
+    DEFAULT_MAX_SIDE,
+    DEFAULT_START_BLOCK,
+    DEFAULT_TEMPLATES,
     DEFAULT_VOCABULARY,
+    DENSE_LOGIT_SCALE,
+    DENSE_SHORT_SIDE,
+    DENSE_WINDOW,
+    METHODS,
+    MIN_WORKING_SIDE,
+    PAMR_ITERATIONS,
+    REFINEMENTS,
+    TTA_POLICIES,
     VOCABULARIES,
-    AutoLabelRule,
-    auto_label_record,
-    find_labels,
-    found_labels,
-    load_vocabulary,
-    rule_for,
 )
-from .backbone import ACTIVATIONS, DEFAULT_TEMPLATES, TEMPLATE_SETS
-from .datasets import DATASETS, open_dataset
-from .dense import ATTENTION_VARIANTS, DEFAULT_ATTENTION, DenseSettings
 from .errors import WildsegError, first_line
-from .evaluation import (
-    PredictionStore,
-    build_report,
-    check_dataset,
-    dense_protocol,
-    evaluate,
-    load_ids,
-    protocol_bg_threshold,
-    run_settings,
-    use_published_class_list,
-)
-from .inputs import expand_inputs, read_labels_file
 from .labels import BACKGROUND, clean_labels
-from .outputs import (
-    BackgroundWriter,
-    is_done,
-    output_paths,
-    remove_stale_temporaries,
-    write_json,
-    write_outputs,
-)
-from .pamr import PamrSettings
-from .pseudolabels import DEFAULT_BG_THRESHOLD
-from .refine import REFINEMENTS, CrfSettings
-from .relevance import DEFAULT_START_BLOCK
-from .resolution import DEFAULT_MAX_SIDE
-from .segmenter import CRF_BACKENDS, METHODS, MIN_WORKING_SIDE, Segmenter
-from .tta import POLICIES
+
+if TYPE_CHECKING:
+    from .autolabels import AutoLabelRule
+    from .segmenter import Segmenter
 
 AUTO = "auto"
 USAGE_ERROR = 2
@@ -135,31 +125,31 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
         click.option("--method", type=click.Choice(list(METHODS)), default="relevance", show_default=True,
                      help="relevance: Chefer et al. relevance (Zabari & Hoshen); dense: patch tokens with a "
                           "changed last block (MaskCLIP/SCLIP/ClearCLIP/NACLIP)."),
-        click.option("--attention", type=click.Choice(list(ATTENTION_VARIANTS)),
+        click.option("--attention", type=click.Choice(ATTENTIONS),
                      help=f"Dense method: last-block attention [default: {DEFAULT_ATTENTION}]."),
         click.option("--window", type=click.IntRange(min=0),
                      help="Dense method: sliding-window side in pixels, 0 for the whole image in one pass "
-                          f"[default: {DenseSettings.window}]."),
+                          f"[default: {DENSE_WINDOW}]."),
         click.option("--stride", type=click.IntRange(min=1),
                      help="Dense method: window stride [default: half the window]."),
         click.option("--short-side", type=click.IntRange(min=16),
                      help="Dense method: the image is seen at this short side "
-                          f"[default: {DenseSettings.short_side}]."),
+                          f"[default: {DENSE_SHORT_SIDE}]."),
         click.option("--logit-scale", type=click.FloatRange(min=0, min_open=True),
                      help="Dense method: softmax scale of the patch-label cosines "
-                          f"[default: {DenseSettings.logit_scale:g}]."),
-        click.option("--tta", type=click.Choice(list(POLICIES)),
+                          f"[default: {DENSE_LOGIT_SCALE:g}]."),
+        click.option("--tta", type=click.Choice(TTA_POLICIES),
                      help="Test-time augmentation views (see README) [default: default]."),
         click.option("--refine", type=click.Choice(list(REFINEMENTS)),
                      help="Refinement of the pseudo-labels: dense CRF, PAMR (on the model's device), both "
                           "[default: crf]."),
         click.option("--crf-iters", type=click.IntRange(min=1),
-                     help=f"Mean-field iterations of the dense CRF [default: {CrfSettings.iterations}]."),
+                     help=f"Mean-field iterations of the dense CRF [default: {CRF_ITERATIONS}]."),
         click.option("--crf-backend", type=click.Choice(list(CRF_BACKENDS)),
                      help="Dense CRF implementation: torch (on the model's device) or pydensecrf (CPU) "
                           "[default: auto = torch on a GPU, pydensecrf on the CPU]."),
         click.option("--pamr-iters", type=click.IntRange(min=1),
-                     help=f"PAMR iterations [default: {PamrSettings.iterations}]."),
+                     help=f"PAMR iterations [default: {PAMR_ITERATIONS}]."),
         click.option("--bg-threshold", type=click.FloatRange(0.0, 1.0), help=bg_threshold_help),
         click.option("--max-side", type=click.IntRange(min=MIN_WORKING_SIDE),
                      help="Working resolution: larger images are segmented at this long side; masks are full size "
@@ -199,11 +189,16 @@ def build_segmenter(console: Console, method: str, protocol: dict, **options) ->
         if "text_cache" in values:
             raise WildsegError("--text-cache names the cache folder and --no-text-cache turns the cache off: give one")
         values["text_cache"] = False
-    dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values})
-    crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
-    pamr = PamrSettings(**{field: values.pop(option) for option, field in
-                           (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
     with console.status("loading the model", spinner="dots"):
+        from .dense import DenseSettings  # torch and open_clip take seconds to import: under the status line
+        from .pamr import PamrSettings
+        from .refine import CrfSettings
+        from .segmenter import Segmenter
+
+        dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values})
+        crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
+        pamr = PamrSettings(**{field: values.pop(option) for option, field in
+                               (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
         return Segmenter(method=method, dense=dense, crf=crf, pamr_settings=pamr, **values)
 
 
@@ -227,10 +222,10 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
                               f"[default: {DEFAULT_VOCABULARY}].")
 @click.option("--auto-min-area", type=click.FloatRange(0.0, 1.0),
               help=f"With --labels auto: least share of the image a found class covers [default: "
-                   f"{AutoLabelRule.min_area}].")
+                   f"{AUTO_MIN_AREA}].")
 @click.option("--auto-min-score", type=click.FloatRange(0.0, 1.0),
               help="With --labels auto: least mean score of a found class over its pixels [default: "
-                   f"{DEFAULT_MIN_SCORES['relevance']} relevance, {DEFAULT_MIN_SCORES['dense']} dense].")
+                   f"{AUTO_MIN_SCORES['relevance']} relevance, {AUTO_MIN_SCORES['dense']} dense].")
 @click.option("--labels-file", type=click.Path(path_type=Path),
               help="Per-image labels: CSV rows `image,label,...` or a JSON object {image: labels}.")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"), show_default=True,
@@ -264,9 +259,12 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     """
     started = time.perf_counter()
     labels_source, known_labels = _labels_source(labels, labels_file, vocab, auto_min_area, auto_min_score)
+    from .inputs import expand_inputs
+
     images = expand_inputs(inputs, recursive, exclude=out_dir)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
+    from .outputs import is_done, output_paths, remove_stale_temporaries, write_json  # OpenCV: inputs found
     heatmap_labels = [BACKGROUND, *clean_labels(labels)] if heatmaps and labels not in (None, AUTO) else None
     jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels)
             for image in images}
@@ -307,6 +305,8 @@ def _segment_all(segmenter: Segmenter, todo: list[Path], labels_of, jobs: dict[P
     """Segment the images to do and write their outputs behind the model (2 x `workers` writer threads), with
     the `extras` asked for (scores, heat maps), counting each image in `run`; a stop signal ends the model's
     work and lets the writes in flight finish."""
+    from .outputs import BackgroundWriter
+
     with _image_progress(console) as progress, BackgroundWriter(2 * workers) as writer:
         task = progress.add_task("segmenting", total=len(todo))
 
@@ -346,6 +346,9 @@ def _labels_source(labels, labels_file, vocab, min_area, min_score):
     """Checks the label options; returns a function from the segmenter to the labels of an image (the same
     --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary), and every
     label the run may embed."""
+    from .autolabels import AutoLabelRule, load_vocabulary
+    from .inputs import read_labels_file
+
     if (labels is None) == (labels_file is None):
         raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
     for option, value in (("--vocab", vocab), ("--auto-min-area", min_area), ("--auto-min-score", min_score)):
@@ -383,11 +386,15 @@ class AutoLabeler:
     """The labels of an image found in a vocabulary; keeps each image's candidates for its JSON record."""
 
     def __init__(self, vocabulary_name: str, vocabulary, rule: AutoLabelRule, segmenter: Segmenter):
+        from .autolabels import rule_for
+
         self.vocabulary_name, self.vocabulary, self.segmenter = vocabulary_name, vocabulary, segmenter
         self.rule = rule_for(rule, segmenter.method)
         self.records: dict[Path, dict] = {}
 
     def __call__(self, path: Path) -> list[str]:
+        from .autolabels import auto_label_record, find_labels, found_labels
+
         candidates = find_labels(self.segmenter, path, self.vocabulary, self.rule)
         self.records[path] = auto_label_record(self.vocabulary_name, self.rule, candidates)
         return found_labels(candidates, self.rule)
@@ -397,6 +404,8 @@ def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optio
           ) -> None:
     """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any; a
     write that fails raises a WildsegError naming the folder."""
+    from .outputs import write_outputs
+
     result = item.result
     record = {
         "image": str(item.source),
@@ -585,7 +594,7 @@ def _image_progress(console: Console) -> Progress:
 
 
 @main.command(name="eval")
-@click.option("--dataset", "-d", "dataset_name", type=click.Choice(list(DATASETS)), required=True,
+@click.option("--dataset", "-d", "dataset_name", type=click.Choice(DATASETS), required=True,
               help="Benchmark (see README for each one's --root layout).")
 @click.option("--root", type=click.Path(path_type=Path), help="The data set's folder in its released layout.")
 @click.option("--split", help="Split to evaluate (default val; folder datasets have none).")
@@ -614,7 +623,12 @@ def _image_progress(console: Console) -> Progress:
 def evaluate_command(dataset_name, root, split, download, ignore_index, class_names, given_labels, limit, ids_file,
                      report, save_predictions, compare, quiet, bg_threshold, **segmenter_arguments):
     """Evaluate on a benchmark: per-class IoU, mIoU, pixel and mean class accuracy."""
+    from .datasets import open_dataset
+
     dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
+    from .evaluation import load_ids  # torch: once the data set is found
+    from .outputs import write_json
+
     ids = load_ids(ids_file, dataset) if ids_file else list(dataset.ids)
     ids = ids[:limit] if limit else ids
     runs = _compared_runs(compare, segmenter_arguments)
@@ -657,9 +671,9 @@ def _compared_runs(compare: Optional[str], options: dict) -> list[tuple[str, str
     if options["method"] != "relevance" or options["attention"] is not None:
         raise WildsegError("--compare names the methods itself: leave out --method and --attention")
     names = list(dict.fromkeys(name.strip() for name in compare.split(",") if name.strip()))
-    unknown = [name for name in names if name != "relevance" and name not in ATTENTION_VARIANTS]
+    unknown = [name for name in names if name != "relevance" and name not in ATTENTIONS]
     if unknown or not names:
-        raise WildsegError(f"--compare takes relevance and dense attentions ({', '.join(ATTENTION_VARIANTS)}), "
+        raise WildsegError(f"--compare takes relevance and dense attentions ({', '.join(ATTENTIONS)}), "
                            f"comma-separated; got {compare!r}")
     runs = [(name, "relevance", None) if name == "relevance" else (name, "dense", name) for name in names]
     for _, method, _ in runs:
@@ -673,6 +687,8 @@ def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], g
                   backbone) -> tuple[dict, Segmenter]:
     """One method over the images: its protocol (the published one of a dense attention), the segmenter (on
     `backbone` when one is loaded), the evaluation and its report."""
+    from .evaluation import PredictionStore, build_report, check_dataset, evaluate, protocol_bg_threshold, run_settings
+
     protocol = "given" if given_labels else "open"
     published = None
     if options["method"] == "dense":
@@ -721,6 +737,8 @@ def _published_protocol(dataset_key: str, dataset, class_names: Optional[Path], 
     """The dense protocol for the run (`evaluation.dense_protocol`): the data set takes its published class list
     unless --class-names was given, and every given option, class list or protocol that departs from the
     published run is added to its deviations. Refuses the CRF, which the official scoring has no place for."""
+    from .evaluation import dense_protocol, use_published_class_list
+
     published = dense_protocol(options["attention"] or DEFAULT_ATTENTION, dataset_key, dataset)
     if "crf" in (options["refine"] or published["options"]["refine"]):
         raise WildsegError("the dense method's eval scores as the official dense segmenters do, with PAMR or no "

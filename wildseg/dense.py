@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from .choices import DEFAULT_ATTENTION, DENSE_LOGIT_SCALE, DENSE_SHORT_SIDE, DENSE_WINDOW
 from .datasets.classes import builtin_class_names
 from .errors import WildsegError
 from .relevance import (
@@ -90,7 +91,6 @@ ATTENTION_VARIANTS = {
     "naclip": AttentionVariant(naclip_weights, residual=False, feed_forward=False),
 }
 """`vanilla` is CLIP's unchanged block (the reference the others depart from); the rest follow their papers."""
-DEFAULT_ATTENTION = "naclip"
 
 
 def check_attention(name: str) -> AttentionVariant:
@@ -180,11 +180,11 @@ class DenseSettings:
     """
 
     attention: str = DEFAULT_ATTENTION
-    window: int = 224
+    window: int = DENSE_WINDOW
     stride: Optional[int] = None
-    short_side: int = 336
+    short_side: int = DENSE_SHORT_SIDE
     long_side: int = 2048
-    logit_scale: float = 40.0
+    logit_scale: float = DENSE_LOGIT_SCALE
     background_words: tuple[str, ...] = field(default_factory=default_background_words)
 
     @property

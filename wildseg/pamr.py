@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import PAMR_ITERATIONS
+
 EPSILON = 1e-8
 DIRECTIONS = tuple((row, col) for row in (-1, 0, 1) for col in (-1, 0, 1) if (row, col) != (0, 0))
 
@@ -27,7 +29,7 @@ DIRECTIONS = tuple((row, col) for row in (-1, 0, 1) for col in (-1, 0, 1) if (ro
 class PamrSettings:
     """PAMR parameters."""
 
-    iterations: int = 10
+    iterations: int = PAMR_ITERATIONS
     """Number of updates m_i <- sum_j alpha_ij m_j."""
     dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
     """Dilations of the 3 x 3 neighbourhood; each adds its 8 off-centre pixels to the neighbours."""

@@ -15,10 +15,9 @@ argmax is unchanged, and they are the refinement's input.
 
 import torch
 
+from .choices import DEFAULT_BG_THRESHOLD, DEFAULT_DENSE_BG_THRESHOLD
 from .errors import WildsegError
 
-DEFAULT_BG_THRESHOLD = 0.4
-DEFAULT_DENSE_BG_THRESHOLD = 0.1
 DEFAULT_TEMPERATURE = 0.1
 
 

@@ -20,9 +20,9 @@ import torch
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
+from .choices import CRF_ITERATIONS, REFINEMENTS
 from .lattice import PermutohedralLattice
 
-REFINEMENTS = ("crf", "pamr", "pamr+crf", "none")
 PROBABILITY_FLOOR = 1e-5
 """Probabilities are clipped to [1e-5, 1] before -log, as pydensecrf's unary_from_softmax does."""
 
@@ -31,7 +31,7 @@ PROBABILITY_FLOOR = 1e-5
 class CrfSettings:
     """Dense-CRF parameters: Gaussian (smoothness) and bilateral (appearance) kernels, mean-field iterations."""
 
-    iterations: int = 5
+    iterations: int = CRF_ITERATIONS
     gaussian_sxy: float = 3.0
     gaussian_weight: float = 3.0
     bilateral_sxy: float = 80.0

@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 
+from .choices import DEFAULT_START_BLOCK
 from .errors import WildsegError
 from .timing import NoStageTimes
 
-DEFAULT_START_BLOCK = -1
-"""Relevance from the last block only, as in Chefer et al.'s CLIP demo; 0 accumulates over every block."""
 
 
 def check_vision_tower(visual: torch.nn.Module, model_name: str) -> None:

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-DEFAULT_MAX_SIDE = 1024
+from .choices import DEFAULT_MAX_SIDE
+
 STRIP_ROWS = 512
 
 

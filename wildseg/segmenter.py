@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, Backbone, ProgressCallback, load_backbone, resolve_templates
+from .choices import CRF_BACKENDS, METHODS, MIN_WORKING_SIDE
 from .dense import DenseSettings, check_attention, dense_label_maps, resize_for_model
 from .errors import WildsegError, first_line
 from .images import ImageInput, load_image
@@ -59,20 +60,10 @@ from .tta import POLICIES, View, ViewStream, merge_views, plan_views, plan_windo
 
 DEFAULT_VIEW_BATCH = {"cuda": 32, "cpu": 8}
 """Views per model batch: large on a GPU for throughput (halved automatically when memory runs out)."""
-MIN_WORKING_SIDE = 32
 CRF_BATCH_VALUES = 2**25
 """Pixels x classes of the images the torch CRF refines in one call (16 VOC-sized images with 22 classes,
 about 1 GB: it holds about 8 float32 buffers of that size)."""
-METHODS = {
-    "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
-    "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
-}
 DEFAULT_BG_THRESHOLDS = {"relevance": DEFAULT_BG_THRESHOLD, "dense": DEFAULT_DENSE_BG_THRESHOLD}
-CRF_BACKENDS = {
-    "auto": "torch when the model is on a GPU, pydensecrf on the CPU",
-    "torch": "wildseg.refine.mean_field_crf on the model's device, the images of a model step in one batch",
-    "pydensecrf": "pydensecrf on the CPU, in worker processes beside the model on GPU machines",
-}
 
 
 @dataclass

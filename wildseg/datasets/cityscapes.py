@@ -7,7 +7,6 @@ ignored.
 from pathlib import Path
 
 import numpy as np
-from torchvision.datasets import Cityscapes
 
 from ..errors import WildsegError, first_line
 from .base import IGNORE, PairedFiles
@@ -18,6 +17,8 @@ IMAGE_SUFFIX = "_leftImg8bit"
 
 def cityscapes_dataset(root: Path, split: str = "val") -> PairedFiles:
     """Cityscapes `split` under `root` (holding leftImg8bit/ and gtFine/)."""
+    from torchvision.datasets import Cityscapes  # torchvision takes seconds to import: only when reading
+
     try:
         cityscapes = Cityscapes(str(root), split=split, mode="fine", target_type="semantic")
     except (OSError, RuntimeError, ValueError) as error:
@@ -30,6 +31,8 @@ def cityscapes_dataset(root: Path, split: str = "val") -> PairedFiles:
 
 def train_id_lookup() -> np.ndarray:
     """Label id -> trainId (0..18) from torchvision's copy of the official label table; the rest -> IGNORE."""
+    from torchvision.datasets import Cityscapes
+
     table = np.full(256, IGNORE, dtype=np.uint8)
     for label in Cityscapes.classes:
         if 0 <= label.id < 256 and 0 <= label.train_id < IGNORE:

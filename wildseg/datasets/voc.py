@@ -7,10 +7,6 @@ Object borders (255) are ignored in both.
 from pathlib import Path
 from typing import Optional
 
-from torchvision.datasets import VOCSegmentation
-from torchvision.datasets.utils import check_integrity
-from torchvision.datasets.voc import DATASET_YEAR_DICT
-
 from ..errors import WildsegError, first_line
 from .base import IGNORE, PairedFiles, ids_from_list, shifted_lookup
 from .classes import builtin_class_names
@@ -34,6 +30,8 @@ def voc_dataset(root: Optional[Path], split: str = "val", background: bool = Tru
         return _renamed_voc_folder(Path(root), split, background)
     else:
         torchvision_root = _torchvision_root(Path(root))
+    from torchvision.datasets import VOCSegmentation  # torchvision takes seconds to import: only when reading
+
     try:
         voc = VOCSegmentation(str(torchvision_root), year="2012", image_set=split)
     except (OSError, RuntimeError) as error:
@@ -79,6 +77,10 @@ def _torchvision_root(root: Path) -> Path:
 def _download(folder: Path) -> Path:
     if (folder / VOC_FOLDER / "ImageSets" / "Segmentation").is_dir():
         return folder
+    from torchvision.datasets import VOCSegmentation
+    from torchvision.datasets.utils import check_integrity
+    from torchvision.datasets.voc import DATASET_YEAR_DICT
+
     archive = DATASET_YEAR_DICT["2012"]
     try:
         VOCSegmentation(str(folder), year="2012", image_set="val", download=True)

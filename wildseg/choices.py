@@ -1,0 +1,50 @@
+"""The names and defaults of wildseg's choices, in a module that imports nothing heavy.
+
+The command line builds its options, help and checks from these before any model library (torch, open_clip)
+is imported, so that help, version and usage errors answer at once; the modules that implement each choice
+take their names and defaults from here.
+"""
+
+METHODS = {
+    "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
+    "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
+}
+ATTENTIONS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip")
+"""The dense method's last-block attention variants (`dense.ATTENTION_VARIANTS`)."""
+DEFAULT_ATTENTION = "naclip"
+TTA_POLICIES = ("none", "default", "heavy")
+"""Test-time view policies (`tta.POLICIES`)."""
+REFINEMENTS = ("crf", "pamr", "pamr+crf", "none")
+CRF_BACKENDS = {
+    "auto": "torch when the model is on a GPU, pydensecrf on the CPU",
+    "torch": "wildseg.refine.mean_field_crf on the model's device, the images of a model step in one batch",
+    "pydensecrf": "pydensecrf on the CPU, in worker processes beside the model on GPU machines",
+}
+ACTIVATIONS = {
+    "auto": "follow the weights: QuickGELU for OpenAI's (tag config, JIT archive, OpenAI state dict), else the config",
+    "gelu": "exact GELU, as open_clip's own trainings (LAION, DataComp) use",
+    "quickgelu": "QuickGELU x * sigmoid(1.702 x), as OpenAI's CLIP was trained",
+}
+DEFAULT_TEMPLATES = "imagenet80"
+DEFAULT_MAX_SIDE = 1024
+"""Working resolution: the longest side an image is segmented at (`resolution`)."""
+MIN_WORKING_SIDE = 32
+DEFAULT_START_BLOCK = -1
+"""Relevance from the last block only, as in Chefer et al.'s CLIP demo; 0 accumulates over every block."""
+DEFAULT_BG_THRESHOLD = 0.4
+DEFAULT_DENSE_BG_THRESHOLD = 0.1
+DENSE_WINDOW = 224
+DENSE_SHORT_SIDE = 336
+DENSE_LOGIT_SCALE = 40.0
+CRF_ITERATIONS = 5
+PAMR_ITERATIONS = 10
+VOCABULARIES = {"voc": "voc20", "coco": "coco_object", "ade": "ade20k"}
+"""Built-in vocabularies of --labels auto: --vocab name -> shipped class-name list."""
+DEFAULT_VOCABULARY = "coco"
+AUTO_MIN_AREA = 0.01
+AUTO_MIN_SCORES = {"relevance": 0.6, "dense": 0.3}
+"""Mean score a class found by --labels auto needs by default: normalised relevance (which beats the 0.4
+background threshold on every pixel a class owns, so the bar is above it) or label probability (dense,
+threshold 0.1)."""
+DATASETS = ("voc", "voc20", "context", "context59", "coco-object", "coco-stuff", "ade20k", "cityscapes", "folder")
+"""The benchmarks of `wildseg eval` (`datasets.DATASETS`)."""
