@@ -248,8 +248,8 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
                    "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale "
                    "40, background words of PASCAL VOC's background class; both methods: tta default, refine crf.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
-def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps, recursive,
-            overwrite, summary_path, workers, refine_workers, quiet, **segmenter_arguments):
+def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps,
+            recursive, overwrite, summary_path, workers, refine_workers, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
     Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are
