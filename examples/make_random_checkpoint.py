@@ -6,6 +6,7 @@ Masks from random weights are meaningless; the file exercises the real loading p
 """
 
 import argparse
+import logging
 
 import open_clip
 import torch
@@ -17,6 +18,7 @@ def main() -> None:
     parser.add_argument("--model", default="ViT-B-16", help="open_clip architecture")
     parser.add_argument("--seed", type=int, default=0)
     arguments = parser.parse_args()
+    logging.getLogger().setLevel(logging.ERROR)  # open_clip's notice that no pretrained weights were loaded
     torch.manual_seed(arguments.seed)
     torch.save(open_clip.create_model(arguments.model).state_dict(), arguments.path)
 

@@ -94,7 +94,9 @@ def _fail(message: str) -> None:
 
 
 def _warn_in_one_line(message, category, filename, lineno, file=None, line=None):
-    click.echo(f"wildseg: warning: {message}", err=True)
+    """A warning as one line on stderr, written through `sys.stderr` so that a live progress display (which
+    redirects it) prints it above itself."""
+    print(f"wildseg: warning: {message}", file=sys.stderr)
 
 
 @click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"]})
@@ -189,7 +191,8 @@ def build_segmenter(console: Console, method: str, protocol: dict, **options) ->
         if "text_cache" in values:
             raise WildsegError("--text-cache names the cache folder and --no-text-cache turns the cache off: give one")
         values["text_cache"] = False
-    with console.status("loading the model", spinner="dots"):
+    status = console.status(_loading_message(method, values)) if console.is_terminal else contextlib.nullcontext()
+    with status:
         from .dense import DenseSettings  # torch and open_clip take seconds to import: under the status line
         from .pamr import PamrSettings
         from .refine import CrfSettings
@@ -200,6 +203,19 @@ def build_segmenter(console: Console, method: str, protocol: dict, **options) ->
         pamr = PamrSettings(**{field: values.pop(option) for option, field in
                                (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
         return Segmenter(method=method, dense=dense, crf=crf, pamr_settings=pamr, **values)
+
+
+def _loading_message(method: str, values: dict) -> str:
+    """What the status line says while the model loads: the architecture and where its weights come from."""
+    if values.get("backbone") is not None:
+        return f"preparing the {method} method"
+    if values.get("checkpoint") is not None:
+        source = str(values["checkpoint"])
+    elif str(values.get("pretrained", "openai")).lower() == "none":
+        source = "random weights"
+    else:
+        source = f"{values.get('pretrained', 'openai')} weights, downloaded on first use"
+    return f"loading {values.get('model', 'ViT-B-16')} ({source})"
 
 
 def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
@@ -377,7 +393,7 @@ def _embed_ahead(console: Console, segmenter: Segmenter, labels: list[str]) -> N
     """Embed the run's labels before the first image (`Segmenter.prepare_labels`), with a progress bar of their
     own when the cache does not hold them all."""
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+                  console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"embedding labels ({len(segmenter.templates.templates)} prompts each)", total=None)
         segmenter.prepare_labels(labels, lambda done, total: progress.update(task, completed=done, total=total))
 
@@ -590,7 +606,8 @@ class TimeLeftColumn(ProgressColumn):
 
 def _image_progress(console: Console) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
-                    TimeElapsedColumn(), TimeLeftColumn(), console=console, transient=True)
+                    TimeElapsedColumn(), TimeLeftColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
 
 
 @main.command(name="eval")
