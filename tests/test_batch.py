@@ -123,6 +123,9 @@ def test_a_folder_with_every_case_completes_and_counts_failures(mixed_folder, tm
     unreadable = {"locked.png"} if os.geteuid() != 0 else set()  # root reads any file, permissions or not
     assert failed == {"empty.jpg", "text.jpg", "truncated.jpg"} | unreadable
     assert record["images"] == 52 and record["done"] == 49 - len(unreadable) and record["skipped"] == 0
+    assert set(record["stages_s"]) == {"model_load_s", "label_embeddings_s", "segmenting_s"}
+    assert sum(record["stages_s"].values()) <= record["seconds"]
+    assert f"; segmenting {record['stages_s']['segmenting_s']:.1f} s)" in result.stdout
     assert sorted(line.split(": ")[2].rsplit("/", 1)[-1] for line in result.stderr.splitlines()
                   if line.startswith("wildseg: failed:")) == sorted(failed)
     for name in ("empty", "text", "truncated", *(path.split(".")[0] for path in unreadable)):

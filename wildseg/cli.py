@@ -291,7 +291,9 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
+    clock = time.perf_counter()
     segmenter = build_segmenter(console, protocol={}, **segmenter_arguments) if todo else None
+    model_load_s = time.perf_counter() - clock
     if segmenter is not None and refine_workers is not None and not (
             "crf" in segmenter.refine and segmenter.crf_backend == "pydensecrf"):
         raise WildsegError("--refine-workers is an option of pydensecrf's CRF (--refine crf or pamr+crf with "
@@ -299,10 +301,15 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     with Interrupts() as interrupts:
         if segmenter is not None:
+            run.stages_s["model_load_s"] = model_load_s
+            clock = time.perf_counter()
             _embed_ahead(console, segmenter, known_labels)
+            run.stages_s["label_embeddings_s"] = time.perf_counter() - clock
             extras = {"save_scores": save_scores, "heatmaps": heatmaps}
+            clock = time.perf_counter()
             _segment_all(segmenter, todo, labels_source(segmenter), jobs, run, console, interrupts, workers,
                          refine_workers, extras)
+            run.stages_s["segmenting_s"] = time.perf_counter() - clock
         run.seconds = time.perf_counter() - started
         report = Console(quiet=quiet)
         if len(jobs) == 1 and run.done == 1:
@@ -439,11 +446,13 @@ def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optio
 
 
 class BatchSummary:
-    """Counts of a batch run, its failures with their reasons, whether it was interrupted, and the last result
-    handed to the writers (the one-image run prints its table once it is written)."""
+    """Counts of a batch run, its failures with their reasons, whether it was interrupted, the seconds of its
+    stages (loading the model, embedding the labels ahead, segmenting), and the last result handed to the
+    writers (the one-image run prints its table once it is written)."""
 
     def __init__(self, total: int, skipped: int):
         self.total, self.skipped, self.done, self.seconds = total, skipped, 0, 0.0
+        self.stages_s: dict[str, float] = {}
         self.failures: dict[Path, str] = {}
         self.interrupted, self.last_result = False, None
 
@@ -457,8 +466,10 @@ class BatchSummary:
     def line(self) -> str:
         state = "interrupted: " if self.interrupted else ""
         rate = self.done / self.seconds if self.seconds else 0.0
+        stages = "".join(f"; {name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
+                         for name, seconds in self.stages_s.items())
         return (f"{state}{self.done} done, {self.skipped} skipped (done before), {len(self.failures)} failed, "
-                f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s)")
+                f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s{stages})")
 
     def as_dict(self) -> dict:
         return {
@@ -468,6 +479,7 @@ class BatchSummary:
             "failed": len(self.failures),
             "interrupted": self.interrupted,
             "seconds": self.seconds,
+            "stages_s": self.stages_s,
             "failures": [{"image": str(path), "reason": reason} for path, reason in self.failures.items()],
         }
 
