@@ -16,7 +16,7 @@ from typing import Optional
 
 import numpy as np
 
-from .choices import AUTO_MIN_AREA, AUTO_MIN_SCORES, DEFAULT_VOCABULARY, VOCABULARIES
+from .choices import AUTO_MIN_AREA, AUTO_MIN_SCORES, VOCABULARIES
 from .datasets.classes import ClassName, builtin_class_names, read_class_names
 from .errors import WildsegError
 from .images import ImageInput

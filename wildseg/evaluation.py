@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .choices import DEFAULT_DENSE_BG_THRESHOLD
 from .datasets import SegmentationDataset
 from .datasets.base import read_label_image
 from .datasets.classes import ClassName, published_class_prompts
@@ -40,7 +41,6 @@ from .metrics import (
     pixel_accuracy,
 )
 from .outputs import label_palette, mask_image, write_atomically, write_json
-from .pseudolabels import DEFAULT_DENSE_BG_THRESHOLD
 from .resolution import upsample_argmax
 
 PROTOCOLS = {

@@ -15,7 +15,7 @@ argmax is unchanged, and they are the refinement's input.
 
 import torch
 
-from .choices import DEFAULT_BG_THRESHOLD, DEFAULT_DENSE_BG_THRESHOLD
+from .choices import DEFAULT_BG_THRESHOLD
 from .errors import WildsegError
 
 DEFAULT_TEMPERATURE = 0.1

@@ -20,7 +20,7 @@ import torch
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
-from .choices import CRF_ITERATIONS, REFINEMENTS
+from .choices import CRF_ITERATIONS
 from .lattice import PermutohedralLattice
 
 PROBABILITY_FLOOR = 1e-5

@@ -32,22 +32,27 @@ import torch.nn.functional as F
 
 from . import __version__
 from .backbone import DEFAULT_TEMPLATES, Backbone, ProgressCallback, load_backbone, resolve_templates
-from .choices import CRF_BACKENDS, METHODS, MIN_WORKING_SIDE
+from .choices import (
+    CRF_BACKENDS,
+    DEFAULT_BG_THRESHOLD,
+    DEFAULT_DENSE_BG_THRESHOLD,
+    METHODS,
+    MIN_WORKING_SIDE,
+    REFINEMENTS,
+)
 from .dense import DenseSettings, check_attention, dense_label_maps, resize_for_model
 from .errors import WildsegError, first_line
 from .images import ImageInput, load_image
 from .labels import BACKGROUND, clean_labels
 from .pamr import PamrSettings, pamr
 from .pseudolabels import (
-    DEFAULT_BG_THRESHOLD,
-    DEFAULT_DENSE_BG_THRESHOLD,
     DEFAULT_TEMPERATURE,
     check_settings,
     dense_scores,
     label_scores,
     scores_to_probabilities,
 )
-from .refine import REFINEMENTS, CrfSettings, dense_crf, mean_field_crf
+from .refine import CrfSettings, dense_crf, mean_field_crf
 from .relevance import (
     DEFAULT_START_BLOCK,
     check_vision_tower,

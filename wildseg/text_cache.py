@@ -15,7 +15,6 @@ turns the cache off, with one warning.
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -24,6 +23,7 @@ import numpy as np
 import torch
 
 from .errors import WildsegWarning
+from .outputs import write_atomically
 
 CACHE_DIR_VARIABLE = "WILDSEG_CACHE_DIR"
 """Environment variable naming the cache folder (default: $XDG_CACHE_HOME/wildseg, else ~/.cache/wildseg)."""
@@ -89,18 +89,12 @@ class TextCache:
         return content.hexdigest()
 
     def write_atomically(self, path: Path, write: Callable[[Path], object]) -> None:
-        """`write` a temporary file beside `path`, then rename it to `path`; on failure warn once and stop writing."""
+        """`write` a temporary file beside `path`, then rename it to `path` (`outputs.write_atomically`); on
+        failure warn once and stop writing."""
         if not self.writable:
             return
-        temporary = None
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handle, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-            os.close(handle)
-            temporary = Path(name)
-            write(temporary)
-            os.replace(temporary, path)
-            temporary = None
+            write_atomically(path, write)
         except OSError as error:
             self.writable = False
             warnings.warn(
@@ -108,9 +102,6 @@ class TextCache:
                 f"embeddings are not saved for the next run: set {CACHE_DIR_VARIABLE} to a writable folder",
                 WildsegWarning, stacklevel=2,
             )
-        finally:
-            if temporary is not None:
-                temporary.unlink(missing_ok=True)
 
 
 class EmbeddingGroup:
