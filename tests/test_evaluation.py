@@ -220,6 +220,7 @@ def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_
     timings = record["timings_s"]
     assert {"total_s", "maps_s", "crf_s", "read_s", "text_s", "decode_s"} <= set(timings)
     assert "pamr_s" not in timings, "PAMR did not run (--refine crf)"
+    assert timings["model_load_s"] > 0 and timings["label_embeddings_s"] > 0
     assert timings["maps_s"] < timings["predict_s"] < timings["total_s"]
     assert timings["per_segmented_image_s"] == pytest.approx(timings["predict_s"] / 3)
 

@@ -725,11 +725,15 @@ def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], g
     check_dataset(dataset, protocol)
     defaults = (published["options"] if published is not None
                 else {"bg_threshold": protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)})
+    clock = time.perf_counter()
     segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, backbone=backbone, **options)
+    stages = {"model_load_s": time.perf_counter() - clock}
     settings = {**run_settings(dataset, protocol, segmenter.settings()), "dense_protocol": published}
     store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
+    clock = time.perf_counter()
     _embed_ahead(console, segmenter, [prompt for index in dataset.scored_classes
                                       for prompt in dataset.classes[index].prompts])
+    stages["label_embeddings_s"] = time.perf_counter() - clock
     if published is not None and published["deviations"]:
         attention = options["attention"] or DEFAULT_ATTENTION
         console.print(f"{attention}: deviations from {published['follows']}'s protocol: "
@@ -739,6 +743,7 @@ def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], g
         evaluation = evaluate(segmenter, dataset, ids, protocol, store,
                               on_image=lambda image_id, outcome: advance(progress, task),
                               area_threshold=published and published["area_threshold"])
+    evaluation.timings_s.update(stages)
     return build_report(dataset, settings, selection, evaluation), segmenter
 
 
