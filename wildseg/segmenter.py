@@ -249,19 +249,19 @@ class Segmenter:
 
     def label_scores(self, image: ImageInput, labels: Union[str, Iterable[str]]) -> np.ndarray:
         """Scores ((1 + labels) x h x w, background first, at working resolution) by the method's rule
-        (`pseudolabels`): what `segment` turns into probabilities and refines. Their argmax is an unrefined mask
-        (for the dense method, after PAMR where `refine` asks for it, as PAMR refines its cosines)."""
+        (`pseudolabels`): what `segment` turns into probabilities and refines. Their argmax is an unrefined mask."""
         names = _checked_labels(labels)
         decoded = self._decode(image)
         maps = self._merged_maps(decoded.source, self._embed_query(names), {})
         if self.method == "dense":
-            maps, _ = self._dense_maps_at_working(maps, decoded)
+            maps = _resized(maps, decoded.working.shape[:2])
         return self._scores(maps, len(names)).cpu().numpy()
 
     def query_probabilities(self, image: ImageInput, queries: list[str]) -> np.ndarray:
         """Dense method: per pixel at working resolution, softmax(logit scale x cosine) over `queries` (any words,
         `background` included, in the order given), after PAMR where `refine` asks for it: what the official
-        dense segmenters (NACLIP, SCLIP, ClearCLIP) turn into class scores, a class's the max over its queries."""
+        dense segmenters (NACLIP, SCLIP, ClearCLIP) turn into class scores, a class's the max over its queries.
+        The CRF, which refines class probabilities, has no place here and is not applied."""
         if self.method != "dense":
             raise WildsegError("query probabilities are the dense method's: build the Segmenter with method='dense'")
         decoded = self._decode(image)
@@ -406,12 +406,10 @@ class Segmenter:
         and, with PAMR, refined there with the normalised resized image resized likewise as the guide, as NACLIP
         does; with PAMR's seconds."""
         size = decoded.working.shape[:2]
-        maps = F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
+        maps = _resized(maps, size)
         if "pamr" not in self.refine:
             return maps, 0.0
-        guide = F.interpolate(self._normalized(decoded.source)[None], size=size, mode="bilinear",
-                              align_corners=False)[0]
-        return self._pamr(guide, maps)
+        return self._pamr(_resized(self._normalized(decoded.source), size), maps)
 
     def _pamr(self, guide: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, float]:
         """PAMR of `maps` on `guide`, timed (synchronised on CUDA)."""
@@ -487,6 +485,11 @@ def finish_segmentation(
         probabilities = dense_crf(working, _as_array(probabilities), crf)
     mask = upsample_argmax(probabilities, *full_size)
     return mask, _as_array(probabilities), time.perf_counter() - clock
+
+
+def _resized(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps (channels x h x w) bilinearly resized to `size` (align_corners=False, as the official code does)."""
+    return F.interpolate(maps[None], size=size, mode="bilinear", align_corners=False)[0]
 
 
 def _as_array(probabilities: Union[np.ndarray, torch.Tensor]) -> np.ndarray:
