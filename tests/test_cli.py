@@ -337,3 +337,21 @@ def test_the_rate_starts_at_the_first_image_done():
     assert steady_rate(progress.tasks[task]) == pytest.approx(0.5)
     assert str(TimeLeftColumn().render(progress.tasks[task])) == "0:00:16 left"
     assert str(RateColumn().render(progress.tasks[task])) == "0.50 img/s"
+
+
+def test_shards_of_a_folder_segment_every_image_once(tmp_path, tiny_checkpoint):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(7):
+        Image.new("RGB", (32, 24), (30 * index, 100, 50)).save(folder / f"p{index}.jpg")
+    outs = []
+    for index in (1, 2, 3):
+        out = tmp_path / f"out{index}"
+        result = run("segment", folder, "-l", "cat", "-o", out, "--shard", f"{index}/3", "--tta", "none",
+                     *tiny_cli_args(tiny_checkpoint))
+        assert result.exit_code == 0, result.stderr
+        outs.append(sorted(path.stem for path in out.glob("*.json")))
+    assert sorted(name for names in outs for name in names) == [f"p{index}" for index in range(7)]
+    again = run("segment", folder, "-l", "cat", "-o", tmp_path / "out2", "--shard", "2/3", *tiny_cli_args(
+        tiny_checkpoint))
+    assert f"0 done, {len(outs[1])} skipped" in again.stdout

@@ -1,11 +1,14 @@
 """Reading images of every common mode as displayed RGB, and clear errors for files that are not images."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from wildseg.errors import WildsegError
 from wildseg.images import load_image
+from wildseg.inputs import InputImage, in_shard, parse_shard
 
 
 def test_modes_become_rgb(tmp_path):
@@ -81,3 +84,23 @@ def test_images_beyond_pillows_safety_limit_are_a_clear_error(tmp_path, monkeypa
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
     with pytest.raises(WildsegError, match="too large for Pillow's safety limit"):
         load_image(tmp_path / "big.png")
+
+
+def test_shards_cover_every_image_once_in_any_order_and_keep_their_images_as_files_are_added():
+    images = [InputImage(Path(f"{index}.jpg"), Path(f"trip/{index}")) for index in range(200)]
+    shards = {count: [[image for image in images if in_shard(image, (index, count))]
+                      for index in range(1, count + 1)] for count in (1, 3, 8)}
+    for count, parts in shards.items():
+        assert sorted(image.stem for part in parts for image in part) == sorted(image.stem for image in images)
+        assert all(len(part) > 200 / count / 2 for part in parts), "roughly even"
+    reversed_parts = [[image for image in reversed(images) if in_shard(image, (index, 3))] for index in (1, 2, 3)]
+    assert [sorted(image.stem for image in part) for part in reversed_parts] == [
+        sorted(image.stem for image in part) for part in shards[3]]
+    more = images + [InputImage(Path("new.jpg"), Path("trip/new"))]
+    assert [image for image in more[:200] if in_shard(image, (2, 3))] == shards[3][1]
+
+
+@pytest.mark.parametrize("text", ["0/3", "4/3", "a/b", "3", "1/0"])
+def test_bad_shards_are_one_line_errors(text):
+    with pytest.raises(WildsegError, match="--shard takes K/N"):
+        parse_shard(text)

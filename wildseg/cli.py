@@ -251,6 +251,9 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
 @click.option("--heatmaps", is_flag=True,
               help="Also write <name>_heatmap_<i>_<label>.jpg: each label's probability as a colour map on the photo.")
 @click.option("--recursive", "-r", is_flag=True, help="Search folders and ** patterns into their sub-folders.")
+@click.option("--shard", metavar="K/N",
+              help="Segment only shard K of N (by a hash of each image's output path: the same in any listing "
+                   "order and on resume; N runs with K = 1..N cover every image once), e.g. for array jobs.")
 @click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path),
               help="Write the run's summary, with every failure and its reason, as JSON here.")
@@ -265,7 +268,7 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
                    "40, background words of PASCAL VOC's background class; both methods: tta default, refine crf.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
 def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps,
-            recursive, overwrite, summary_path, workers, refine_workers, quiet, **segmenter_arguments):
+            recursive, shard, overwrite, summary_path, workers, refine_workers, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
     Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are
@@ -275,11 +278,13 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     """
     started = time.perf_counter()
     labels_source, known_labels = _labels_source(labels, labels_file, vocab, auto_min_area, auto_min_score)
-    from .inputs import expand_inputs
+    from .inputs import expand_inputs, in_shard, parse_shard
 
     images = expand_inputs(inputs, recursive, exclude=out_dir)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
+    if shard is not None:
+        images = [image for image in images if in_shard(image, parse_shard(shard))]
     from .outputs import is_done, output_paths, remove_stale_temporaries, write_json  # OpenCV: inputs found
     heatmap_labels = [BACKGROUND, *clean_labels(labels)] if heatmaps and labels not in (None, AUTO) else None
     jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels)

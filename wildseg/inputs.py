@@ -7,6 +7,7 @@ in lists. Two images never share a stem.
 
 import csv
 import glob
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -25,6 +26,22 @@ class InputImage:
 
     path: Path
     stem: Path
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`K/N` (1 <= K <= N) as (K, N), or a one-line error."""
+    index, _, count = text.partition("/")
+    if not (index.strip().isdigit() and count.strip().isdigit() and 1 <= int(index) <= int(count)):
+        raise WildsegError(f"--shard takes K/N with 1 <= K <= N (e.g. 3/8), got {text!r}")
+    return int(index), int(count)
+
+
+def in_shard(image: InputImage, shard: tuple[int, int]) -> bool:
+    """Whether an image belongs to shard K of N: the SHA-256 of its output stem (a path relative to the inputs
+    given, the same in every listing order and run) modulo N is K - 1. The N shards hold every image once."""
+    index, count = shard
+    digest = hashlib.sha256(image.stem.as_posix().encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % count == index - 1
 
 
 def has_image_suffix(path: Path) -> bool:
