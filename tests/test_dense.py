@@ -20,7 +20,7 @@ from wildseg.dense import (
 from wildseg.errors import WildsegError
 from wildseg.pseudolabels import dense_scores
 from wildseg.segmenter import Segmenter
-from wildseg.tta import merge_views, plan_windows
+from wildseg.tta import merge_views, plan_windows, window_spans
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +177,14 @@ def test_segmenter_dense_method_end_to_end(tiny_checkpoint):
 def test_bad_dense_settings_are_one_line_errors(tiny_checkpoint, dense, message):
     with pytest.raises(WildsegError, match=message):
         Segmenter(TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", method="dense", dense=dense)
+
+
+def test_windows_are_placed_as_mmsegmentation_places_them():
+    """The official code's positions on a 500 x 333 VOC image resized to 504 x 336 (the issue's example: x starts
+    0, 111, 222, 278 in original pixels) and on 500 x 366 (459 x 336: two rows, not three)."""
+    assert window_spans(504, 224, 112) == [(0, 224), (112, 336), (224, 448), (280, 504)]
+    assert window_spans(336, 224, 112) == [(0, 224), (112, 336)]
+    assert window_spans(200, 224, 112) == [(0, 200)], "a window longer than the image is cut to it"
+    assert [round(start * 500 / 504) for start, _ in window_spans(504, 224, 112)] == [0, 111, 222, 278]
+    views = plan_windows(336, 459, 224, 112, "none")
+    assert sorted({view.box[1] for view in views}) == [0, 112] and len(views) == 2 * 4
