@@ -89,3 +89,13 @@ def shared_dataset(name: str) -> Path:
     if not root.is_dir():
         pytest.skip(f"real data {root} is absent (see shared/data/README.md)")
     return root
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """The address of one local Ray cluster of 2 CPUs for the whole test session, which `--ray ADDRESS` runs in
+    subprocesses join; stopped when the session ends."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[dev,ray]'")
+    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()

@@ -59,11 +59,13 @@ from .choices import (
     TTA_POLICIES,
     VOCABULARIES,
 )
-from .errors import WildsegError, first_line
+from .errors import WildsegError
 from .labels import BACKGROUND, clean_labels
 
+from .options import build_segmenter, refuse_misplaced
+
 if TYPE_CHECKING:
-    from .autolabels import AutoLabelRule
+    from .batch import BatchSummary
     from .segmenter import Segmenter
 
 AUTO = "auto"
@@ -108,6 +110,26 @@ def main():
     logging.getLogger().setLevel(logging.ERROR)
 
 
+def ray_options(command):
+    """The options that run a command on a Ray cluster (`distributed`)."""
+    options = [
+        click.option("--ray", "ray_address", is_flag=False, flag_value="local", metavar="[ADDRESS]",
+                     help="Run on a Ray cluster: alone (or `local`) a Ray instance on this machine using all its "
+                          "GPUs (else CPUs); `auto` or HOST:PORT a running cluster, whose nodes see the inputs and "
+                          "outputs at the same paths. pip install 'wildseg[ray]'."),
+        click.option("--ray-workers", type=click.IntRange(min=1),
+                     help="With --ray: workers (each loads the model once) [default: one per GPU, else per CPU]."),
+        click.option("--ray-gpus-per-worker", type=click.FloatRange(min=0),
+                     help="With --ray: GPUs each worker reserves, e.g. 0.5 for two per GPU [default: 1 where the "
+                          "cluster has GPUs, else 0]."),
+        click.option("--ray-cpus-per-worker", type=click.FloatRange(min=0, min_open=True),
+                     help="With --ray: CPUs each worker reserves (its torch threads on the CPU) [default: 1]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def segmenter_options(bg_threshold_help: str, defaults_help: str):
     """The options that build a Segmenter, shared by the commands that segment. Options whose default depends
     on the method or the command (`defaults_help` says how) default to None here and are resolved by
@@ -117,6 +139,8 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                      help="open_clip architecture (see `wildseg models`)."),
         click.option("--pretrained", default="openai", show_default=True,
                      help="open_clip pretrained tag, downloaded and cached on first use; 'none' for random weights."),
+        click.option("--model-config", type=click.Path(path_type=Path),
+                     help="An open_clip model config JSON to register first: --model then names it by its file stem."),
         click.option("--checkpoint", type=click.Path(path_type=Path),
                      help="Local weights: open_clip state dict (.pt/.bin/.safetensors) or OpenAI JIT archive."),
         click.option("--cache-dir", type=click.Path(path_type=Path), help="Where open_clip caches downloaded weights."),
@@ -178,56 +202,7 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
     return decorate
 
 
-DENSE_OPTIONS = ("attention", "window", "stride", "short_side", "logit_scale", "background_words")
 
-
-def build_segmenter(console: Console, method: str, protocol: dict, **options) -> Segmenter:
-    """A Segmenter from CLI options: given values win over `protocol` (defaults of a command or benchmark),
-    which win over the library's defaults. Options of another method or refinement are refused."""
-    given = {name: value for name, value in options.items() if value is not None}
-    _refuse_misplaced(given, method, options.get("refine") or protocol.get("refine") or "crf")
-    values = {**protocol, **given}
-    if values.pop("no_text_cache", None):
-        if "text_cache" in values:
-            raise WildsegError("--text-cache names the cache folder and --no-text-cache turns the cache off: give one")
-        values["text_cache"] = False
-    status = console.status(_loading_message(method, values)) if console.is_terminal else contextlib.nullcontext()
-    with status:
-        from .dense import DenseSettings  # torch and open_clip take seconds to import: under the status line
-        from .pamr import PamrSettings
-        from .refine import CrfSettings
-        from .segmenter import Segmenter
-
-        dense = DenseSettings(**{name: values.pop(name) for name in DENSE_OPTIONS if name in values})
-        crf = CrfSettings(**({"iterations": values.pop("crf_iters")} if "crf_iters" in values else {}))
-        pamr = PamrSettings(**{field: values.pop(option) for option, field in
-                               (("pamr_iters", "iterations"), ("pamr_dilations", "dilations")) if option in values})
-        return Segmenter(method=method, dense=dense, crf=crf, pamr_settings=pamr, **values)
-
-
-def _loading_message(method: str, values: dict) -> str:
-    """What the status line says while the model loads: the architecture and where its weights come from."""
-    if values.get("backbone") is not None:
-        return f"preparing the {method} method"
-    if values.get("checkpoint") is not None:
-        source = str(values["checkpoint"])
-    elif str(values.get("pretrained", "openai")).lower() == "none":
-        source = "random weights"
-    else:
-        source = f"{values.get('pretrained', 'openai')} weights, downloaded on first use"
-    return f"loading {values.get('model', 'ViT-B-16')} ({source})"
-
-
-def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
-    """One line for an option that would be ignored: another method's, or a refinement's that is not used."""
-    owners = {name: ("--method dense", method == "dense") for name in DENSE_OPTIONS}
-    owners["start_block"] = ("--method relevance", method == "relevance")
-    owners["pamr_iters"] = ("--refine pamr or pamr+crf", "pamr" in refine)
-    owners["crf_iters"] = ("--refine crf or pamr+crf", "crf" in refine)
-    owners["crf_backend"] = ("--refine crf or pamr+crf", "crf" in refine)
-    for name, (needed, used) in owners.items():
-        if name in given and not used:
-            raise WildsegError(f"--{name.replace('_', '-')} is an option of {needed}: add that or leave it out")
 
 
 @main.command()
@@ -266,18 +241,26 @@ def _refuse_misplaced(given: dict, method: str, refine: str) -> None:
                    "label probability (default 0.1); below it a pixel is background.",
                    "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale "
                    "40, background words of PASCAL VOC's background class; both methods: tta default, refine crf.")
+@ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
 def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps,
-            recursive, shard, overwrite, summary_path, workers, refine_workers, quiet, **segmenter_arguments):
+            recursive, shard, overwrite, summary_path, workers, refine_workers, ray_address, ray_workers,
+            ray_gpus_per_worker, ray_cpus_per_worker, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
     Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are
     skipped unless --overwrite. Exit code 0: all done, 1: some images failed, 2: usage error.
     With --labels auto, each image is first segmented with the whole vocabulary and the classes that cover
     --auto-min-area of it with mean score --auto-min-score are segmented as given (see README).
+    With --ray, the images are segmented by workers on a Ray cluster into the same files (see README).
     """
     started = time.perf_counter()
-    labels_source, known_labels = _labels_source(labels, labels_file, vocab, auto_min_area, auto_min_score)
+    from .batch import BatchSummary, LabelOptions, labels_source
+    from .distributed import check_ray_options
+
+    label_options = LabelOptions(labels, labels_file, vocab, auto_min_area, auto_min_score)
+    source_of_labels, known_labels = labels_source(label_options)
+    cluster = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
     from .inputs import expand_inputs, in_shard, parse_shard
 
     images = expand_inputs(inputs, recursive, exclude=out_dir)
@@ -296,30 +279,20 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
-    clock = time.perf_counter()
-    segmenter = build_segmenter(console, protocol={}, **segmenter_arguments) if todo else None
-    model_load_s = time.perf_counter() - clock
-    if segmenter is not None and refine_workers is not None and not (
-            "crf" in segmenter.refine and segmenter.crf_backend == "pydensecrf"):
-        raise WildsegError("--refine-workers is an option of pydensecrf's CRF (--refine crf or pamr+crf with "
-                           "--crf-backend pydensecrf, auto's choice on the CPU): leave it out")
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
+    extras = {"save_scores": save_scores, "heatmaps": heatmaps}
     with Interrupts() as interrupts:
-        if segmenter is not None:
-            run.stages_s["model_load_s"] = model_load_s
-            clock = time.perf_counter()
-            _embed_ahead(console, segmenter, known_labels)
-            run.stages_s["label_embeddings_s"] = time.perf_counter() - clock
-            extras = {"save_scores": save_scores, "heatmaps": heatmaps}
-            clock = time.perf_counter()
-            _segment_all(segmenter, todo, labels_source(segmenter), jobs, run, console, interrupts, workers,
-                         refine_workers, extras)
-            run.stages_s["segmenting_s"] = time.perf_counter() - clock
+        if todo and cluster is not None:
+            _segment_on_ray(cluster, todo, jobs, label_options, extras, overwrite, workers, refine_workers,
+                            segmenter_arguments, run, console, interrupts)
+        elif todo:
+            _segment_here(todo, jobs, source_of_labels, known_labels, extras, workers, refine_workers,
+                          segmenter_arguments, run, console, interrupts)
         run.seconds = time.perf_counter() - started
         report = Console(quiet=quiet)
         if len(jobs) == 1 and run.done == 1:
             paths = next(iter(jobs.values()))
-            report.print(_summary_table(run.last_result.summary()))
+            report.print(_summary_table(run.last_classes))
             report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
         report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
         if summary_path is not None:
@@ -327,38 +300,73 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
 
 
-def _segment_all(segmenter: Segmenter, todo: list[Path], labels_of, jobs: dict[Path, dict[str, Path]],
-                 run: "BatchSummary", console: Console, interrupts: "Interrupts", workers: int,
-                 refine_workers: Optional[int], extras: dict[str, bool]) -> None:
-    """Segment the images to do and write their outputs behind the model (2 x `workers` writer threads), with
-    the `extras` asked for (scores, heat maps), counting each image in `run`; a stop signal ends the model's
-    work and lets the writes in flight finish."""
-    from .outputs import BackgroundWriter
+def _segment_here(todo: list[Path], jobs: dict[Path, dict[str, Path]], source_of_labels, known_labels: list[str],
+                  extras: dict[str, bool], workers: int, refine_workers: Optional[int], segmenter_arguments: dict,
+                  run: BatchSummary, console: Console, interrupts: Interrupts) -> None:
+    """Segment the images to do in this process (`batch.segment_and_write`) with one progress bar, counting
+    each image in `run` with the seconds of each stage."""
+    from .batch import segment_and_write
 
-    with _image_progress(console) as progress, BackgroundWriter(2 * workers) as writer:
+    clock = time.perf_counter()
+    segmenter = build_segmenter(console, protocol={}, **segmenter_arguments)
+    run.stages_s["model_load_s"] = time.perf_counter() - clock
+    if refine_workers is not None and not ("crf" in segmenter.refine and segmenter.crf_backend == "pydensecrf"):
+        raise WildsegError("--refine-workers is an option of pydensecrf's CRF (--refine crf or pamr+crf with "
+                           "--crf-backend pydensecrf, auto's choice on the CPU): leave it out")
+    clock = time.perf_counter()
+    _embed_ahead(console, segmenter, known_labels)
+    run.stages_s["label_embeddings_s"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    with _image_progress(console) as progress:
         task = progress.add_task("segmenting", total=len(todo))
+        run.interrupted = segment_and_write(
+            segmenter, todo, source_of_labels(segmenter), jobs, extras,
+            partial(_account, run, progress, task), workers, refine_workers,
+            deferred=interrupts.deferred, finishing=interrupts.finishing)
+    run.stages_s["segmenting_s"] = time.perf_counter() - clock
 
-        def account(outcomes) -> None:
-            for source, error in outcomes:
-                run.account(source, error)
-                if source in run.failures:
-                    _report_failure(progress.console, source, run.failures[source])
-                advance(progress, task)
 
-        try:
-            for item in segmenter.segment_many(todo, labels_of, decode_workers=workers, refine_workers=refine_workers):
-                auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
-                with interrupts.deferred():
-                    if item.error is not None:
-                        account([(item.source, WildsegError(item.error))])
-                        continue
-                    run.last_result = item.result
-                    writer.submit(item.source, partial(_save, item, jobs[item.source], segmenter, auto_record, extras))
-                    account(writer.finished())
-        except KeyboardInterrupt:
-            run.interrupted = True
-        interrupts.finishing()
-        account(writer.finished(wait_all=True))
+def _segment_on_ray(cluster_options, todo: list[Path], jobs: dict[Path, dict[str, Path]], label_options,
+                    extras: dict[str, bool], overwrite: bool, workers: int, refine_workers: Optional[int],
+                    segmenter_arguments: dict, run: BatchSummary, console: Console, interrupts: Interrupts) -> None:
+    """Segment the images to do on Ray workers (`distributed`), in chunks, with one progress bar for the whole
+    cluster, counting each image in `run`."""
+    from .batch import ImageOutcome
+    from .distributed import RayCluster, SegmentJob, SegmentWorker, chunked, run_chunks, worker_shape
+
+    clock = time.perf_counter()
+    with contextlib.ExitStack() as stack:
+        with _status(console, f"starting {cluster_options.address} Ray workers"):
+            cluster = stack.enter_context(RayCluster(cluster_options))
+            shape = worker_shape(cluster_options, cluster.resources, segmenter_arguments["device"])
+            options = {**segmenter_arguments, **({"device": "cpu"} if shape.gpus == 0 else {})}
+            job = SegmentJob(options, label_options, extras, workers, refine_workers, overwrite)
+            actors = cluster.start(SegmentWorker, shape, job)
+        run.stages_s["ray_start_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        with _image_progress(console) as progress:
+            task = progress.add_task(f"segmenting on {shape.workers} Ray workers", total=len(todo))
+            account = partial(_account, run, progress, task)
+            run.interrupted = run_chunks(
+                actors, chunked(todo, shape.workers),
+                call=lambda actor, chunk: actor.segment.remote({image: jobs[image] for image in chunk}),
+                on_result=lambda chunk, outcomes: [account(outcome) for outcome in outcomes],
+                on_error=lambda chunk, reason: [account(ImageOutcome(image, reason)) for image in chunk],
+                finishing=interrupts.finishing)
+        run.stages_s["segmenting_s"] = time.perf_counter() - clock
+
+
+def _account(run: BatchSummary, progress: Progress, task, outcome) -> None:
+    """Count an image's outcome, print its failure, advance the bar."""
+    run.account(outcome)
+    if outcome.error is not None:
+        _report_failure(progress.console, outcome.image, outcome.error)
+    advance(progress, task)
+
+
+def _status(console: Console, message: str):
+    """A status line while `message` goes on, on a terminal."""
+    return console.status(message) if console.is_terminal else contextlib.nullcontext()
 
 
 def _report_failure(console: Console, image: Path, reason: str) -> None:
@@ -370,37 +378,6 @@ def _report_failure(console: Console, image: Path, reason: str) -> None:
         console.print(line, soft_wrap=True, markup=False, highlight=False)
 
 
-def _labels_source(labels, labels_file, vocab, min_area, min_score):
-    """Checks the label options; returns a function from the segmenter to the labels of an image (the same
-    --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary), and every
-    label the run may embed."""
-    from .autolabels import AutoLabelRule, load_vocabulary
-    from .inputs import read_labels_file
-
-    if (labels is None) == (labels_file is None):
-        raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
-    for option, value in (("--vocab", vocab), ("--auto-min-area", min_area), ("--auto-min-score", min_score)):
-        if value is not None and labels != AUTO:
-            raise WildsegError(f"{option} is for --labels {AUTO}: leave it out, or ask for automatic labels")
-    if labels == AUTO:
-        vocabulary_name = vocab or DEFAULT_VOCABULARY
-        rule = AutoLabelRule(min_score=min_score, **({} if min_area is None else {"min_area": min_area}))
-        vocabulary = load_vocabulary(vocabulary_name)
-        prompts = [prompt for entry in vocabulary for prompt in entry.prompts]
-        return partial(AutoLabeler, vocabulary_name, vocabulary, rule), prompts
-    if labels is not None:
-        names = clean_labels(labels)
-        return (lambda segmenter: lambda path: names), names
-    table = read_labels_file(labels_file)
-
-    def labels_of(path: Path) -> list[str]:
-        if path.absolute() not in table:
-            raise WildsegError(f"no labels for this image in {labels_file}")
-        return table[path.absolute()]
-
-    return (lambda segmenter: labels_of), [label for names in table.values() for label in names]
-
-
 def _embed_ahead(console: Console, segmenter: Segmenter, labels: list[str]) -> None:
     """Embed the run's labels before the first image (`Segmenter.prepare_labels`), with a progress bar of their
     own when the cache does not hold them all."""
@@ -408,85 +385,6 @@ def _embed_ahead(console: Console, segmenter: Segmenter, labels: list[str]) -> N
                   console=console, transient=True, disable=not console.is_terminal) as progress:
         task = progress.add_task(f"embedding labels ({len(segmenter.templates.templates)} prompts each)", total=None)
         segmenter.prepare_labels(labels, lambda done, total: progress.update(task, completed=done, total=total))
-
-
-class AutoLabeler:
-    """The labels of an image found in a vocabulary; keeps each image's candidates for its JSON record."""
-
-    def __init__(self, vocabulary_name: str, vocabulary, rule: AutoLabelRule, segmenter: Segmenter):
-        from .autolabels import rule_for
-
-        self.vocabulary_name, self.vocabulary, self.segmenter = vocabulary_name, vocabulary, segmenter
-        self.rule = rule_for(rule, segmenter.method)
-        self.records: dict[Path, dict] = {}
-
-    def __call__(self, path: Path) -> list[str]:
-        from .autolabels import auto_label_record, find_labels, found_labels
-
-        candidates = find_labels(self.segmenter, path, self.vocabulary, self.rule)
-        self.records[path] = auto_label_record(self.vocabulary_name, self.rule, candidates)
-        return found_labels(candidates, self.rule)
-
-
-def _save(item, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict], extras: dict[str, bool]
-          ) -> None:
-    """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any; a
-    write that fails raises a WildsegError naming the folder."""
-    from .outputs import write_outputs
-
-    result = item.result
-    record = {
-        "image": str(item.source),
-        "image_size": {"width": int(result.mask.shape[1]), "height": int(result.mask.shape[0])},
-        "labels": result.labels,
-        "classes": result.summary(),
-        "settings": segmenter.settings(),
-        "timings_s": result.timings,
-        **({"auto_labels": auto_record} if auto_record is not None else {}),
-    }
-    try:
-        write_outputs(paths, *result.preview(), result.mask, result.labels, record, scores=result.scores, **extras)
-    except OSError as error:
-        raise WildsegError(f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}") from error
-
-
-class BatchSummary:
-    """Counts of a batch run, its failures with their reasons, whether it was interrupted, the seconds of its
-    stages (loading the model, embedding the labels ahead, segmenting), and the last result handed to the
-    writers (the one-image run prints its table once it is written)."""
-
-    def __init__(self, total: int, skipped: int):
-        self.total, self.skipped, self.done, self.seconds = total, skipped, 0, 0.0
-        self.stages_s: dict[str, float] = {}
-        self.failures: dict[Path, str] = {}
-        self.interrupted, self.last_result = False, None
-
-    def account(self, image: Path, error: Optional[BaseException]) -> None:
-        """Count an image whose outputs were written (error None) or that failed, with the error's one line."""
-        if error is None:
-            self.done += 1
-        else:
-            self.failures[image] = str(error) if isinstance(error, WildsegError) else first_line(error)
-
-    def line(self) -> str:
-        state = "interrupted: " if self.interrupted else ""
-        rate = self.done / self.seconds if self.seconds else 0.0
-        stages = "".join(f"; {name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
-                         for name, seconds in self.stages_s.items())
-        return (f"{state}{self.done} done, {self.skipped} skipped (done before), {len(self.failures)} failed, "
-                f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s{stages})")
-
-    def as_dict(self) -> dict:
-        return {
-            "images": self.total,
-            "done": self.done,
-            "skipped": self.skipped,
-            "failed": len(self.failures),
-            "interrupted": self.interrupted,
-            "seconds": self.seconds,
-            "stages_s": self.stages_s,
-            "failures": [{"image": str(path), "reason": reason} for path, reason in self.failures.items()],
-        }
 
 
 class Interrupts:
@@ -712,7 +610,7 @@ def _compared_runs(compare: Optional[str], options: dict) -> list[tuple[str, str
     runs = [(name, "relevance", None) if name == "relevance" else (name, "dense", name) for name in names]
     for _, method, _ in runs:
         given = {name: value for name, value in options.items() if value is not None and name != "attention"}
-        _refuse_misplaced(given, method, options.get("refine") or ("pamr" if method == "dense" else "crf"))
+        refuse_misplaced(given, method, options.get("refine") or ("pamr" if method == "dense" else "crf"))
     return runs
 
 
@@ -820,3 +718,7 @@ def _summary_line(result: dict) -> str:
 
 def _percent(value) -> str:
     return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""`--ray`: the same outputs as one process, a killed worker's images redone elsewhere once, Ctrl-C, usage errors;
+on the session's local Ray cluster of 2 CPUs (`ray_address`), the CLI in subprocesses as users run it."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from conftest import TINY_MODEL, shared_dataset, tiny_cli_args
+from PIL import Image
+
+from wildseg.cli import main
+from wildseg.distributed import chunked
+
+CONFIG = Path(__file__).parent / "configs" / f"{TINY_MODEL}.json"
+WORKER_TITLE = b"ray::SegmentWorker"
+
+
+def camvid_pictures(folder: Path, count: int) -> Path:
+    """The first `count` CamVid test images, shrunk to 96 x 72 so that a run takes seconds."""
+    folder.mkdir(parents=True)
+    for path in sorted((shared_dataset("camvid") / "images").iterdir())[:count]:
+        Image.open(path).convert("RGB").resize((96, 72)).save(folder / f"{path.stem}.png")
+    return folder
+
+
+def segment_command(folder: Path, out: Path, checkpoint: Path, *extra) -> list[str]:
+    return [sys.executable, "-m", "wildseg.cli", "segment", str(folder), "-l", "road,car,sky,building", "-o",
+            str(out), "-q", "--model-config", str(CONFIG), *map(str, tiny_cli_args(checkpoint)), "--tta", "none",
+            "--crf-iters", "2", *map(str, extra)]
+
+
+def worker_pids() -> set[int]:
+    """The processes of this machine's Ray actors of wildseg's SegmentWorker (Ray titles them ray::<class>)."""
+    pids = set()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if (entry / "cmdline").read_bytes().startswith(WORKER_TITLE):
+                    pids.add(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def wait_for(condition, process, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended before {what}: {process.communicate()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def outputs(out: Path) -> dict[str, object]:
+    """Every output file: masks and overlays byte for byte, records without their timings and with each class's
+    mean score to 1e-5: model batches hold the views of other images in a chunk than in one process, and float32
+    sums over other batch shapes differ in the last bits (the masks do not)."""
+    files = {}
+    for path in sorted(out.iterdir()):
+        if path.suffix == ".json":
+            record = json.loads(path.read_text())
+            record.pop("timings_s")
+            for row in record["classes"]:
+                row["mean_score"] = pytest.approx(row["mean_score"], abs=1e-5)
+            files[path.name] = record
+        else:
+            files[path.name] = path.read_bytes()
+    return files
+
+
+def test_a_killed_worker_loses_and_repeats_no_image_and_the_outputs_are_one_process_s(
+        ray_address, tmp_path, tiny_checkpoint):
+    folder = camvid_pictures(tmp_path / "images", 16)
+    single = subprocess.run(segment_command(folder, tmp_path / "single", tiny_checkpoint), capture_output=True,
+                            text=True)
+    assert single.returncode == 0, single.stderr
+    out, summary = tmp_path / "ray", tmp_path / "summary.json"
+    run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(out.glob("*.json"))) >= 2, run, "two images were done")
+    before = worker_pids()
+    assert len(before) == 2, "one actor per CPU of the 2-CPU cluster"
+    written = {path.name: path.stat().st_ino for path in out.glob("*.json")}
+    os.kill(min(before), signal.SIGKILL)
+    wait_for(lambda: worker_pids() - before, run, "Ray restarted the killed worker")
+    _, errors = run.communicate(timeout=180)
+    assert run.returncode == 0, errors
+    assert len(written) < 16, "the worker was killed with images left to do"
+    counts = json.loads(summary.read_text())
+    assert (counts["done"], counts["failed"], counts["skipped"]) == (16, 0, 0), "every image counted once"
+    assert {path.name: path.stat().st_ino for path in out.glob("*.json") if path.name in written} == written, \
+        "images finished before the kill are not segmented again"
+    assert outputs(out) == outputs(tmp_path / "single"), "the same files as one process"
+
+
+def test_ctrl_c_stops_the_workers_and_the_summary_counts_what_they_wrote(ray_address, tmp_path, tiny_checkpoint):
+    folder = camvid_pictures(tmp_path / "images", 24)
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(list(out.glob("*.json"))) >= 2, run, "two images were done")
+    run.send_signal(signal.SIGINT)
+    _, errors = run.communicate(timeout=180)
+    assert run.returncode == 130 and "Traceback" not in errors, errors
+    counts = json.loads(summary.read_text())
+    assert counts["interrupted"] and counts["done"] == len(list(out.glob("*.json"))) < 24
+    assert not list(out.glob(".*")), "no half-written file"
+    resumed = subprocess.run(segment_command(folder, out, tiny_checkpoint, "--summary", summary),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads(summary.read_text())["skipped"] == counts["done"], "a Ray run resumes in one process"
+
+
+def test_ray_usage_errors_are_one_line(tmp_path, monkeypatch, tiny_checkpoint):
+    image = tmp_path / "a.png"
+    Image.new("RGB", (32, 24)).save(image)
+    runner = CliRunner()
+    base = ["segment", str(image), "-l", "cat", "-o", str(tmp_path / "out"), *map(str, tiny_cli_args(tiny_checkpoint))]
+    cases = {
+        ("--ray-workers", "2"): "--ray-workers is an option of --ray: add --ray or leave it out",
+        ("--ray", str(image)): f"--ray took {image} for the cluster's address: put --ray after the inputs",
+    }
+    for extra, message in cases.items():
+        result = runner.invoke(main, [*base, *extra])
+        assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
+    monkeypatch.setitem(sys.modules, "ray", None)
+    result = runner.invoke(main, [*base, "--ray"])
+    assert result.exit_code == 2
+    assert result.output == "wildseg: error: --ray needs Ray, which is not installed: pip install 'wildseg[ray]'\n"
+
+
+def test_chunks_keep_the_order_cover_every_image_once_and_shrink_for_few_images():
+    images = list(range(100))
+    chunks = chunked(images, workers=2)
+    assert [image for chunk in chunks for image in chunk] == images
+    assert {len(chunk) for chunk in chunks[:-1]} == {13} and len(chunks) == 8
+    assert chunked(images[:3], workers=4) == [[0], [1], [2]]
+    assert max(len(chunk) for chunk in chunked(list(range(10_000)), workers=2)) == 32
