@@ -141,3 +141,27 @@ def test_chunks_keep_the_order_cover_every_image_once_and_shrink_for_few_images(
     assert {len(chunk) for chunk in chunks[:-1]} == {13} and len(chunks) == 8
     assert chunked(images[:3], workers=4) == [[0], [1], [2]]
     assert max(len(chunk) for chunk in chunked(list(range(10_000)), workers=2)) == 32
+
+
+def test_eval_on_ray_sums_the_workers_confusions_into_the_one_process_matrix(ray_address, tmp_path, tiny_checkpoint):
+    arguments = ["eval", "--dataset", "folder", "--root", str(shared_dataset("camvid")), "--ignore-index", "11",
+                 "--limit", "10", "-q", *map(str, tiny_cli_args(tiny_checkpoint)), "--max-side", "96",
+                 "--crf-iters", "2"]
+    alone = CliRunner().invoke(main, [*arguments, "--report", str(tmp_path / "alone.json")])
+    assert alone.exit_code == 0, alone.output
+    on_ray = subprocess.run([sys.executable, "-m", "wildseg.cli", *arguments, "--model-config", str(CONFIG),
+                             "--report", str(tmp_path / "ray.json"), "--ray", ray_address],
+                            capture_output=True, text=True)
+    assert on_ray.returncode == 0, on_ray.stderr
+    reports = [json.loads((tmp_path / name).read_text()) for name in ("alone.json", "ray.json")]
+    assert reports[1]["images"] == {"evaluated": 10, "reused": 0, "failed": 0, "failures": []}
+    assert reports[1]["confusion"] == reports[0]["confusion"] and reports[1]["metrics"] == reports[0]["metrics"]
+
+
+def test_a_worker_that_cannot_load_the_model_is_a_one_line_error(ray_address, tmp_path, tiny_checkpoint):
+    folder = camvid_pictures(tmp_path / "images", 1)
+    missing = tmp_path / "missing.pt"
+    run = subprocess.run(segment_command(folder, tmp_path / "out", missing, "--ray", ray_address),
+                         capture_output=True, text=True)
+    assert run.returncode == 2
+    assert run.stderr == f"wildseg: error: checkpoint not found: {missing} (check the path given to --checkpoint)\n"

@@ -5,20 +5,25 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from conftest import TINY_MODEL, shared_dataset, tiny_cli_args
 from PIL import Image
 from test_datasets import save_image, voc_tree
 
+from wildseg import Segmenter
 from wildseg.cli import main
 from wildseg.datasets import folder_dataset, open_dataset
 from wildseg.datasets.base import PairedFiles
 from wildseg.datasets.classes import parse_class_names
 from wildseg.errors import WildsegError
+from wildseg.metrics import confusion_matrix
+from wildseg.refine import CrfSettings
 from wildseg.evaluation import (
     PredictionStore,
     Query,
     build_query,
+    candidate_classes,
     check_dataset,
     class_prediction,
     dense_class_prediction,
@@ -65,6 +70,10 @@ class OracleSegmenter:
                 row = 1 + labels.index(name.prompts[0])
                 scores[row][truth == index] = 1.0
         return SimpleNamespace(scores=scores, timings={"maps_s": 0.0})
+
+    def segment_many(self, images, labels, decode_workers, read):
+        for key in images:
+            yield SimpleNamespace(source=key, result=self.segment(read(key), labels(key)), error=None)
 
     def settings(self):
         return {"oracle": self.error_shift}
@@ -481,3 +490,29 @@ def test_compare_runs_each_method_under_its_own_protocol_and_tabulates_miou(synt
 def test_compare_refuses_bad_lists_in_one_line(synthetic_voc, tiny_checkpoint, options, message):
     result = run("eval", "--dataset", "voc", "--root", synthetic_voc, *options, *tiny_cli_args(tiny_checkpoint))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1 and message in result.stderr
+
+
+@pytest.mark.parametrize("method, protocol", [("relevance", "open"), ("relevance", "given"), ("dense", "open")])
+def test_batched_eval_gives_the_confusion_of_one_image_at_a_time(method, protocol, tiny_checkpoint):
+    """`evaluate` reads ahead and segments in batches (`segment_many`, `query_probabilities_many`); the confusion
+    matrix is the one of each image segmented alone (`segment`, `query_probabilities`) on real CamVid images."""
+    dataset = folder_dataset(shared_dataset("camvid"), ignore_index=11)
+    ids = dataset.ids[:5]
+    segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, activation="gelu", device="cpu",
+                          templates="photo", method=method, max_side=96, crf=CrfSettings(iterations=2),
+                          refine="pamr" if method == "dense" else "crf")
+    alone = torch.zeros(11, 11, dtype=torch.int64)
+    for image_id in ids:
+        sample = dataset.load(image_id)
+        query = build_query(dataset, candidate_classes(dataset, sample.truth, protocol), protocol,
+                            threshold_row=method == "relevance")
+        if method == "dense":
+            prediction = dense_class_prediction(segmenter.query_probabilities(sample.image, query.labels), query,
+                                                sample.truth.shape, segmenter.bg_threshold, None, None)
+        else:
+            prediction = class_prediction(segmenter.segment(sample.image, query.labels).scores, query,
+                                          sample.truth.shape)
+        alone += confusion_matrix(prediction, sample.truth, 11, ignore_index=11)
+    batched = evaluate(segmenter, dataset, ids, protocol)
+    assert batched.evaluated == 5 and not batched.failed
+    assert torch.equal(batched.confusion, alone)

@@ -551,10 +551,19 @@ def _image_progress(console: Console) -> Progress:
 @click.option("--compare", help="Evaluate several methods on the same images, each under its own protocol: a "
                                  "comma-separated list of relevance and dense attentions (naclip, sclip, clearclip, "
                                  "maskclip, vanilla); the report holds every run and a table of mIoU.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Threads reading images and ground truth ahead of the model.")
+@ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no tables.")
 def evaluate_command(dataset_name, root, split, download, ignore_index, class_names, given_labels, limit, ids_file,
-                     report, save_predictions, compare, quiet, bg_threshold, **segmenter_arguments):
-    """Evaluate on a benchmark: per-class IoU, mIoU, pixel and mean class accuracy."""
+                     report, save_predictions, compare, workers, ray_address, ray_workers, ray_gpus_per_worker,
+                     ray_cpus_per_worker, quiet, bg_threshold, **segmenter_arguments):
+    """Evaluate on a benchmark: per-class IoU, mIoU, pixel and mean class accuracy.
+
+    Images are read ahead and segmented in batches; with --ray, by workers on a Ray cluster (see README)."""
+    from .distributed import check_ray_options
+
+    cluster_options = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
     from .datasets import open_dataset
 
     dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
@@ -571,21 +580,30 @@ def evaluate_command(dataset_name, root, split, download, ignore_index, class_na
     console, output = Console(stderr=True, quiet=quiet), Console(quiet=quiet)
     selection = {"images": len(ids), "limit": limit, "ids_file": None if ids_file is None else str(ids_file)}
     results, failed, backbone = {}, False, None
-    for name, method, attention in runs:
-        if results:
-            dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
-        predictions = None if save_predictions is None else save_predictions / name if compare else save_predictions
-        arguments = {**segmenter_arguments, "method": method, "attention": attention, "bg_threshold": bg_threshold}
-        result, segmenter = _evaluate_run(console, dataset, dataset_name, ids, given_labels, class_names, predictions,
-                                          selection, arguments, backbone)
-        backbone, results[name] = segmenter.backbone, result
-        if not compare:
-            output.print(_per_class_table(result["per_class"]))
-        for failure in result["images"]["failures"]:
-            click.echo(f"wildseg: failed: {name + ': ' if compare else ''}{failure['id']}: {failure['reason']}",
-                       err=True)
-        output.print(f"{name}: " * bool(compare) + _summary_line(result), soft_wrap=True)
-        failed = failed or bool(result["images"]["failures"])
+    with contextlib.ExitStack() as stack:
+        cluster = None
+        if cluster_options is not None:
+            from .distributed import RayCluster
+
+            with _status(console, f"connecting to Ray ({cluster_options.address})"):
+                cluster = stack.enter_context(RayCluster(cluster_options))
+        for name, method, attention in runs:
+            if results:
+                dataset = open_dataset(dataset_name, root, split, ignore_index, download, class_names)
+            predictions = (None if save_predictions is None else save_predictions / name if compare
+                           else save_predictions)
+            arguments = {**segmenter_arguments, "method": method, "attention": attention,
+                         "bg_threshold": bg_threshold}
+            result, backbone = _evaluate_run(console, dataset, dataset_name, ids, given_labels, class_names,
+                                             predictions, selection, arguments, backbone, cluster, workers)
+            results[name] = result
+            if not compare:
+                output.print(_per_class_table(result["per_class"]))
+            for failure in result["images"]["failures"]:
+                click.echo(f"wildseg: failed: {name + ': ' if compare else ''}{failure['id']}: {failure['reason']}",
+                           err=True)
+            output.print(f"{name}: " * bool(compare) + _summary_line(result), soft_wrap=True)
+            failed = failed or bool(result["images"]["failures"])
     if compare:
         comparison = [_comparison_row(name, result) for name, result in results.items()]
         output.print(_comparison_table(comparison))
@@ -616,10 +634,11 @@ def _compared_runs(compare: Optional[str], options: dict) -> list[tuple[str, str
 
 def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], given_labels: bool,
                   class_names: Optional[Path], save_predictions: Optional[Path], selection: dict, options: dict,
-                  backbone) -> tuple[dict, Segmenter]:
+                  backbone, cluster, workers: int) -> tuple[dict, Optional[object]]:
     """One method over the images: its protocol (the published one of a dense attention), the segmenter (on
-    `backbone` when one is loaded), the evaluation and its report."""
-    from .evaluation import PredictionStore, build_report, check_dataset, evaluate, protocol_bg_threshold, run_settings
+    `backbone` when one is loaded) or the Ray workers of `cluster`, the evaluation and its report; with the
+    backbone a next run can reuse."""
+    from .evaluation import PredictionStore, build_report, check_dataset, protocol_bg_threshold, run_settings
 
     protocol = "given" if given_labels else "open"
     published = None
@@ -628,26 +647,101 @@ def _evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], g
     check_dataset(dataset, protocol)
     defaults = (published["options"] if published is not None
                 else {"bg_threshold": protocol_bg_threshold(dataset, DEFAULT_BG_THRESHOLD)})
-    clock = time.perf_counter()
-    segmenter = build_segmenter(console, protocol={**defaults, "background_words": ()}, backbone=backbone, **options)
-    stages = {"model_load_s": time.perf_counter() - clock}
-    settings = {**run_settings(dataset, protocol, segmenter.settings()), "dense_protocol": published}
-    store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
-    clock = time.perf_counter()
-    _embed_ahead(console, segmenter, [prompt for index in dataset.scored_classes
-                                      for prompt in dataset.classes[index].prompts])
-    stages["label_embeddings_s"] = time.perf_counter() - clock
-    if published is not None and published["deviations"]:
-        attention = options["attention"] or DEFAULT_ATTENTION
-        console.print(f"{attention}: deviations from {published['follows']}'s protocol: "
-                      f"{'; '.join(published['deviations'])}", markup=False, highlight=False, soft_wrap=True)
-    with _image_progress(console) as progress:
-        task = progress.add_task(f"{dataset.name} {dataset.split or ''}", total=len(ids))
-        evaluation = evaluate(segmenter, dataset, ids, protocol, store,
-                              on_image=lambda image_id, outcome: advance(progress, task),
-                              area_threshold=published and published["area_threshold"])
-    evaluation.timings_s.update(stages)
-    return build_report(dataset, settings, selection, evaluation), segmenter
+    defaults = {**defaults, "background_words": ()}
+    area_threshold = published and published["area_threshold"]
+    evaluator = (_RayEvaluator(console, cluster, defaults, options, dataset, protocol, area_threshold, workers)
+                 if cluster is not None else
+                 _LocalEvaluator(console, defaults, options, backbone, dataset, protocol, area_threshold, workers))
+    with evaluator:
+        settings = {**run_settings(dataset, protocol, evaluator.settings()), "dense_protocol": published}
+        store = PredictionStore(save_predictions, settings, len(dataset.classes)) if save_predictions else None
+        if published is not None and published["deviations"]:
+            attention = options["attention"] or DEFAULT_ATTENTION
+            console.print(f"{attention}: deviations from {published['follows']}'s protocol: "
+                          f"{'; '.join(published['deviations'])}", markup=False, highlight=False, soft_wrap=True)
+        with _image_progress(console) as progress:
+            task = progress.add_task(f"{dataset.name} {dataset.split or ''}{evaluator.where}", total=len(ids))
+            evaluation = evaluator.evaluate(ids, store, lambda count: [advance(progress, task) for _ in range(count)])
+    evaluation.timings_s.update(evaluator.stages)
+    return build_report(dataset, settings, selection, evaluation), evaluator.backbone
+
+
+class _LocalEvaluator:
+    """Evaluation in this process: the segmenter is built (or put on a loaded backbone) and its labels embedded
+    on entry."""
+
+    where = ""
+
+    def __init__(self, console: Console, defaults: dict, options: dict, backbone, dataset, protocol: str,
+                 area_threshold: Optional[float], workers: int):
+        self.console, self.defaults, self.options, self.backbone = console, defaults, options, backbone
+        self.dataset, self.protocol, self.area_threshold, self.workers = dataset, protocol, area_threshold, workers
+        self.stages: dict[str, float] = {}
+
+    def __enter__(self) -> "_LocalEvaluator":
+        clock = time.perf_counter()
+        self.segmenter = build_segmenter(self.console, protocol=self.defaults, backbone=self.backbone, **self.options)
+        self.backbone = self.segmenter.backbone
+        self.stages["model_load_s"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        _embed_ahead(self.console, self.segmenter, [prompt for index in self.dataset.scored_classes
+                                                    for prompt in self.dataset.classes[index].prompts])
+        self.stages["label_embeddings_s"] = time.perf_counter() - clock
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        pass
+
+    def settings(self) -> dict:
+        return self.segmenter.settings()
+
+    def evaluate(self, ids: list[str], store, on_images):
+        from .evaluation import evaluate
+
+        return evaluate(self.segmenter, self.dataset, ids, self.protocol, store,
+                        on_image=lambda image_id, outcome: on_images(1), area_threshold=self.area_threshold,
+                        workers=self.workers)
+
+
+class _RayEvaluator:
+    """Evaluation on EvaluationWorkers of a connected Ray cluster (`distributed`), started on entry and stopped
+    on exit."""
+
+    backbone = None
+
+    def __init__(self, console: Console, cluster, defaults: dict, options: dict, dataset, protocol: str,
+                 area_threshold: Optional[float], workers: int):
+        from .distributed import EvaluationJob, worker_shape
+
+        self.console, self.cluster, self.dataset = console, cluster, dataset
+        self.shape = worker_shape(cluster.options, cluster.resources, options["device"])
+        options = {**options, **({"device": "cpu"} if self.shape.gpus == 0 else {})}
+        self.job = EvaluationJob(defaults, options, dataset, protocol, area_threshold, workers)
+        self.where = f" on {self.shape.workers} Ray workers"
+        self.stages: dict[str, float] = {}
+
+    def __enter__(self) -> "_RayEvaluator":
+        import ray
+
+        from .distributed import EvaluationWorker
+
+        clock = time.perf_counter()
+        with _status(self.console, f"starting {self.shape.workers} Ray workers"):
+            self.actors = self.cluster.start(EvaluationWorker, self.shape, self.job)
+            self.worker_settings = ray.get(self.actors[0].settings.remote())
+        self.stages["workers_ready_s"] = time.perf_counter() - clock
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.cluster.stop(self.actors)
+
+    def settings(self) -> dict:
+        return self.worker_settings
+
+    def evaluate(self, ids: list[str], store, on_images):
+        from .distributed import evaluate_on_ray
+
+        return evaluate_on_ray(self.actors, ids, len(self.dataset.classes), store, on_images)
 
 
 def _comparison_row(name: str, result: dict) -> dict:

@@ -13,10 +13,12 @@ tells every actor to stop after the images it is on, and the driver counts what 
 from __future__ import annotations
 
 import importlib.util
+import os
 import logging
 import math
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,15 +128,37 @@ class RayCluster:
 
         ray.shutdown()
 
-    def start(self, worker_class: type, shape: WorkerShape, *arguments) -> list:
-        """`shape.workers` actors of `worker_class(*arguments)`, restarted by Ray when their process dies, their
-        unfinished calls then run again; three calls at a time (two chunks and `stop`)."""
+    def start(self, worker_class: type, shape: WorkerShape, job) -> list:
+        """`shape.workers` actors of `worker_class(job)` once all have loaded the model (else a WildsegError with
+        the first one's reason), restarted by Ray when their process dies, their unfinished calls then run
+        again; three calls at a time (two chunks and `stop`)."""
         import ray
+        from ray.exceptions import RayActorError
 
         actor = ray.remote(worker_class).options(
             num_gpus=shape.gpus, num_cpus=shape.cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=-1,
             max_concurrency=IN_FLIGHT_PER_WORKER + 1)
-        return [actor.remote(*arguments) for _ in range(shape.workers)]
+        actors = [actor.remote(job) for _ in range(shape.workers)]
+        try:
+            problems = [problem for problem in ray.get([actor.ready.remote() for actor in actors]) if problem]
+        except RayActorError as error:
+            problems = [f"a Ray worker could not start: {_last_line(error)}"]
+        if problems:
+            self.stop(actors)
+            raise WildsegError(problems[0])
+        return actors
+
+    def stop(self, actors: list) -> None:
+        """End the actors of a finished run (the next run of an `eval --compare` starts its own)."""
+        import ray
+
+        for actor in actors:
+            ray.kill(actor)
+
+
+def _last_line(error: BaseException) -> str:
+    """The last non-empty line of an error's text: for an error raised in a Ray worker, the original error."""
+    return next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), repr(error))
 
 
 def chunked(items: list, workers: int) -> list[list]:
@@ -203,7 +227,8 @@ def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_r
 class SegmentJob:
     """What every worker of a `wildseg segment --ray` run needs: the Segmenter's options, the label options, the
     extras to write, its threads, whether done images are segmented again, and when the run started (an image
-    whose record was written since then was done by an earlier attempt of its chunk)."""
+    whose record was written since then was done by an earlier attempt of its chunk), and the driver's working
+    folder."""
 
     segmenter_options: dict
     labels: LabelOptions
@@ -212,22 +237,49 @@ class SegmentJob:
     refine_workers: Optional[int]
     overwrite: bool
     started: float = field(default_factory=time.time)
+    folder: str = field(default_factory=os.getcwd)
 
 
-class SegmentWorker:
+class _ModelWorker(ABC):
+    """What the Ray actors share: the driver's working folder where the node has it (so that relative paths
+    mean what they mean to the driver), a Segmenter loaded once (a WildsegError on the way is kept for `ready`
+    to report, so that the driver prints it in one line), one chunk at a time, and `stop`."""
+
+    def __init__(self, job):
+        self.job, self.problem = job, None
+        self.turn, self.stopping = threading.Lock(), threading.Event()
+        if os.path.isdir(job.folder):
+            os.chdir(job.folder)
+        try:
+            self._load(job)
+        except WildsegError as error:
+            self.problem = str(error)
+
+    @abstractmethod
+    def _load(self, job) -> None:
+        """Load the model and what the job's chunks need."""
+
+    def ready(self) -> Optional[str]:
+        """None once the model is loaded, else why it could not be."""
+        return self.problem
+
+    def stop(self) -> None:
+        """Start no new image or chunk; those under way finish."""
+        self.stopping.set()
+
+
+class SegmentWorker(_ModelWorker):
     """A Ray actor that keeps one Segmenter and segments chunks of images into their output paths."""
 
-    def __init__(self, job: SegmentJob):
+    def _load(self, job: SegmentJob) -> None:
         from rich.console import Console
 
         from .options import build_segmenter
 
-        self.job = job
         self.segmenter = build_segmenter(Console(quiet=True), protocol={}, **job.segmenter_options)
         source, known_labels = labels_source(job.labels)
         self.labels_of = source(self.segmenter)
         self.segmenter.prepare_labels(known_labels)
-        self.turn, self.stopping = threading.Lock(), threading.Event()
 
     def segment(self, chunk: dict[Path, dict[str, Path]]) -> list[ImageOutcome]:
         """Segment the chunk's images (image -> output paths), one chunk at a time; the outcomes of those it
@@ -243,10 +295,6 @@ class SegmentWorker:
                               self.job.threads, self.job.refine_workers)
             return outcomes
 
-    def stop(self) -> None:
-        """Start no new image; those under way finish."""
-        self.stopping.set()
-
     def _written_by_this_run(self, paths: dict[str, Path]) -> Optional[list[dict]]:
         """The class rows of an image whose outputs this run already wrote, else None."""
         import json
@@ -256,3 +304,72 @@ class SegmentWorker:
         if not is_done(paths) or (self.job.overwrite and paths["record"].stat().st_mtime < self.job.started):
             return None
         return json.loads(paths["record"].read_text()).get("classes")
+
+
+@dataclass(frozen=True)
+class EvaluationJob:
+    """What every worker of a `wildseg eval --ray` run needs: the Segmenter's options over the protocol's
+    defaults, the data set (its class lists as the run uses them), the protocol, SCLIP's area threshold, and
+    the threads that read samples ahead, and the driver's working folder."""
+
+    segmenter_defaults: dict
+    segmenter_options: dict
+    dataset: Any
+    protocol: str
+    area_threshold: Optional[float]
+    threads: int
+    folder: str = field(default_factory=os.getcwd)
+
+
+class EvaluationWorker(_ModelWorker):
+    """A Ray actor that keeps one Segmenter and evaluates chunks of a data set's images."""
+
+    def _load(self, job: EvaluationJob) -> None:
+        from rich.console import Console
+
+        from .options import build_segmenter
+
+        self.segmenter = build_segmenter(Console(quiet=True), protocol=job.segmenter_defaults,
+                                         **job.segmenter_options)
+        self.segmenter.prepare_labels([prompt for index in job.dataset.scored_classes
+                                       for prompt in job.dataset.classes[index].prompts])
+
+    def settings(self) -> dict:
+        return self.segmenter.settings()
+
+    def evaluate(self, ids: list[str], store):
+        """`evaluation.evaluate` of the chunk's images (none once told to stop), one chunk at a time."""
+        from .evaluation import evaluate
+
+        with self.turn:
+            return evaluate(self.segmenter, self.job.dataset, [] if self.stopping.is_set() else ids,
+                            self.job.protocol, store, area_threshold=self.job.area_threshold,
+                            workers=self.job.threads)
+
+
+def evaluate_on_ray(actors: list, ids: list[str], classes: int, store, on_images: Callable[[int], None],
+                    finishing: Callable[[], None] = lambda: None):
+    """Evaluate `ids` on EvaluationWorkers in chunks and add up their Evaluations (confusion matrices, counts,
+    failures, stage seconds), calling `on_images(count)` as each chunk returns. A chunk that failed as a whole
+    counts its images as failed with the reason. Ctrl-C ends the run with KeyboardInterrupt once the chunks in
+    flight are in."""
+    import torch
+
+    from .evaluation import Evaluation
+
+    total = Evaluation(torch.zeros(classes, classes, dtype=torch.int64))
+
+    def add(chunk: list[str], part: Evaluation) -> None:
+        total.add(part)
+        on_images(len(chunk))
+
+    def fail(chunk: list[str], reason: str) -> None:
+        total.failed.extend({"id": image_id, "reason": reason} for image_id in chunk)
+        on_images(len(chunk))
+
+    clock = time.perf_counter()
+    if run_chunks(actors, chunked(ids, len(actors)), lambda actor, chunk: actor.evaluate.remote(chunk, store), add,
+                  fail, finishing):
+        raise KeyboardInterrupt
+    total.timings_s["total_s"] = time.perf_counter() - clock
+    return total

@@ -24,7 +24,7 @@ from concurrent.futures import (
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -122,10 +122,11 @@ class Decoded:
 
 @dataclass
 class BatchItem:
-    """The outcome for one image of `Segmenter.segment_many`: a result, or the one-line reason it failed."""
+    """The outcome for one image of `Segmenter.segment_many` (a SegmentationResult) or `query_probabilities_many`
+    (its probabilities), or the one-line reason it failed."""
 
-    source: ImageInput
-    result: Optional[SegmentationResult] = None
+    source: Any
+    result: Optional[Union[SegmentationResult, np.ndarray]] = None
     error: Optional[str] = None
 
 
@@ -266,6 +267,10 @@ class Segmenter:
             raise WildsegError("query probabilities are the dense method's: build the Segmenter with method='dense'")
         decoded = self._decode(image)
         maps = self._merged_maps(decoded.source, self.backbone.embed_labels(queries, self.templates), {})
+        return self._query_probabilities(maps, decoded)
+
+    def _query_probabilities(self, maps: torch.Tensor, decoded: Decoded) -> np.ndarray:
+        """softmax(logit scale x cosine) over the queries at working resolution, after PAMR where asked."""
         cosines, _ = self._dense_maps_at_working(maps, decoded)
         return torch.softmax(self.dense.logit_scale * cosines, dim=0).cpu().numpy()
 
@@ -307,10 +312,11 @@ class Segmenter:
 
     def segment_many(
         self,
-        images: Iterable[ImageInput],
-        labels: Union[str, Iterable[str], Callable[[ImageInput], Union[str, Iterable[str]]]],
+        images: Iterable[Any],
+        labels: Union[str, Iterable[str], Callable[[Any], Union[str, Iterable[str]]]],
         decode_workers: int = 2,
         refine_workers: Optional[int] = None,
+        read: Optional[Callable[[Any], ImageInput]] = None,
     ) -> Iterator[BatchItem]:
         """Segment many images, yielding a BatchItem for each as it finishes (not necessarily in order).
 
@@ -321,12 +327,31 @@ class Segmenter:
         `refine_workers` processes while the model goes on (default: half the CPU cores when the model is on a
         GPU; 0, in this process, when the model already keeps the CPU busy). A failure (unreadable image,
         missing labels, out of GPU memory with one view per batch) is yielded as that item's `error`; the others
-        go on.
+        go on. With `read`, the images are any keys and `read(key)` (in a decode thread) gives each one's pixels;
+        `labels(key)` is asked once they are read.
         """
         labels_of = labels if callable(labels) else (lambda source: labels)
         if refine_workers is None:
             refine_workers = max(1, (os.cpu_count() or 2) // 2) if self.backbone.device.type == "cuda" else 0
-        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self._cpu_crf is not None else 0)
+        run = _BatchRun(self, labels_of, decode_workers, refine_workers if self._cpu_crf is not None else 0, read)
+        try:
+            yield from run.items(iter(images))
+        finally:
+            run.close()
+
+    def query_probabilities_many(
+        self,
+        images: Iterable[Any],
+        queries: Callable[[Any], list[str]],
+        decode_workers: int = 2,
+        read: Optional[Callable[[Any], ImageInput]] = None,
+    ) -> Iterator[BatchItem]:
+        """`query_probabilities` of many images through `segment_many`'s machinery (decoding ahead, views of
+        successive images with the same queries in shared model batches): a BatchItem per image whose `result`
+        is its probabilities array, as each finishes; `queries(image)` its queries, `read` as in segment_many."""
+        if self.method != "dense":
+            raise WildsegError("query probabilities are the dense method's: build the Segmenter with method='dense'")
+        run = _QueryRun(self, queries, decode_workers, 0, read)
         try:
             yield from run.items(iter(images))
         finally:
@@ -527,8 +552,10 @@ class _Pending:
 class _BatchRun:
     """The machinery of one `segment_many` call: decode threads, a view stream per label list, CRF processes."""
 
-    def __init__(self, segmenter: "Segmenter", labels_of, decode_workers: int, refine_workers: int):
+    def __init__(self, segmenter: "Segmenter", labels_of, decode_workers: int, refine_workers: int,
+                 read: Optional[Callable[[Any], ImageInput]] = None):
         self.segmenter, self.labels_of = segmenter, labels_of
+        self.decode = segmenter._decode if read is None else (lambda key: segmenter._decode(read(key)))
         self.decoder = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="wildseg-decode")
         self.prefetch = 2 * max(1, decode_workers)
         self.refiner = (
@@ -547,8 +574,8 @@ class _BatchRun:
             source, decoded = decoding.popleft()
             self._top_up(decoding, sources)
             try:
-                names = _checked_labels(self.labels_of(source))
                 image, decode_s = decoded.result()
+                names = self._names(source)
             except Exception as error:  # one image's labels or pixels (any library's error) never stop the batch
                 yield BatchItem(source, error=first_line(error))
                 continue
@@ -575,17 +602,25 @@ class _BatchRun:
             source = next(sources, _END)
             if source is _END:
                 return
-            decoding.append((source, self.decoder.submit(_timed, self.segmenter._decode, source)))
+            decoding.append((source, self.decoder.submit(_timed, self.decode, source)))
 
     def _open_stream(self, names: list[str]) -> float:
         """A view stream for the label list `names`; the seconds its label embeddings took (the first image of the
         stream records them)."""
         segmenter = self.segmenter
-        text, seconds = _timed(segmenter._embed_query, names)
+        text, seconds = _timed(self._embed, names)
         self.stream = ViewStream(segmenter._map_views(text), segmenter.view_batch,
                                  stages=segmenter.stages)
         self.stream_names = names
         return seconds
+
+    def _names(self, source) -> list[str]:
+        """The checked labels of an image."""
+        return _checked_labels(self.labels_of(source))
+
+    def _embed(self, names: list[str]) -> torch.Tensor:
+        """The text embeddings a stream for the labels `names` maps views with."""
+        return self.segmenter._embed_query(names)
 
     def _drain_stream(self) -> Iterator[BatchItem]:
         if self.stream is not None:
@@ -653,6 +688,26 @@ class _BatchRun:
             timings = self.segmenter._ran({**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
             result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.decoded.rgb, timings)
             yield BatchItem(item.source, result=result)
+
+
+class _QueryRun(_BatchRun):
+    """The machinery of `query_probabilities_many`: the queries embedded as given (no background words), and
+    each image's query probabilities instead of refinement."""
+
+    def _names(self, source) -> list[str]:
+        return list(self.labels_of(source))
+
+    def _embed(self, names: list[str]) -> torch.Tensor:
+        return self.segmenter.backbone.embed_labels(names, self.segmenter.templates)
+
+    def _refine(self, items: list[_Pending], maps: list[torch.Tensor]) -> Iterator[BatchItem]:
+        for item, item_maps in zip(items, maps):
+            try:
+                probabilities = self.segmenter._query_probabilities(item_maps, item.decoded)
+            except torch.cuda.OutOfMemoryError:
+                yield BatchItem(item.source, error="out of GPU memory making its probabilities: lower max_side")
+                continue
+            yield BatchItem(item.source, result=probabilities)
 
 
 _END = object()
