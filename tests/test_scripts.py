@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import open_clip
 import torch
 from conftest import TINY_MODEL, camvid_coarse_confusions, shared_dataset
@@ -68,3 +69,19 @@ def test_refinement_study_measures_the_coarse_maps_as_the_tests_do():
     assert len(values) == 10
     coarse, _ = camvid_coarse_confusions(lambda image, probabilities: probabilities, images=1)
     assert values[("camvid", "none")] == np.round(float(mean_iou(coarse)), 3)
+
+
+def test_ray_bench_runs_both_ways_and_reports_what_ray_adds(ray_address, tmp_path):
+    report = tmp_path / "ray_bench.json"
+    run_script(ROOT / "benchmarks" / "ray_bench.py", "--device", "cpu", "--images", 4, "--workers", 2, "--labels", 3,
+               "--tta", "none", "--templates", "photo", "--model", TINY_MODEL, "--model-config", TINY_CONFIG,
+               "--ray-address", ray_address, "--json", report)
+    result = json.loads(report.read_text())
+    summaries = result["summaries"]
+    assert [summaries[name]["done"] for name in ("one process", "ray")] == [4, 4]
+    assert result["identical_masks"] == "4/4", "the same weights in both runs, the same masks"
+    for name, summary in summaries.items():
+        assert result["segmenting_images_per_s"][name] == 4 / summary["stages_s"]["segmenting_s"]
+    assert result["ray_overhead_s_per_image"] == pytest.approx(
+        (summaries["ray"]["stages_s"]["segmenting_s"] - summaries["one process"]["stages_s"]["segmenting_s"]) / 4)
+    assert result["start_up_s"]["ray"] == summaries["ray"]["stages_s"]["ray_start_s"]
