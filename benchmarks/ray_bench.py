@@ -5,8 +5,8 @@
 
 Both runs are the command users type, on the same 500 x 375 JPEGs (the example photos, resized) with the same
 weights (random, seeded, unless --checkpoint is given: speed does not depend on their values) and settings.
-The one-process run goes first and fills a fresh label-embedding cache, which the Ray workers then read. Each
-run's `--summary` gives its stages: one process loads the model and embeds the labels, then segments; with
+An untimed run on one image first fills a fresh label-embedding cache, which both timed runs then read. Each
+run's `--summary` gives its stages: one process loads the model and reads the labels, then segments; with
 Ray, the cluster starts and every worker loads the model (`ray_start_s`, a local Ray instance started for
 the run unless --ray-address names a running one), then they segment. Reported: both rates over the
 segmenting stage and end to end, the fixed start-up cost Ray adds, the wall seconds per image it adds (or
@@ -70,6 +70,10 @@ def measure(arguments) -> dict:
         write_images(folder / "images", arguments.images)
         checkpoint = arguments.checkpoint or random_checkpoint(arguments.model, folder / "weights.pt")
         environment = {**os.environ, "WILDSEG_CACHE_DIR": str(folder / "text-cache")}
+        (folder / "warm-up").mkdir()
+        write_images(folder / "warm-up", 1)
+        run_segment(folder / "warm-up", folder / "warm-up-out", folder / "warm-up.json", arguments, checkpoint, [],
+                    environment)
         ray = ["--ray", arguments.ray_address or "local", "--ray-workers", str(arguments.workers)]
         summaries = {
             "one process": run_segment(folder / "images", folder / "one", folder / "one.json", arguments,
