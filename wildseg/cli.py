@@ -110,6 +110,22 @@ def main():
     logging.getLogger().setLevel(logging.ERROR)
 
 
+def export_options(command):
+    """The options that write the outputs as a data set other tools load (`export`)."""
+    options = [
+        click.option("--coco", "coco_path", type=click.Path(path_type=Path),
+                     help="Also write the --out folder's images as one COCO instance-segmentation file (RLE masks)."),
+        click.option("--yolo", "yolo_folder", type=click.Path(path_type=Path),
+                     help="Also write the --out folder's images as an Ultralytics YOLO segmentation data set here."),
+        click.option("--yolo-min-region", type=click.FloatRange(0.0, 1.0),
+                     help="With --yolo: least share of the image a region must cover to become a polygon "
+                          "[default: 0.0001]."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 def ray_options(command):
     """The options that run a command on a Ray cluster (`distributed`)."""
     options = [
@@ -225,6 +241,7 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
               help="Also write <name>_scores.npz: per-class probabilities (float16, working resolution) and labels.")
 @click.option("--heatmaps", is_flag=True,
               help="Also write <name>_heatmap_<i>_<label>.jpg: each label's probability as a colour map on the photo.")
+@export_options
 @click.option("--recursive", "-r", is_flag=True, help="Search folders and ** patterns into their sub-folders.")
 @click.option("--shard", metavar="K/N",
               help="Segment only shard K of N (by a hash of each image's output path: the same in any listing "
@@ -244,7 +261,7 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
 def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps,
-            recursive, shard, overwrite, summary_path, workers, refine_workers, ray_address, ray_workers,
+            coco_path, yolo_folder, yolo_min_region, recursive, shard, overwrite, summary_path, workers, refine_workers, ray_address, ray_workers,
             ray_gpus_per_worker, ray_cpus_per_worker, quiet, **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
@@ -276,6 +293,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     _check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
     if summary_path is not None:
         _check_output_folder(summary_path.parent, [summary_path], "--summary")
+    _check_export_options(coco_path, yolo_folder, yolo_min_region)
     remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
     todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
     console = Console(stderr=True, quiet=quiet)
@@ -297,7 +315,59 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
         report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
         if summary_path is not None:
             write_json(summary_path, run.as_dict(), "the summary")
+        _export(console, report, out_dir, coco_path, yolo_folder, yolo_min_region)
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
+
+
+def _check_export_options(coco_path: Optional[Path], yolo_folder: Optional[Path], min_region: Optional[float]
+                          ) -> None:
+    """Fail before any work when the data set files could not be written."""
+    if min_region is not None and yolo_folder is None:
+        raise WildsegError("--yolo-min-region is an option of --yolo: add --yolo DIR or leave it out")
+    if coco_path is not None:
+        _check_output_folder(coco_path.parent, [coco_path], "--coco")
+    if yolo_folder is not None:
+        if yolo_folder.exists() and not yolo_folder.is_dir():
+            raise WildsegError(f"--yolo {yolo_folder} is a file: give a folder for the YOLO data set")
+        _check_output_folder(yolo_folder, [], "--yolo")
+
+
+def _export(console: Console, report: Console, folder: Path, coco_path: Optional[Path], yolo_folder: Optional[Path],
+            min_region: Optional[float]) -> None:
+    """Write the COCO file and the YOLO data set of the images done in `folder` (`export`), saying what was
+    written."""
+    from .export import MIN_REGION, write_coco, write_yolo
+
+    if coco_path is not None:
+        with _status(console, f"writing {coco_path}"):
+            dataset = write_coco(folder, coco_path)
+        report.print(f"wrote {coco_path}: {len(dataset['images'])} images, {len(dataset['categories'])} categories, "
+                     f"{len(dataset['annotations'])} annotations", soft_wrap=True, markup=False, highlight=False)
+    if yolo_folder is not None:
+        with _status(console, f"writing the YOLO data set into {yolo_folder}"):
+            images, unlinked = write_yolo(folder, yolo_folder, MIN_REGION if min_region is None else min_region)
+        report.print(f"wrote {yolo_folder / 'data.yaml'} and the labels of {images} images", soft_wrap=True,
+                     markup=False, highlight=False)
+        if unlinked:
+            click.echo(f"wildseg: warning: {unlinked} images were not found from here to link into "
+                       f"{yolo_folder / 'images'}: run from the folder wildseg segment ran in, or put them there",
+                       err=True)
+
+
+@main.command()
+@click.argument("masks_dir", type=click.Path(path_type=Path))
+@export_options
+@click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+def export(masks_dir, coco_path, yolo_folder, yolo_min_region, quiet):
+    """Write the outputs of `wildseg segment` in MASKS_DIR (its --out folder) as a COCO file (--coco FILE) or an
+    Ultralytics YOLO data set (--yolo DIR), without the model."""
+    if coco_path is None and yolo_folder is None:
+        raise WildsegError("give --coco FILE.json, --yolo DIR or both")
+    if not masks_dir.is_dir():
+        raise WildsegError(f"{masks_dir} is not a folder: give the --out folder of wildseg segment")
+    _check_export_options(coco_path, yolo_folder, yolo_min_region)
+    _export(Console(stderr=True, quiet=quiet), Console(quiet=quiet), masks_dir, coco_path, yolo_folder,
+            yolo_min_region)
 
 
 def _segment_here(todo: list[Path], jobs: dict[Path, dict[str, Path]], source_of_labels, known_labels: list[str],
