@@ -95,7 +95,7 @@ def test_a_killed_worker_loses_and_repeats_no_image_and_the_outputs_are_one_proc
     assert (counts["done"], counts["failed"], counts["skipped"]) == (16, 0, 0), "every image counted once"
     assert {path.name: path.stat().st_ino for path in out.glob("*.json") if path.name in written} == written, \
         "images finished before the kill are not segmented again"
-    assert outputs(out) == outputs(tmp_path / "single"), "the same files as one process"
+    assert outputs(out) == outputs(tmp_path / "single"), "the same files as one process, no temporary one left"
 
 
 def test_ctrl_c_stops_the_workers_and_the_summary_counts_what_they_wrote(ray_address, tmp_path, tiny_checkpoint):

@@ -283,8 +283,12 @@ class SegmentWorker(_ModelWorker):
 
     def segment(self, chunk: dict[Path, dict[str, Path]]) -> list[ImageOutcome]:
         """Segment the chunk's images (image -> output paths), one chunk at a time; the outcomes of those it
-        finished, counting as done those written by an earlier attempt of this chunk."""
+        finished, counting as done those written by an earlier attempt of this chunk, whose temporary files
+        (of a worker killed while writing) are removed first."""
+        from .outputs import remove_stale_temporaries
+
         with self.turn:
+            remove_stale_temporaries([path for paths in chunk.values() for path in paths.values()])
             outcomes = [ImageOutcome(image, classes=classes) for image, classes in
                         ((image, self._written_by_this_run(paths)) for image, paths in chunk.items())
                         if classes is not None]
