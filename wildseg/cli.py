@@ -221,6 +221,14 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
 
 
 
+SEGMENT_OPTIONS = segmenter_options(
+    "Background threshold: relevance method, normalised relevance (default 0.4); dense method, label probability "
+    "(default 0.1); below it a pixel is background.",
+    "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale 40, background "
+    "words of PASCAL VOC's background class; both methods: tta default, refine crf.")
+"""The segmenter options of the commands that segment images of the user's (segment, demo)."""
+
+
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--labels", "-l",
@@ -254,10 +262,7 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
 @click.option("--refine-workers", type=click.IntRange(min=0),
               help="With --crf-backend pydensecrf: processes running the CRF beside the model (default: half the "
                    "cores on GPU, 0 on CPU).")
-@segmenter_options("Background threshold: relevance method, normalised relevance (default 0.4); dense method, "
-                   "label probability (default 0.1); below it a pixel is background.",
-                   "Dense method defaults: attention naclip, window 224, stride 112, short side 336, logit scale "
-                   "40, background words of PASCAL VOC's background class; both methods: tta default, refine crf.")
+@SEGMENT_OPTIONS
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
 def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps,
@@ -317,6 +322,31 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
             write_json(summary_path, run.as_dict(), "the summary")
         _export(console, report, out_dir, coco_path, yolo_folder, yolo_min_region)
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
+
+
+@main.command()
+@SEGMENT_OPTIONS
+@click.option("--vocab", help=f"For labels 'auto' in the page: {', '.join(VOCABULARIES)} or a class-name file "
+                              f"[default: {DEFAULT_VOCABULARY}].")
+@click.option("--auto-min-area", type=click.FloatRange(0.0, 1.0),
+              help=f"For labels 'auto': the page's first least share of the image [default: {AUTO_MIN_AREA}].")
+@click.option("--auto-min-score", type=click.FloatRange(0.0, 1.0),
+              help="For labels 'auto': the page's first least mean score [default: "
+                   f"{AUTO_MIN_SCORES['relevance']} relevance, {AUTO_MIN_SCORES['dense']} dense].")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to serve on: 0.0.0.0 lets other machines reach the page.")
+@click.option("--port", type=click.IntRange(1, 65535), default=7860, show_default=True, help="Port to serve on.")
+@click.option("--quiet", "-q", is_flag=True, help="No status line while the model loads.")
+def demo(vocab, auto_min_area, auto_min_score, host, port, quiet, **segmenter_arguments):
+    """Serve a web page (Gradio) to try labels on your images with one model kept loaded.
+
+    Upload an image, type labels (or auto), choose method, attention and refinement, and see the overlay, the
+    classes and each label's heat map; download the mask and JSON. The page starts with this command's settings.
+    Needs pip install 'wildseg[demo]'. Ctrl-C stops it.
+    """
+    from .demo import launch  # Gradio: a one-line error with the install command where it is missing
+
+    launch(segmenter_arguments, host, port, vocab, auto_min_area, auto_min_score, quiet)
 
 
 def _check_export_options(coco_path: Optional[Path], yolo_folder: Optional[Path], min_region: Optional[float]
