@@ -113,10 +113,10 @@ def main():
 def export_options(command):
     """The options that write the outputs as a data set other tools load (`export`)."""
     options = [
-        click.option("--coco", "coco_path", type=click.Path(path_type=Path),
-                     help="Also write the --out folder's images as one COCO instance-segmentation file (RLE masks)."),
-        click.option("--yolo", "yolo_folder", type=click.Path(path_type=Path),
-                     help="Also write the --out folder's images as an Ultralytics YOLO segmentation data set here."),
+        click.option("--coco", "coco_path", type=click.Path(path_type=Path), metavar="FILE",
+                     help="Write the output folder's images as one COCO instance-segmentation file (RLE masks)."),
+        click.option("--yolo", "yolo_folder", type=click.Path(path_type=Path), metavar="DIR",
+                     help="Write the output folder's images as an Ultralytics YOLO segmentation data set here."),
         click.option("--yolo-min-region", type=click.FloatRange(0.0, 1.0),
                      help="With --yolo: least share of the image a region must cover to become a polygon "
                           "[default: 0.0001]."),
