@@ -105,9 +105,9 @@ class AutoLabeler:
 
 
 def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict],
-                 extras: dict[str, bool]) -> None:
-    """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any; a
-    write that fails raises a WildsegError naming the folder."""
+                 extras: dict[str, bool]) -> list[dict]:
+    """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any;
+    returns the record's class rows. A write that fails raises a WildsegError naming the folder."""
     from .outputs import write_outputs
 
     result = item.result
@@ -124,6 +124,7 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
         write_outputs(paths, *result.preview(), result.mask, result.labels, record, scores=result.scores, **extras)
     except OSError as error:
         raise WildsegError(f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}") from error
+    return record["classes"]
 
 
 def segment_and_write(
@@ -148,11 +149,14 @@ def segment_and_write(
     classes: dict[Path, list[dict]] = {}
     interrupted = False
 
+    def write(item: BatchItem, auto_record: Optional[dict]) -> None:
+        """In a writer thread: the outputs, then the class rows they hold for the image's outcome."""
+        classes[item.source] = save_outputs(item, jobs[item.source], segmenter, auto_record, extras)
+
     def report(written) -> None:
         for image, error in written:
-            summary = classes.pop(image)
             if error is None:
-                on_outcome(ImageOutcome(image, classes=summary))
+                on_outcome(ImageOutcome(image, classes=classes.pop(image)))
             else:
                 on_outcome(ImageOutcome(image, str(error) if isinstance(error, WildsegError) else first_line(error)))
 
@@ -165,9 +169,7 @@ def segment_and_write(
                     if item.error is not None:
                         on_outcome(ImageOutcome(item.source, item.error))
                         continue
-                    classes[item.source] = item.result.summary()
-                    writer.submit(item.source, partial(save_outputs, item, jobs[item.source], segmenter, auto_record,
-                                                       extras))
+                    writer.submit(item.source, partial(write, item, auto_record))
                     report(writer.finished())
         except KeyboardInterrupt:
             interrupted = True
