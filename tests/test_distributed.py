@@ -4,6 +4,7 @@ on the session's local Ray cluster of 2 CPUs (`ray_address`), the CLI in subproc
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -59,7 +60,7 @@ def wait_for(condition, process, what: str, timeout: float = 120.0) -> None:
 def outputs(out: Path) -> dict[str, object]:
     """Every output file: masks and overlays byte for byte, records without their timings and with each class's
     mean score to 1e-5: model batches hold the views of other images in a chunk than in one process, and float32
-    sums over other batch shapes differ in the last bits (the masks do not)."""
+    sums over other batch shapes can differ in the last bits."""
     files = {}
     for path in sorted(out.iterdir()):
         if path.suffix == ".json":
@@ -77,7 +78,7 @@ def test_a_killed_worker_loses_and_repeats_no_image_and_the_outputs_are_one_proc
         ray_address, tmp_path, tiny_checkpoint):
     folder = camvid_pictures(tmp_path / "images", 16)
     single = subprocess.run(segment_command(folder, tmp_path / "single", tiny_checkpoint), capture_output=True,
-                            text=True)
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # the workers' thread count
     assert single.returncode == 0, single.stderr
     out, summary = tmp_path / "ray", tmp_path / "summary.json"
     run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
@@ -116,18 +117,38 @@ def test_ctrl_c_stops_the_workers_and_the_summary_counts_what_they_wrote(ray_add
     assert json.loads(summary.read_text())["skipped"] == counts["done"], "a Ray run resumes in one process"
 
 
+def test_ctrl_c_while_the_workers_load_the_model_writes_the_summary(ray_address, tmp_path, tiny_checkpoint):
+    folder = camvid_pictures(tmp_path / "images", 4)
+    out, summary = tmp_path / "out", tmp_path / "summary.json"
+    run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(worker_pids, run, "the workers started")
+    run.send_signal(signal.SIGINT)
+    _, errors = run.communicate(timeout=180)
+    assert run.returncode == 130 and "Traceback" not in errors, errors
+    counts = json.loads(summary.read_text())
+    assert counts["interrupted"] and counts["done"] == 0 and not out.exists()
+
+
 def test_ray_usage_errors_are_one_line(tmp_path, monkeypatch, tiny_checkpoint):
     image = tmp_path / "a.png"
     Image.new("RGB", (32, 24)).save(image)
     runner = CliRunner()
-    base = ["segment", str(image), "-l", "cat", "-o", str(tmp_path / "out"), *map(str, tiny_cli_args(tiny_checkpoint))]
+    arguments = ["-l", "cat", "-o", str(tmp_path / "out"), *map(str, tiny_cli_args(tiny_checkpoint))]
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        nobody = f"127.0.0.1:{probe.getsockname()[1]}"
     cases = {
-        ("--ray-workers", "2"): "--ray-workers is an option of --ray: add --ray or leave it out",
-        ("--ray", str(image)): f"--ray took {image} for the cluster's address: put --ray after the inputs",
+        (str(image), "--ray-workers", "2"): "--ray-workers is an option of --ray: add --ray or leave it out",
+        (str(image), "--ray", str(image)): f"--ray took {image} for the cluster's address: put --ray after the inputs",
+        ("--ray", str(tmp_path)): "give the images to segment: files, folders, glob patterns or @lists (--ray took "
+                                  "the folder after it for its address: put --ray after the inputs)",
+        (str(image), "--ray", nobody): f"cannot connect to the Ray cluster at {nobody} (",
     }
     for extra, message in cases.items():
-        result = runner.invoke(main, [*base, *extra])
+        result = runner.invoke(main, ["segment", *extra, *arguments])
         assert result.exit_code == 2 and result.output.count("\n") == 1 and message in result.output, result.output
+    base = ["segment", str(image), *arguments]
     monkeypatch.setitem(sys.modules, "ray", None)
     result = runner.invoke(main, [*base, "--ray"])
     assert result.exit_code == 2

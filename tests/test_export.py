@@ -151,6 +151,8 @@ def test_segment_writes_a_yolo_data_set_that_names_the_classes(tmp_path, tiny_ch
     (["export", "missing", "--coco", "a.json"], "missing is not a folder: give the --out folder of wildseg segment"),
     (["export", ".", "--yolo-min-region", "0.1", "--coco", "a.json"],
      "--yolo-min-region is an option of --yolo: add --yolo DIR or leave it out"),
+    (["export", ".", "--coco", "a.json"], ". holds no image wildseg segment finished (NAME.json records with their "
+                                          "NAME.png masks): give the --out folder of a run"),
 ])
 def test_export_usage_errors_are_one_line(arguments, message, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)

@@ -230,7 +230,7 @@ SEGMENT_OPTIONS = segmenter_options(
 
 
 @main.command()
-@click.argument("inputs", nargs=-1, required=True)
+@click.argument("inputs", nargs=-1)
 @click.option("--labels", "-l",
               help='Comma-separated names of what is in every image, e.g. "cat,sofa"; "auto" finds them in --vocab.')
 @click.option("--vocab", help=f"With --labels auto: {', '.join(VOCABULARIES)} or a class-name file "
@@ -280,6 +280,10 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     from .batch import BatchSummary, LabelOptions, labels_source
     from .distributed import check_ray_options
 
+    if not inputs:
+        taken = " (--ray took the folder after it for its address: put --ray after the inputs)" if (
+            ray_address is not None and Path(ray_address).exists()) else ""
+        raise WildsegError(f"give the images to segment: files, folders, glob patterns or @lists{taken}")
     label_options = LabelOptions(labels, labels_file, vocab, auto_min_area, auto_min_score)
     source_of_labels, known_labels = labels_source(label_options)
     cluster = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
@@ -305,12 +309,16 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
     extras = {"save_scores": save_scores, "heatmaps": heatmaps}
     with Interrupts() as interrupts:
-        if todo and cluster is not None:
-            _segment_on_ray(cluster, todo, jobs, label_options, extras, overwrite, workers, refine_workers,
-                            segmenter_arguments, run, console, interrupts)
-        elif todo:
-            _segment_here(todo, jobs, source_of_labels, known_labels, extras, workers, refine_workers,
-                          segmenter_arguments, run, console, interrupts)
+        try:
+            if todo and cluster is not None:
+                _segment_on_ray(cluster, todo, jobs, label_options, extras, overwrite, workers, refine_workers,
+                                segmenter_arguments, run, console, interrupts)
+            elif todo:
+                _segment_here(todo, jobs, source_of_labels, known_labels, extras, workers, refine_workers,
+                              segmenter_arguments, run, console, interrupts)
+        except KeyboardInterrupt:  # while the model loads, the labels are embedded or Ray starts: nothing in flight
+            run.interrupted = True
+            interrupts.finishing()
         run.seconds = time.perf_counter() - started
         report = Console(quiet=quiet)
         if len(jobs) == 1 and run.done == 1:
@@ -396,6 +404,11 @@ def export(masks_dir, coco_path, yolo_folder, yolo_min_region, quiet):
     if not masks_dir.is_dir():
         raise WildsegError(f"{masks_dir} is not a folder: give the --out folder of wildseg segment")
     _check_export_options(coco_path, yolo_folder, yolo_min_region)
+    from .export import segmented_images
+
+    if not segmented_images(masks_dir):
+        raise WildsegError(f"{masks_dir} holds no image wildseg segment finished (NAME.json records with their "
+                           "NAME.png masks): give the --out folder of a run")
     _export(Console(stderr=True, quiet=quiet), Console(quiet=quiet), masks_dir, coco_path, yolo_folder,
             yolo_min_region)
 
@@ -452,8 +465,9 @@ def _segment_on_ray(cluster_options, todo: list[Path], jobs: dict[Path, dict[str
                 call=lambda actor, chunk: actor.segment.remote({image: jobs[image] for image in chunk}),
                 on_result=lambda chunk, outcomes: [account(outcome) for outcome in outcomes],
                 on_error=lambda chunk, reason: [account(ImageOutcome(image, reason)) for image in chunk],
-                finishing=interrupts.finishing)
+                finishing=interrupts.finishing, deferred=interrupts.deferred)
         run.stages_s["segmenting_s"] = time.perf_counter() - clock
+        interrupts.finishing()  # every image is counted: a stop signal while Ray shuts down is only noted
 
 
 def _account(run: BatchSummary, progress: Progress, task, outcome) -> None:

@@ -12,17 +12,20 @@ tells every actor to stop after the images it is on, and the driver counts what 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
-import os
 import logging
 import math
+import os
+import socket
+import tempfile
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, ContextManager, Optional
 
 from .batch import ImageOutcome, LabelOptions, labels_source, segment_and_write
 from .errors import WildsegError, first_line
@@ -36,6 +39,7 @@ that a lost worker costs little work and the last chunks end close together."""
 MAX_CHUNK = 32
 IN_FLIGHT_PER_WORKER = 2
 ACTOR_RESTARTS = 3
+CONNECT_TIMEOUT_S = 5.0
 STOP_GRACE_S = 120.0
 """After Ctrl-C, how long the driver waits for the workers to finish the images they are on."""
 
@@ -114,12 +118,14 @@ class RayCluster:
         import ray
 
         address = None if self.options.address == LOCAL else self.options.address
+        _check_reachable(address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS"))
         try:
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR,
-                     configure_logging=True)
+            with tempfile.TemporaryDirectory(prefix="wildseg-ray-") as neutral, _working_folder(neutral):
+                ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                         logging_level=logging.ERROR, configure_logging=True)
         except (ConnectionError, RuntimeError, ValueError) as error:
-            raise WildsegError(f"cannot connect to the Ray cluster at {self.options.address}: {first_line(error)}; "
-                               "start it with `ray start --head`, or use --ray local") from None
+            raise WildsegError(f"cannot connect to the Ray cluster at {self.options.address} ({_first_sentence(error)})"
+                               ": start it with `ray start --head`, or use --ray local") from None
         self.resources = ray.cluster_resources()
         return self
 
@@ -140,7 +146,8 @@ class RayCluster:
             max_concurrency=IN_FLIGHT_PER_WORKER + 1)
         actors = [actor.remote(job) for _ in range(shape.workers)]
         try:
-            problems = [problem for problem in ray.get([actor.ready.remote() for actor in actors]) if problem]
+            readiness = [actor.ready.options(max_task_retries=0).remote() for actor in actors]
+            problems = [problem for problem in ray.get(readiness) if problem]
         except RayActorError as error:
             problems = [f"a Ray worker could not start: {_last_line(error)}"]
         if problems:
@@ -156,6 +163,37 @@ class RayCluster:
             ray.kill(actor)
 
 
+def _check_reachable(address: Optional[str]) -> None:
+    """A one-line error, at once, when nothing listens at a HOST:PORT address (Ray would wait for it forever);
+    `ray://` client addresses and none are left to Ray."""
+    if not address or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT_S).close()
+    except (OSError, ValueError) as error:
+        raise WildsegError(f"cannot connect to the Ray cluster at {address} ({first_line(error)}): start it with "
+                           "`ray start --head`, check the address, or use --ray local") from None
+
+
+@contextlib.contextmanager
+def _working_folder(folder: str):
+    """Run in `folder`, then go back. Ray adds the driver's working folder to every worker's import path at
+    `ray.init`; an empty one keeps a folder named like a package there (a clone of wildseg, say) from shadowing
+    the installed package in the workers, which enter the driver's folder only once they are running."""
+    previous = os.getcwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def _first_sentence(error: BaseException) -> str:
+    """The first sentence of an error's text (Ray's go on with advice about flags of its own)."""
+    return first_line(error).split(". ")[0].rstrip(".")
+
+
 def _last_line(error: BaseException) -> str:
     """The last non-empty line of an error's text: for an error raised in a Ray worker, the original error."""
     return next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), repr(error))
@@ -168,12 +206,14 @@ def chunked(items: list, workers: int) -> list[list]:
 
 
 def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_result: Callable[[Any, Any], None],
-               on_error: Callable[[Any, str], None], finishing: Callable[[], None] = lambda: None) -> bool:
+               on_error: Callable[[Any, str], None], finishing: Callable[[], None] = lambda: None,
+               deferred: Callable[[], ContextManager] = contextlib.nullcontext) -> bool:
     """Run `call(actor, chunk)` (a Ray actor method's `remote`) for every chunk, IN_FLIGHT_PER_WORKER at a time
     per actor, reporting `on_result(chunk, result)` as each returns, or `on_error(chunk, reason)` where the
-    worker raised. The chunks of an actor that is gone for good go to the others. Ctrl-C (KeyboardInterrupt)
-    stops handing out chunks and asks each actor to `stop`; then `finishing()` is called and the chunks in
-    flight are collected for up to STOP_GRACE_S. Returns whether it was interrupted."""
+    worker raised, inside `deferred()` (where a stop signal waits, so that a chunk is counted whole). The chunks
+    of an actor that is gone for good go to the others. Ctrl-C (KeyboardInterrupt) stops handing out chunks and
+    asks each actor to `stop`; then `finishing()` is called and the chunks in flight are collected for up to
+    STOP_GRACE_S. Returns whether it was interrupted."""
     import ray
     from ray.exceptions import RayActorError, RayError
 
@@ -187,29 +227,33 @@ def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_r
                 running[call(actor, chunk)] = (actor, chunk)
                 load[actor] += 1
 
-    def collect(timeout: Optional[float]) -> None:
+    def collect(timeout: Optional[float], guard: Callable[[], ContextManager]) -> None:
         ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
         for reference in ready:
-            actor, chunk = running.pop(reference)
-            if actor in load:
-                load[actor] -= 1
-            try:
-                result = ray.get(reference)
-            except RayActorError:
-                load.pop(actor, None)
-                waiting.appendleft(chunk)
-                if not load:
-                    raise WildsegError("every Ray worker died (see the cluster's logs, e.g. /tmp/ray/session_latest/"
-                                       "logs): check that each node can load the model and read the inputs") from None
-            except RayError as error:
-                on_error(chunk, f"Ray worker: {first_line(error.__cause__ or error)}")
-            else:
-                on_result(chunk, result)
+            with guard():
+                take(reference)
+
+    def take(reference) -> None:
+        actor, chunk = running.pop(reference)
+        if actor in load:
+            load[actor] -= 1
+        try:
+            result = ray.get(reference)
+        except RayActorError:
+            load.pop(actor, None)
+            waiting.appendleft(chunk)
+            if not load:
+                raise WildsegError("every Ray worker died (see the cluster's logs, e.g. /tmp/ray/session_latest/"
+                                   "logs): check that each node can load the model and read the inputs") from None
+        except RayError as error:
+            on_error(chunk, f"Ray worker: {first_line(error.__cause__ or error)}")
+        else:
+            on_result(chunk, result)
 
     try:
         hand_out()
         while running:
-            collect(timeout=None)
+            collect(None, deferred)
             hand_out()
         return False
     except KeyboardInterrupt:
@@ -219,7 +263,7 @@ def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_r
         finishing()
         deadline = time.monotonic() + STOP_GRACE_S
         while running and time.monotonic() < deadline:
-            collect(timeout=max(0.0, deadline - time.monotonic()))
+            collect(max(0.0, deadline - time.monotonic()), contextlib.nullcontext)  # signals now only noted
         return True
 
 
