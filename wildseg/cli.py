@@ -835,14 +835,12 @@ class _RayEvaluator:
         self.stages: dict[str, float] = {}
 
     def __enter__(self) -> "_RayEvaluator":
-        import ray
-
-        from .distributed import EvaluationWorker
+        from .distributed import EvaluationWorker, worker_settings
 
         clock = time.perf_counter()
         with _status(self.console, f"starting {self.shape.workers} Ray workers"):
             self.actors = self.cluster.start(EvaluationWorker, self.shape, self.job)
-            self.worker_settings = ray.get(self.actors[0].settings.remote())
+            self.worker_settings = worker_settings(self.actors[0])
         self.stages["workers_ready_s"] = time.perf_counter() - clock
         return self
 

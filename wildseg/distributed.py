@@ -395,6 +395,13 @@ class EvaluationWorker(_ModelWorker):
                             workers=self.job.threads)
 
 
+def worker_settings(actor) -> dict:
+    """The Segmenter settings of a started EvaluationWorker (for the report and the saved predictions)."""
+    import ray
+
+    return ray.get(actor.settings.remote())
+
+
 def evaluate_on_ray(actors: list, ids: list[str], classes: int, store, on_images: Callable[[int], None],
                     finishing: Callable[[], None] = lambda: None):
     """Evaluate `ids` on EvaluationWorkers in chunks and add up their Evaluations (confusion matrices, counts,
