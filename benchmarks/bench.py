@@ -40,9 +40,9 @@ from rich.console import Console
 from rich.table import Table
 
 import wildseg
-from wildseg import Segmenter
+from wildseg import Segmenter, SegmenterConfig
 from wildseg.autolabels import load_vocabulary
-from wildseg.dense import DenseSettings
+from wildseg.backbone import load_backbone
 from wildseg.outputs import BackgroundWriter, output_paths, write_outputs
 from wildseg.timing import StageTimes
 
@@ -67,13 +67,15 @@ def write_images(folder: Path, count: int) -> list[Path]:
 
 
 def build_segmenter(arguments) -> Segmenter:
+    """The Segmenter of the arguments, on random weights unless a checkpoint is given (`SegmenterConfig.from_options`
+    drops what the method and refinement do not use)."""
     if arguments.model_config is not None:
         open_clip.add_model_config(arguments.model_config)
-    return Segmenter(model=arguments.model, pretrained=None, checkpoint=arguments.checkpoint,
-                     device=arguments.device, method=arguments.method, tta=arguments.tta, refine=arguments.refine,
-                     crf_backend=arguments.crf_backend,
-                     templates=arguments.templates, view_batch=arguments.view_batch,
-                     dense=DenseSettings(attention=arguments.attention, background_words=()))
+    backbone = load_backbone(arguments.model, pretrained=None, checkpoint=arguments.checkpoint, device=arguments.device)
+    options = {"method": arguments.method, "tta": arguments.tta, "refine": arguments.refine,
+               "templates": arguments.templates, "view_batch": arguments.view_batch}
+    defaults = {"crf_backend": arguments.crf_backend, "attention": arguments.attention, "background_words": ()}
+    return Segmenter(backbone, SegmenterConfig.from_options(options, defaults))
 
 
 def run_path(path_name: str, arguments) -> dict:

@@ -30,7 +30,7 @@ from rich.table import Table
 
 import wildseg
 from wildseg.autolabels import load_vocabulary
-from wildseg.options import register_model_config
+from wildseg.backbone import register_model_config
 
 RUNS = ("one process", "ray")
 

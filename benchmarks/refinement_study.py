@@ -1,11 +1,13 @@
 """What each refinement stage is worth on real images, while CLIP's weights are not available.
 
-Coarse maps are derived from ground truth the way a ViT-B/16 sees an image (`wildseg/coarse.py`: class
+Coarse maps are derived from ground truth the way a ViT-B/16 sees an image (`coarse_maps.py`: class
 one-hot averaged over a 14 x 14 patch grid, Gaussian blur of 1 cell, Gaussian noise 0.1 with seed = image
 index, bilinear upsampling), then refined by each option (PAMR with the paper's dilations and with NACLIP's
 (8, 16)); mIoU and pixel accuracy are printed per option.
 
-    python benchmarks/refinement_study.py --limit 50
+    python benchmarks/refinement_study.py --camvid data/camvid --nyuv2 data/nyuv2 --limit 50
+
+Each folder is in the `folder` layout of `wildseg eval` (images/, masks/, classes.txt).
 """
 
 import argparse
@@ -13,36 +15,37 @@ import time
 from pathlib import Path
 
 import torch
+from coarse_maps import coarse_probabilities, pamr_on_arrays
 from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
-from wildseg.coarse import coarse_probabilities
 from wildseg.datasets import folder_dataset
 from wildseg.metrics import confusion_matrix, mean_iou, pixel_accuracy
-from wildseg.pamr import PamrSettings, pamr_numpy
-from wildseg.refine import CrfSettings, dense_crf
+from wildseg.refinement.crf import dense_crf
+from wildseg.refinement.settings import CrfSettings, PamrSettings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-DATASETS = {"camvid": 11, "nyuv2": 0}
+IGNORED_VALUES = {"camvid": 11, "nyuv2": 0}
+"""The mask value each data set leaves unscored (CamVid's void, NYUv2's unlabeled)."""
 NACLIP_PAMR = PamrSettings(iterations=10, dilations=(8, 16))
 REFINEMENTS = {
     "none": lambda image, probabilities: probabilities,
     "crf": lambda image, probabilities: dense_crf(image, probabilities, CrfSettings()),
-    "pamr": lambda image, probabilities: pamr_numpy(image, probabilities),
-    "pamr (8, 16)": lambda image, probabilities: pamr_numpy(image, probabilities, NACLIP_PAMR),
-    "pamr+crf": lambda image, probabilities: dense_crf(image, pamr_numpy(image, probabilities), CrfSettings()),
+    "pamr": lambda image, probabilities: pamr_on_arrays(image, probabilities),
+    "pamr (8, 16)": lambda image, probabilities: pamr_on_arrays(image, probabilities, NACLIP_PAMR),
+    "pamr+crf": lambda image, probabilities: dense_crf(image, pamr_on_arrays(image, probabilities), CrfSettings()),
 }
 
 
-def study(name: str, ignore_index: int, limit: int) -> dict[str, tuple[float, float, float]]:
-    """mIoU, pixel accuracy and seconds per image of each refinement on the first `limit` images."""
-    dataset = folder_dataset(SHARED / name, ignore_index=ignore_index)
+def study(root: Path, ignore_index: int, limit: int) -> dict[str, tuple[float, float, float]]:
+    """mIoU, pixel accuracy and seconds per image of each refinement on the first `limit` images of the folder data
+    set at `root` whose mask value `ignore_index` is not scored."""
+    dataset = folder_dataset(root, ignore_index=ignore_index)
     classes = len(dataset.classes)
     confusions = {option: torch.zeros(classes, classes, dtype=torch.long) for option in REFINEMENTS}
     seconds = dict.fromkeys(REFINEMENTS, 0.0)
     count = min(limit, len(dataset))
-    for index in track(range(count), description=name):
+    for index in track(range(count), description=root.name):
         sample = dataset[index]
         coarse = coarse_probabilities(sample.truth, classes, seed=index, ignore_index=dataset.ignore_index)
         for option, refine in REFINEMENTS.items():
@@ -58,13 +61,15 @@ def study(name: str, ignore_index: int, limit: int) -> dict[str, tuple[float, fl
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    for name in IGNORED_VALUES:
+        parser.add_argument(f"--{name}", type=Path, required=True, help=f"the {name} folder data set")
     parser.add_argument("--limit", type=int, default=50, help="images per data set")
     arguments = parser.parse_args()
     table = Table(title=f"refinement of coarse ground-truth maps, first {arguments.limit} images")
     for column in ("dataset", "refinement", "mIoU", "pixel acc.", "s / image"):
         table.add_column(column)
-    for name, ignore_index in DATASETS.items():
-        for option, (miou, accuracy, seconds) in study(name, ignore_index, arguments.limit).items():
+    for name, ignore_index in IGNORED_VALUES.items():
+        for option, (miou, accuracy, seconds) in study(getattr(arguments, name), ignore_index, arguments.limit).items():
             table.add_row(name, option, f"{miou:.3f}", f"{accuracy:.3f}", f"{seconds:.3f}")
     Console().print(table)
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import open_clip
 
-from wildseg import Segmenter
+from wildseg import Segmenter, load_backbone
 from wildseg.outputs import output_paths, write_outputs
 
 EXAMPLES = {
@@ -31,7 +31,7 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.model_config is not None:
         open_clip.add_model_config(arguments.model_config)
-    segmenter = Segmenter(model=arguments.model, checkpoint=arguments.checkpoint, device=arguments.device)
+    segmenter = Segmenter(load_backbone(arguments.model, checkpoint=arguments.checkpoint, device=arguments.device))
     for name, labels in EXAMPLES.items():
         path = Path(__file__).parent / "images" / name
         result = segmenter.segment(path, labels)

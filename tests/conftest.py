@@ -1,15 +1,21 @@
 """Shared fixtures: a tiny randomly initialised open_clip ViT (registered from tests/configs) and real data paths."""
 
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import open_clip
 import pytest
 import torch
+from coarse_maps import coarse_probabilities
 from PIL import Image
 
-from wildseg.coarse import coarse_probabilities
+from wildseg import Segmenter, SegmenterConfig
+from wildseg.backbone import load_backbone
+from wildseg.cli.app import flag
+from wildseg.errors import WildsegError
 from wildseg.metrics import confusion_matrix
 
 TINY_MODEL = "wildseg-tiny-vit"
@@ -22,6 +28,33 @@ ORACLE_MODEL = "tiny_openclip_config"
 open_clip.add_model_config(Path(__file__).parent / "configs")
 if (ORACLES / f"{ORACLE_MODEL}.json").is_file():
     open_clip.add_model_config(ORACLES / f"{ORACLE_MODEL}.json")
+
+
+NO_SKIPS = "WILDSEG_NO_SKIPS"
+"""Set (as CI, which installs every extra and has the data, sets it), a skipped test fails, but one marked gpu
+where no CUDA GPU is."""
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA GPU; skipped, with that reason, where there is none")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA GPU, which PyTorch does not see here"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get(NO_SKIPS) and item.get_closest_marker("gpu") is None:
+        reason = report.longrepr[-1] if isinstance(report.longrepr, tuple) else report.longrepr
+        report.outcome = "failed"
+        report.longrepr = f"skipped where every test must run ({NO_SKIPS} is set): {reason}"
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -45,6 +78,26 @@ def make_tiny_model(seed: int = 0) -> torch.nn.Module:
 @pytest.fixture(scope="session")
 def tiny_model() -> torch.nn.Module:
     return make_tiny_model()
+
+
+def as_command_line_says(error) -> str:
+    """An error's or warning's message with its settings worded as the command line's flags."""
+    return error.worded(flag)
+
+
+@contextmanager
+def raises_worded(pattern: str):
+    """Like pytest.raises(WildsegError, match=pattern), matched against the message as the command line words it."""
+    with pytest.raises(WildsegError) as caught:
+        yield caught
+    message = as_command_line_says(caught.value)
+    assert re.search(pattern, message), f"{pattern!r} not in {message!r}"
+
+
+def tiny_segmenter(checkpoint, activation: str = "auto", templates: str = "photo", **config) -> Segmenter:
+    """A Segmenter on the tiny model loaded from `checkpoint`, with the SegmenterConfig settings `config`."""
+    backbone = load_backbone(TINY_MODEL, checkpoint=checkpoint, device="cpu", activation=activation)
+    return Segmenter(backbone, SegmenterConfig(templates=templates, **config))
 
 
 def tiny_cli_args(checkpoint) -> list:

@@ -1,6 +1,7 @@
 """Batch segmentation: inputs and output mirroring, label files, a folder with every kind of file, resuming."""
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -14,16 +15,14 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_MODEL, tiny_cli_args
+from conftest import TINY_MODEL, raises_worded, tiny_cli_args, tiny_segmenter
 from PIL import Image
 
-from wildseg import Segmenter
-from wildseg import segmenter as segmenter_module
+from wildseg import errors, pipeline, streaming
 from wildseg.cli import main
-from wildseg.errors import WildsegError
 from wildseg.inputs import expand_inputs, read_labels_file
 from wildseg.outputs import BackgroundWriter
-from wildseg.refine import CrfSettings, mean_field_crf
+from wildseg.refinement.crf import mean_field_crf
 from wildseg.resolution import upsample_argmax
 from wildseg.tta import View, ViewStream
 
@@ -53,11 +52,11 @@ def test_outputs_mirror_where_images_were_found(tmp_path, monkeypatch):
     assert [str(image.stem) for image in flat] == ["x"], "without --recursive sub-folders are not searched"
     assert [str(image.stem) for image in expand_inputs(["*/x.*"])] == ["a/x", "b/x"]
     assert expand_inputs(["."], recursive=True, exclude=Path("out"))[-1].path == Path("c/y.webp")
-    with pytest.raises(WildsegError, match="would write the same outputs x"):
+    with raises_worded("would write the same outputs x"):
         expand_inputs(["a", "b"])
-    with pytest.raises(WildsegError, match="image not found: missing.jpg"):
+    with raises_worded("image not found: missing.jpg"):
         expand_inputs(["missing.jpg"])
-    with pytest.raises(WildsegError, match="matches no image"):
+    with raises_worded("matches no image"):
         expand_inputs(["zzz*.jpg"])
 
 
@@ -72,10 +71,10 @@ def test_labels_files_in_csv_and_json(tmp_path):
     assert read_labels_file(json_file) == {(tmp_path / "a.jpg").absolute(): ["cat", "sofa"],
                                            Path("/abs/b.png"): ["dog", "ball"]}
     json_file.write_text(json.dumps({"a.jpg": 3}))
-    with pytest.raises(WildsegError, match="must be a string or a list of strings"):
+    with raises_worded("must be a string or a list of strings"):
         read_labels_file(json_file)
     json_file.write_text("[1, 2]")
-    with pytest.raises(WildsegError, match="must hold a JSON object"):
+    with raises_worded("must hold a JSON object"):
         read_labels_file(json_file)
 
 
@@ -143,8 +142,7 @@ def test_a_folder_with_every_case_completes_and_counts_failures(mixed_folder, tm
 
 
 def test_large_images_are_segmented_at_the_working_resolution(tiny_checkpoint):
-    segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
-                          refine="none", max_side=100)
+    segmenter = tiny_segmenter(tiny_checkpoint, refine="none", max_side=100)
     image = np.random.default_rng(0).integers(0, 255, (1000, 1500, 3), dtype=np.uint8)
     result = segmenter.segment(image, "cat,sofa")
     assert result.mask.shape == (1000, 1500) and result.scores.shape == (3, 67, 100)
@@ -157,9 +155,8 @@ def test_large_images_are_segmented_at_the_working_resolution(tiny_checkpoint):
 def test_segment_many_gives_what_segment_gives(crf_backend, refine_workers, tiny_checkpoint, tmp_path, monkeypatch):
     """pydensecrf in a worker process; the torch CRF over the images a model step finishes, in batches of at
     most two of these images' pixels x classes."""
-    monkeypatch.setattr(segmenter_module, "CRF_BATCH_VALUES", 2 * 64 * 40 * 3)
-    segmenter = Segmenter(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo",
-                          view_batch=5, crf=CrfSettings(iterations=2), crf_backend=crf_backend)
+    monkeypatch.setattr(pipeline, "CRF_BATCH_VALUES", 2 * 64 * 40 * 3)
+    segmenter = tiny_segmenter(tiny_checkpoint, view_batch=5, crf_iterations=2, crf_backend=crf_backend)
     assert segmenter.settings()["crf"]["backend"] == crf_backend
     paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
     labels = {paths[0]: "cat", paths[1]: "cat", paths[2]: "dog,ball", paths[3]: "dog,ball"}
@@ -176,11 +173,13 @@ def test_segment_many_gives_what_segment_gives(crf_backend, refine_workers, tiny
 
 
 def test_any_error_of_one_image_fails_that_image_only(tiny_checkpoint, tmp_path, monkeypatch):
-    """A labels function's own error, out of GPU memory in PAMR, an error of the CRF: each fails its image."""
+    """A labels function's own error, out of GPU memory in PAMR, an error of the CRF: each fails its image. An error
+    that is no user's mistake (a KeyError, a RuntimeError) says that it is a bug and leaves its traceback in the log;
+    the batch goes on."""
     paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
-    options = dict(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo", view_batch=1000,
-                   refine="pamr+crf", crf=CrfSettings(iterations=2), crf_backend="pydensecrf")
-    expected = Segmenter(**options).segment(paths[3], "cat,dog")
+    segmenter = tiny_segmenter(tiny_checkpoint, view_batch=1000, refine="pamr+crf", crf_iterations=2,
+                               crf_backend="pydensecrf")
+    expected = segmenter.segment(paths[3], "cat,dog")
 
     def labels_of(path):
         if path == paths[0]:
@@ -197,14 +196,21 @@ def test_any_error_of_one_image_fails_that_image_only(tiny_checkpoint, tmp_path,
             raise RuntimeError("the CRF failed")
         return real_finish(working, probabilities, crf, full_size)
 
-    real_pamr, real_finish = segmenter_module.pamr, segmenter_module.finish_segmentation
-    monkeypatch.setattr(segmenter_module, "pamr", pamr_out_of_memory_at_width_56)
-    monkeypatch.setattr(segmenter_module, "finish_segmentation", crf_failing_at_width_64)
-    items = {item.source: item for item in Segmenter(**options).segment_many(paths, labels_of, refine_workers=0)}
-    assert items[paths[0]].error == "'no entry for 0.png'"
-    assert items[paths[1]].error == "out of GPU memory making its probabilities: lower max_side"
-    assert items[paths[2]].error == "the CRF failed"
+    real_pamr, real_finish = pipeline.pamr, streaming.finish_segmentation
+    monkeypatch.setattr(pipeline, "pamr", pamr_out_of_memory_at_width_56)
+    monkeypatch.setattr(streaming, "finish_segmentation", crf_failing_at_width_64)
+    logged = []
+    handler = logging.Handler()
+    handler.emit = logged.append
+    monkeypatch.setattr(errors.LOG, "handlers", [handler])
+    items = {item.source: item for item in segmenter.segment_many(paths, labels_of, refine_workers=0)}
+    bug = "(a bug in wildseg: the traceback is logged)"
+    assert items[paths[0]].error == f"unexpected KeyError: 'no entry for 0.png' {bug}"
+    assert items[paths[1]].error == "out of GPU memory making its probabilities: lower max_side (--max-side)"
+    assert items[paths[2]].error == f"unexpected RuntimeError: the CRF failed {bug}"
     assert items[paths[3]].error is None and np.array_equal(items[paths[3]].result.mask, expected.mask)
+    assert [record.exc_info[0] for record in logged] == [KeyError, RuntimeError]
+    assert [record.args[0] for record in logged] == [paths[0], paths[2]]
 
 
 def test_a_crf_batch_out_of_gpu_memory_is_halved_and_an_image_that_never_fits_goes_to_pydensecrf(
@@ -217,13 +223,12 @@ def test_a_crf_batch_out_of_gpu_memory_is_halved_and_an_image_that_never_fits_go
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return mean_field_crf(images, probabilities, settings)
 
-    options = dict(model=TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", templates="photo", view_batch=1000,
-                   crf=CrfSettings(iterations=2))
     paths = [picture(tmp_path / f"{index}.png", size=(48 + 8 * index, 40), seed=index) for index in range(4)]
-    expected = {item.source: item.result for item in Segmenter(**options, crf_backend="pydensecrf")
-                .segment_many(paths, "cat,dog")}
-    monkeypatch.setattr(segmenter_module, "mean_field_crf", crf_with_little_memory)
-    items = list(Segmenter(**options, crf_backend="torch").segment_many(paths, "cat,dog"))
+    expected = {item.source: item.result for item in tiny_segmenter(
+        tiny_checkpoint, view_batch=1000, crf_iterations=2, crf_backend="pydensecrf").segment_many(paths, "cat,dog")}
+    monkeypatch.setattr(pipeline, "mean_field_crf", crf_with_little_memory)
+    segmenter = tiny_segmenter(tiny_checkpoint, view_batch=1000, crf_iterations=2, crf_backend="torch")
+    items = list(segmenter.segment_many(paths, "cat,dog"))
     assert calls[0] == [48, 56, 64, 72], "the images of one model step are refined in one batch"
     assert calls[1:] == [[48, 56], [48], [56], [64, 72], [64], [72]]
     for item in items:

@@ -7,25 +7,30 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODEL
+from conftest import raises_worded, tiny_segmenter
 
-from wildseg.dense import (
-    ATTENTION_VARIANTS,
-    NEIGHBOURHOOD_STD,
-    DenseSettings,
-    dense_label_maps,
-    interpolated_positions,
-    patch_tokens,
-)
-from wildseg.errors import WildsegError
+from wildseg import methods
+from wildseg.backbone.clip_internals import ClipTower
+from wildseg.config import SegmenterConfig
+from wildseg.methods.naclip import NEIGHBOURHOOD_STD
 from wildseg.pseudolabels import dense_scores
-from wildseg.segmenter import Segmenter
 from wildseg.tta import merge_views, plan_windows, window_spans
+
+DENSE_METHODS = {name: methods.load_method(name).build(SegmenterConfig(method="dense", attention=name))
+                 for name in methods.names(methods.DENSE)}
 
 
 @pytest.fixture(scope="module")
 def windows() -> torch.Tensor:
     return torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+
+
+def patch_tokens(tower: ClipTower, windows: torch.Tensor, method) -> torch.Tensor:
+    """Tokens after ln_post (batch x 1 + patches x width), the last block changed by the method."""
+    x, grid = tower.embed_windows(windows)
+    for block in range(tower.depth - 1):
+        x = tower.run_block(block, x)
+    return tower.visual.ln_post(method.last_block(tower, x, grid))
 
 
 def tokens_before_last_block(visual, images):
@@ -86,7 +91,7 @@ def test_vanilla_tokens_equal_open_clips_own_forward(tiny_model, windows):
     visual.output_tokens = True
     with torch.no_grad():
         pooled, open_clip_tokens = visual(windows)
-        ours = patch_tokens(visual, windows, ATTENTION_VARIANTS["vanilla"])
+        ours = patch_tokens(ClipTower(tiny_model), windows, DENSE_METHODS["vanilla"])
     torch.testing.assert_close(ours[:, 1:], open_clip_tokens, atol=1e-5, rtol=0)
     torch.testing.assert_close(ours[:, 0] @ visual.proj, pooled, atol=1e-5, rtol=0)
 
@@ -97,14 +102,13 @@ def test_each_variant_equals_an_independent_computation_of_its_formula(tiny_mode
     with torch.no_grad():
         x = tokens_before_last_block(visual, windows)
         expected = visual.ln_post(reference_last_block(name, visual.transformer.resblocks[-1], x, (8, 8)))
-        ours = patch_tokens(visual, windows, ATTENTION_VARIANTS[name])
+        ours = patch_tokens(ClipTower(tiny_model), windows, DENSE_METHODS[name])
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=0)
 
 
 def test_variants_really_differ(tiny_model, windows):
     with torch.no_grad():
-        tokens = {name: patch_tokens(tiny_model.visual, windows, variant)
-                  for name, variant in ATTENTION_VARIANTS.items()}
+        tokens = {name: patch_tokens(ClipTower(tiny_model), windows, method) for name, method in DENSE_METHODS.items()}
     names = list(tokens)
     for first in range(len(names)):
         for second in range(first + 1, len(names)):
@@ -112,13 +116,14 @@ def test_variants_really_differ(tiny_model, windows):
 
 
 def test_positional_interpolation_is_the_identity_at_the_native_grid(tiny_model):
-    visual = tiny_model.visual
-    torch.testing.assert_close(interpolated_positions(visual, (8, 8)), visual.positional_embedding, atol=1e-6, rtol=0)
+    tower = ClipTower(tiny_model)
+    torch.testing.assert_close(tower.interpolated_positions((8, 8)), tower.visual.positional_embedding, atol=1e-6,
+                               rtol=0)
 
 
 def test_dense_maps_on_windows_larger_than_the_model_input(tiny_model):
     text = F.normalize(torch.randn(3, 64), dim=-1)
-    maps = dense_label_maps(tiny_model.visual, torch.randn(2, 3, 96, 96), text, ATTENTION_VARIANTS["naclip"])
+    maps = DENSE_METHODS["naclip"].map_views(ClipTower(tiny_model), torch.randn(2, 3, 96, 96), text)
     assert maps.shape == (2, 3, 12, 12) and maps.abs().max() <= 1 + 1e-6
 
 
@@ -155,8 +160,8 @@ def test_dense_scores_follow_the_background_rule():
 
 
 def test_segmenter_dense_method_end_to_end(tiny_checkpoint):
-    segmenter = Segmenter(TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", method="dense", refine="pamr+crf",
-                          dense=DenseSettings(attention="sclip", window=64, short_side=96, background_words=("sky",)))
+    segmenter = tiny_segmenter(tiny_checkpoint, templates="imagenet80", method="dense", refine="pamr+crf",
+                               attention="sclip", window=64, short_side=96, background_words=("sky",))
     image = np.random.default_rng(0).integers(0, 255, (90, 120, 3), dtype=np.uint8)
     result = segmenter.segment(image, ["cat", "dog"])
     assert result.mask.shape == (90, 120) and result.labels == ["background", "cat", "dog"]
@@ -168,15 +173,15 @@ def test_segmenter_dense_method_end_to_end(tiny_checkpoint):
 
 
 @pytest.mark.parametrize("dense, message", [
-    (DenseSettings(attention="qq"), "unknown attention"),
-    (DenseSettings(window=60, short_side=96), "multiple of"),
-    (DenseSettings(window=8), "--window must be 0"),
-    (DenseSettings(short_side=8), "--short-side must be at least 16"),
-    (DenseSettings(window=64, stride=80, short_side=96), "--stride"),
+    (dict(attention="qq"), "unknown --attention"),
+    (dict(window=60, short_side=96), "--window 60 is not a multiple of wildseg-tiny-vit's 8-pixel patches"),
+    (dict(window=8), "--window must be 0"),
+    (dict(short_side=8), "--short-side must be at least 16"),
+    (dict(window=64, stride=80, short_side=96), "--stride"),
 ])
 def test_bad_dense_settings_are_one_line_errors(tiny_checkpoint, dense, message):
-    with pytest.raises(WildsegError, match=message):
-        Segmenter(TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", method="dense", dense=dense)
+    with raises_worded(message):
+        tiny_segmenter(tiny_checkpoint, method="dense", **dense)
 
 
 def test_windows_are_placed_as_mmsegmentation_places_them():

@@ -2,10 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import TINY_MODEL, shared_dataset
+from conftest import shared_dataset, tiny_segmenter
 
-from wildseg import Segmenter
-from wildseg.dense import DenseSettings
 from wildseg.timing import StageTimes
 
 
@@ -18,9 +16,9 @@ def test_fast_and_straightforward_paths_give_the_same_masks(tiny_checkpoint, met
     is pydensecrf's; the fast path's is the torch CRF (the GPU default) in the last case."""
     root = shared_dataset("camvid")
     images = sorted((root / "images").iterdir())[:3]
-    segmenter = Segmenter(TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", method=method, refine=refine,
-                          templates="photo", max_side=160, view_batch=5, crf_backend=crf_backend,
-                          dense=DenseSettings(window=32, short_side=40, background_words=("sky",)))
+    dense = dict(window=32, short_side=40, background_words=("sky",)) if method == "dense" else {}
+    segmenter = tiny_segmenter(tiny_checkpoint, method=method, refine=refine, max_side=160, view_batch=5,
+                               crf_backend=crf_backend, **dense)
     labels = ["road", "car", "tree"]
     fast = {item.source: item.result for item in segmenter.segment_many(images, labels)}
     for image in images:
@@ -30,7 +28,7 @@ def test_fast_and_straightforward_paths_give_the_same_masks(tiny_checkpoint, met
 
 
 def test_stage_times_cover_the_stages_of_each_path(tiny_checkpoint):
-    segmenter = Segmenter(TINY_MODEL, checkpoint=tiny_checkpoint, device="cpu", refine="pamr", templates="photo")
+    segmenter = tiny_segmenter(tiny_checkpoint, refine="pamr")
     segmenter.stages = StageTimes(segmenter.backbone.device)
     image = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     segmenter.segment_reference(image, ["cat", "dog"])

@@ -4,9 +4,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import raises_worded
 from PIL import Image
 
-from wildseg.errors import WildsegError
 from wildseg.images import load_image
 from wildseg.inputs import InputImage, in_shard, parse_shard
 
@@ -51,7 +51,7 @@ def test_arrays_are_accepted():
     assert load_image(np.zeros((5, 6), dtype=np.uint8)).shape == (5, 6, 3)
     assert load_image(np.full((5, 6, 3), 0.5)).max() == 128
     assert load_image(np.zeros((5, 6, 4), dtype=np.uint8)).shape == (5, 6, 3)
-    with pytest.raises(WildsegError, match="shape"):
+    with raises_worded("shape"):
         load_image(np.zeros((5, 6, 2)))
 
 
@@ -67,7 +67,7 @@ def test_arrays_are_accepted():
 def test_bad_files_are_clear_errors(tmp_path, make, message):
     path = tmp_path / "photo.jpg"
     make(path)
-    with pytest.raises(WildsegError, match=message):
+    with raises_worded(message):
         load_image(path)
 
 
@@ -75,14 +75,14 @@ def test_truncated_jpeg_is_a_clear_error(tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "a.jpg")
     data = (tmp_path / "a.jpg").read_bytes()
     (tmp_path / "cut.jpg").write_bytes(data[: len(data) // 2])
-    with pytest.raises(WildsegError, match="cannot decode .*truncated"):
+    with raises_worded("cannot decode .*truncated"):
         load_image(tmp_path / "cut.jpg")
 
 
 def test_images_beyond_pillows_safety_limit_are_a_clear_error(tmp_path, monkeypatch):
     Image.new("RGB", (30, 20)).save(tmp_path / "big.png")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(WildsegError, match="too large for Pillow's safety limit"):
+    with raises_worded("too large for Pillow's safety limit"):
         load_image(tmp_path / "big.png")
 
 
@@ -102,5 +102,5 @@ def test_shards_cover_every_image_once_in_any_order_and_keep_their_images_as_fil
 
 @pytest.mark.parametrize("text", ["0/3", "4/3", "a/b", "3", "1/0"])
 def test_bad_shards_are_one_line_errors(text):
-    with pytest.raises(WildsegError, match="--shard takes K/N"):
+    with raises_worded("--shard takes K/N"):
         parse_shard(text)

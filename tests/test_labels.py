@@ -1,8 +1,9 @@
 """Label lists: trimming, merging duplicates, refusing empty lists."""
 
 import pytest
+from conftest import raises_worded
 
-from wildseg.errors import WildsegError, WildsegWarning
+from wildseg.errors import WildsegWarning
 from wildseg.labels import clean_labels
 
 
@@ -22,10 +23,10 @@ def test_duplicates_are_merged_case_folded_with_a_warning():
 
 @pytest.mark.parametrize("labels", ["", "  ,  , ", [], ["  "]])
 def test_empty_label_lists_are_refused(labels):
-    with pytest.raises(WildsegError, match="no label names given"):
+    with raises_worded("no label names given"):
         clean_labels(labels)
 
 
 def test_background_is_reserved():
-    with pytest.raises(WildsegError, match="reserved"):
+    with raises_worded("reserved"):
         clean_labels("cat,background")

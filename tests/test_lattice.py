@@ -4,13 +4,14 @@ against exact Gaussian filtering, pydensecrf's own lattice and pydensecrf's CRF 
 import numpy as np
 import pytest
 import torch
+from coarse_maps import coarse_probabilities
 from conftest import shared_dataset
 from PIL import Image
 from pydensecrf import densecrf
 
-from wildseg.coarse import coarse_probabilities
-from wildseg.lattice import PermutohedralLattice
-from wildseg.refine import CrfSettings, dense_crf, mean_field_crf
+from wildseg.refinement.crf import dense_crf, mean_field_crf
+from wildseg.refinement.lattice import PermutohedralLattice
+from wildseg.refinement.settings import CrfSettings
 
 
 def random_points(dims: int, points: int, box: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -12,20 +12,20 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
-from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from click.testing import CliRunner
-from conftest import ORACLE_MODEL, oracle_file, shared_dataset
+from conftest import ORACLE_MODEL, as_command_line_says, oracle_file, shared_dataset
+from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from wildseg import Segmenter
+from wildseg import Segmenter, SegmenterConfig, methods
 from wildseg.backbone import load_backbone
 from wildseg.cli import main
 from wildseg.datasets.classes import published_class_prompts
 from wildseg.errors import WildsegWarning
 from wildseg.evaluation import Query, dense_class_prediction, dense_protocol
-from wildseg.pamr import PamrSettings, pamr
-from wildseg.dense import ATTENTION_VARIANTS, DenseSettings, dense_features
-from wildseg.relevance import relevance_maps
+from wildseg.methods.relevance import relevance_maps
+from wildseg.refinement.pamr import pamr
+from wildseg.refinement.settings import PamrSettings
 
 OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
 OPENAI_STD_255 = (68.501, 66.632, 70.323)
@@ -53,7 +53,7 @@ def test_relevance_reproduces_chefer_et_al_interpret(oracle_backbone, start_bloc
     """The notebook explains text i on copy i of the image; wildseg explains every label on one image."""
     chefer = np.load(oracle_file("chefer.npz"))
     text = F.normalize(torch.from_numpy(chefer["text_features"]), dim=-1)
-    maps = relevance_maps(oracle_backbone.model, torch.from_numpy(chefer["image"]), text, start_block)
+    maps = relevance_maps(oracle_backbone.tower, torch.from_numpy(chefer["image"]), text, start_block)
     np.testing.assert_allclose(maps[0].numpy(), chefer[key], atol=1e-5, rtol=0)
 
 
@@ -62,8 +62,9 @@ def test_relevance_reproduces_chefer_et_al_interpret(oracle_backbone, start_bloc
 def test_dense_features_reproduce_the_official_segmentors(oracle_backbone, attention, window):
     """Patch features of a 224 window (native positions) and of a whole 336 x 448 input (interpolated ones)."""
     oracle = np.load(oracle_file("dense_windows.npz"))
-    features = dense_features(oracle_backbone.model.visual, torch.from_numpy(oracle[f"input_{window}"]),
-                              ATTENTION_VARIANTS[attention])[0]
+    method = methods.load_method(attention).build(SegmenterConfig(method="dense", attention=attention))
+    with torch.no_grad():
+        features = method.features(oracle_backbone.tower, torch.from_numpy(oracle[f"input_{window}"]))[0]
     np.testing.assert_allclose(features.numpy(), oracle[f"{attention}_{window}_features"], atol=1e-5, rtol=0)
     text = torch.from_numpy(oracle[f"text_embeddings_{'naclip' if attention == 'vanilla' else attention}"])
     np.testing.assert_allclose((features @ text.T).numpy(), oracle[f"{attention}_{window}_logits"], atol=1e-5, rtol=0)
@@ -90,12 +91,12 @@ def oracle_image_error(backbone) -> float:
 def test_a_state_dict_that_cannot_tell_keeps_the_config_and_warns_in_one_line(gelu_config_model):
     with pytest.warns(WildsegWarning) as caught:
         backbone = load_backbone(gelu_config_model, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu")
-    message = str(caught[0].message)
+    message = as_command_line_says(caught[0].message)
     assert "\n" not in message and "GELU" in message and "--activation quickgelu" in message
     assert backbone.activation == "gelu" and oracle_image_error(backbone) > 1e-2
     backbone = load_backbone(gelu_config_model, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu",
                              activation="quickgelu")
-    assert backbone.activation_source == "--activation" and oracle_image_error(backbone) < 1e-5
+    assert backbone.activation_source == "given" and oracle_image_error(backbone) < 1e-5
 
 
 def test_an_openai_state_dict_with_its_extra_entries_gets_quickgelu(gelu_config_model, tmp_path):
@@ -149,12 +150,12 @@ each with and without PAMR."""
 def naclip_segmenters(oracle_backbone):
     """A Segmenter per variant, with the settings of wildseg's NACLIP VOC21 protocol."""
     options = dense_protocol("naclip", "voc", SimpleNamespace(background_class=0))["options"]
+    pamr_settings = ("pamr_iterations", "pamr_dilations")
     return {
-        variant: Segmenter(backbone=oracle_backbone, method="dense", tta=options["tta"], refine=refine,
-                           max_side=options["max_side"], bg_threshold=options["bg_threshold"],
-                           dense=DenseSettings(window=window, short_side=options["short_side"],
-                                               logit_scale=options["logit_scale"], background_words=()),
-                           pamr_settings=PamrSettings(options["pamr_iters"], options["pamr_dilations"]))
+        variant: Segmenter(oracle_backbone, SegmenterConfig.from_options(
+            {"method": "dense", "window": window, "refine": refine, "background_words": ()},
+            {name: options[name] for name in ("tta", "max_side", "bg_threshold", "short_side", "logit_scale",
+                                              *pamr_settings)}))
         for variant, (window, refine) in NACLIP_VARIANTS.items()
     }
 

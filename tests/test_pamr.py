@@ -4,11 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from coarse_maps import pamr_on_arrays
 from conftest import camvid_coarse_confusions, shared_dataset
 from PIL import Image
 
 from wildseg.metrics import confusion_matrix, mean_iou, per_class_iou, pixel_accuracy
-from wildseg.pamr import PamrSettings, pamr, pamr_numpy
+from wildseg.refinement.pamr import pamr
+from wildseg.refinement.settings import PamrSettings
 
 
 def random_image(height: int, width: int, seed: int = 0) -> torch.Tensor:
@@ -70,7 +72,7 @@ def test_matches_a_loop_by_loop_reference_of_the_formula():
     probabilities = rng.dirichlet([1.0, 1.0], size=(9, 11)).transpose(2, 0, 1).astype(np.float32)
     settings = PamrSettings(iterations=2, dilations=(1, 2))
     expected = reference_pamr(image.transpose(2, 0, 1).astype(np.float64), probabilities, (1, 2), 2, 0.1)
-    refined = pamr_numpy(image, probabilities, settings)
+    refined = pamr_on_arrays(image, probabilities, settings)
     assert refined.dtype == np.float32
     assert np.abs(refined - probabilities).max() > 0.1
     np.testing.assert_allclose(refined, expected, rtol=0, atol=1e-5)
@@ -81,7 +83,7 @@ def test_dilations_larger_than_the_image_match_the_reference():
     image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
     probabilities = rng.dirichlet([1.0, 1.0, 1.0], size=(5, 7)).transpose(2, 0, 1).astype(np.float32)
     expected = reference_pamr(image.transpose(2, 0, 1).astype(np.float64), probabilities, (1, 12), 3, 0.1)
-    refined = pamr_numpy(image, probabilities, PamrSettings(iterations=3, dilations=(1, 12)))
+    refined = pamr_on_arrays(image, probabilities, PamrSettings(iterations=3, dilations=(1, 12)))
     np.testing.assert_allclose(refined, expected, rtol=0, atol=1e-5)
 
 
@@ -96,7 +98,7 @@ def test_snaps_a_shifted_soft_boundary_to_the_colour_edge():
     probabilities = np.broadcast_to(np.stack([1 - second, second])[:, None], (2, height, width)).astype(np.float32)
     truth = np.broadcast_to(np.arange(width) >= 40, (height, width))
     assert (probabilities.argmax(0) == truth).mean() == 1 - 6 / 80
-    assert (pamr_numpy(image, probabilities).argmax(0) == truth).mean() > 0.99
+    assert (pamr_on_arrays(image, probabilities).argmax(0) == truth).mean() > 0.99
 
 
 def blurred_one_hot(labels: np.ndarray, classes: int, cell: int = 16) -> np.ndarray:
@@ -126,7 +128,7 @@ def test_pamr_effect_on_a_blurred_voc_mask_as_measured():
     labels = np.select([truth == 0, truth == 19], [0, 1], default=-1)
     probabilities = blurred_one_hot(labels, classes=2)
     before = mean_iou(confusion_matrix(probabilities.argmax(0), labels, 2))
-    after = mean_iou(confusion_matrix(pamr_numpy(image, probabilities).argmax(0), labels, 2))
+    after = mean_iou(confusion_matrix(pamr_on_arrays(image, probabilities).argmax(0), labels, 2))
     assert before == pytest.approx(0.991, abs=0.002)
     assert after == pytest.approx(0.932, abs=0.01)
     assert after < before - 0.04
@@ -142,7 +144,7 @@ def test_pamr_sharpens_clip_like_coarse_maps_of_camvid_as_measured():
     boundaries are off by up to a patch and noisy, as CLIP's are. Asserted: the gains, with a margin of
     about a third.
     """
-    coarse, refined = camvid_coarse_confusions(pamr_numpy)
+    coarse, refined = camvid_coarse_confusions(pamr_on_arrays)
     sky = 0
     assert mean_iou(coarse) == pytest.approx(0.489, abs=0.002)
     assert mean_iou(refined) > mean_iou(coarse) + 0.007

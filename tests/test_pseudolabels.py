@@ -1,15 +1,10 @@
 """Per-label normalisation, background rule and probabilities, against hand-computed values."""
 
-import pytest
 import torch
+from conftest import raises_worded
 
-from wildseg.errors import WildsegError
-from wildseg.pseudolabels import (
-    check_settings,
-    label_scores,
-    normalize_per_label,
-    scores_to_probabilities,
-)
+from wildseg.config import SegmenterConfig
+from wildseg.pseudolabels import label_scores, normalize_per_label, scores_to_probabilities
 
 
 def test_maps_are_min_max_normalised_per_label():
@@ -35,7 +30,7 @@ def test_probabilities_are_a_softmax_at_the_temperature():
 
 
 def test_settings_outside_their_range_are_refused():
-    with pytest.raises(WildsegError, match=r"--bg-threshold must lie in \[0, 1\]"):
-        check_settings(bg_threshold=1.5, temperature=0.1)
-    with pytest.raises(WildsegError, match="temperature must be positive"):
-        check_settings(bg_threshold=0.4, temperature=0.0)
+    with raises_worded(r"--bg-threshold must lie in \[0, 1\], got 1.5"):
+        SegmenterConfig(bg_threshold=1.5)
+    with raises_worded("temperature must be positive"):
+        SegmenterConfig(temperature=0.0)

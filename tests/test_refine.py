@@ -5,7 +5,8 @@ import pytest
 from conftest import camvid_coarse_confusions
 
 from wildseg.metrics import mean_iou, per_class_iou, pixel_accuracy
-from wildseg.refine import CrfSettings, dense_crf
+from wildseg.refinement.crf import dense_crf
+from wildseg.refinement.settings import CrfSettings
 
 
 def test_crf_snaps_a_shifted_boundary_to_the_colour_edge():

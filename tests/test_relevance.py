@@ -7,20 +7,16 @@ import open_clip
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import raises_worded
 
-from wildseg.errors import WildsegError
-from wildseg.relevance import (
-    check_vision_tower,
-    forward_with_attention,
-    relevance_maps,
-    resolve_start_block,
-    vision_config_problem,
-)
+from wildseg.backbone.clip_internals import ClipTower, vision_config_problem, vision_tower_problem
+from wildseg.methods.base import Method
+from wildseg.methods.relevance import forward_with_attention, relevance_maps, resolve_start_block
 
 
 def test_explicit_attention_forward_matches_open_clip(tiny_model):
     images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-    embeddings, attentions = forward_with_attention(tiny_model.visual, images)
+    embeddings, attentions = forward_with_attention(ClipTower(tiny_model), images)
     with torch.no_grad():
         expected = tiny_model.encode_image(images)
     assert torch.allclose(embeddings.detach(), expected, atol=1e-5)
@@ -69,7 +65,7 @@ def test_batched_maps_equal_one_label_at_a_time(tiny_model, start_block, monkeyp
     generator = torch.Generator().manual_seed(2)
     images = torch.randn(2, 3, 64, 64, generator=generator)
     text = F.normalize(torch.randn(4, 64, generator=generator), dim=-1)
-    maps = relevance_maps(tiny_model, images, text, start_block)
+    maps = relevance_maps(ClipTower(tiny_model), images, text, start_block)
     assert maps.shape == (2, 4, 8, 8)
     first = resolve_start_block(start_block, 3)
     for image_index in range(2):
@@ -80,7 +76,7 @@ def test_batched_maps_equal_one_label_at_a_time(tiny_model, start_block, monkeyp
 
 
 def test_start_block_out_of_range_is_a_clear_error():
-    with pytest.raises(WildsegError, match="outside the model's 3 blocks"):
+    with raises_worded("outside the model's 3 blocks"):
         resolve_start_block(3, 3)
 
 
@@ -88,8 +84,8 @@ def test_non_vit_models_are_refused():
     import open_clip
 
     resnet = open_clip.create_model("RN50")
-    with pytest.raises(WildsegError, match="not a ViT"):
-        check_vision_tower(resnet.visual, "RN50")
+    with raises_worded("model RN50 is not a ViT of open_clip's own with class-token output"):
+        Method.check(None, ClipTower(resnet), "RN50")
 
 
 def shrunk(config: dict) -> dict:
@@ -111,7 +107,7 @@ def shrunk(config: dict) -> dict:
 
 def test_the_config_rule_agrees_with_the_built_vision_tower_for_every_architecture(tmp_path):
     """`wildseg models` reads configs; every open_clip architecture but those with timm towers (which the rule
-    refuses by name) is built shrunk, and `check_vision_tower` must give the rule's verdict."""
+    refuses by name) is built shrunk, and `vision_tower_problem` must give the rule's verdict."""
     verdicts = {}
     for name in open_clip.list_models():
         config = open_clip.get_model_config(name)
@@ -121,11 +117,8 @@ def test_the_config_rule_agrees_with_the_built_vision_tower_for_every_architectu
         path = tmp_path / f"shrunk-{name}.json"
         path.write_text(json.dumps(shrunk(config)))
         open_clip.add_model_config(path)
-        try:
-            check_vision_tower(open_clip.create_model(f"shrunk-{name}").visual, name)
-            verdicts[name] = None
-        except WildsegError:
-            verdicts[name] = "refused"
+        verdicts[name] = vision_tower_problem(open_clip.create_model(f"shrunk-{name}").visual)
         assert (verdicts[name] is None) == (vision_config_problem(config) is None), name
-    assert verdicts["ViT-B-16"] is None and verdicts["RN50"] == "refused" and verdicts["coca_ViT-B-32"] == "refused"
+    refused = "not a ViT of open_clip's own with class-token output"
+    assert verdicts["ViT-B-16"] is None and verdicts["RN50"] == refused and verdicts["coca_ViT-B-32"] == refused
     assert len(verdicts) > 50

@@ -7,9 +7,9 @@ import sys
 
 import pytest
 
-from wildseg import choices
+from wildseg import __version__, choices, methods
+from wildseg.config import SegmenterConfig
 from wildseg.datasets import DATASETS
-from wildseg.dense import ATTENTION_VARIANTS
 from wildseg.tta import POLICIES
 
 HEAVY = ("torch", "open_clip", "torchvision", "cv2")
@@ -41,9 +41,13 @@ def test_help_version_and_usage_errors_import_no_model_library(arguments, code, 
     result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *arguments], capture_output=True,
                             text=True, cwd=tmp_path, timeout=60)
     assert f"IMPORTED [] {code}" in result.stderr.splitlines()[-1], result.stderr
+    if arguments == ["--version"]:
+        assert result.stdout == f"wildseg, version {__version__}\n"
 
 
 def test_the_choices_are_those_the_implementations_offer():
-    assert choices.ATTENTIONS == tuple(ATTENTION_VARIANTS)
     assert choices.TTA_POLICIES == tuple(POLICIES)
     assert choices.DATASETS == tuple(DATASETS)
+    for name, entry in methods.REGISTRY.items():
+        method = methods.load_method(name).build(SegmenterConfig())
+        assert (method.name, method.family) == (name, entry.family)

@@ -12,11 +12,13 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from conftest import TINY_MODEL, make_tiny_model
+from conftest import TINY_MODEL, as_command_line_says, make_tiny_model, raises_worded
 
-from wildseg.backbone import TemplateSet, load_backbone, resolve_templates
-from wildseg.errors import WildsegError, WildsegWarning
-from wildseg.text_cache import CACHE_DIR_VARIABLE, EMBEDDINGS_FOLDER, TextCache, cache_folder
+from wildseg.backbone import load_backbone
+from wildseg.backbone.text_cache import EMBEDDINGS_FOLDER, TextCache
+from wildseg.cache import CACHE_DIR_VARIABLE, cache_folder
+from wildseg.errors import WildsegWarning
+from wildseg.templates import TemplateSet, resolve_templates
 
 LABELS = ["cat", "sofa", "potted plant", "sky", "road", "person"]
 
@@ -248,18 +250,18 @@ def test_a_template_file_is_read_and_embedded_like_a_builtin_set(tiny_checkpoint
 def test_bad_template_files_are_one_line_errors_naming_file_and_line(tmp_path, content, message):
     path = tmp_path / "templates.txt"
     path.write_text(content)
-    with pytest.raises(WildsegError, match=f"--templates .*templates.txt {message}") as error:
+    with raises_worded(f"--templates .*templates.txt {message}") as error:
         resolve_templates(path)
-    assert "\n" not in str(error.value)
+    assert "\n" not in as_command_line_says(error.value)
 
 
 def test_template_file_errors_for_missing_and_non_utf8_files(tmp_path):
-    with pytest.raises(WildsegError, match="--templates nope.txt is neither a built-in template set "
+    with raises_worded("--templates nope.txt is neither a built-in template set "
                                            r"\(imagenet80, photo\) nor a file"):
         resolve_templates("nope.txt")
     path = tmp_path / "latin1.txt"
     path.write_bytes("une photo d'un {} à la plage\n".encode("latin-1"))
-    with pytest.raises(WildsegError, match="is not UTF-8 text"):
+    with raises_worded("is not UTF-8 text"):
         resolve_templates(path)
 
 

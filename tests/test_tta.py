@@ -5,16 +5,9 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import raises_worded
 
-from wildseg.errors import WildsegError
-from wildseg.tta import (
-    POLICIES,
-    View,
-    merge_views,
-    plan_views,
-    render_view,
-    warp_to_box,
-)
+from wildseg.tta import POLICIES, View, merge_views, plan_views, render_view, warp_to_box
 
 SIZES = [(75, 100), (100, 75), (64, 64), (37, 211)]
 
@@ -121,5 +114,5 @@ def test_merge_counts_each_view_once_per_pixel():
 
 
 def test_unknown_policy_is_a_clear_error():
-    with pytest.raises(WildsegError, match="unknown TTA policy 'wild'"):
+    with raises_worded("unknown TTA policy 'wild'"):
         plan_views(10, 10, 64, "wild")

@@ -1,22 +1,24 @@
-"""wildseg: training-free, zero-shot semantic segmentation with CLIP (Zabari & Hoshen, arXiv 2112.03185)."""
+"""wildseg: training-free, zero-shot semantic segmentation with CLIP (Zabari & Hoshen, arXiv 2112.03185).
 
-from importlib.metadata import PackageNotFoundError, version
-
-try:
-    __version__ = version("wildseg")
-except PackageNotFoundError:
-    __version__ = "0.0.0+unknown"
+>>> from wildseg import Segmenter, SegmenterConfig, load_backbone
+>>> segmenter = Segmenter(load_backbone("ViT-B-16"), SegmenterConfig(method="dense", refine="pamr"))
+>>> segmenter.segment("photo.jpg", "cat, sofa").mask
+"""
 
 from .errors import WildsegError, WildsegWarning
+from .version import __version__
 
-__all__ = ["Segmenter", "SegmentationResult", "WildsegError", "WildsegWarning", "__version__"]
+__all__ = ["Backbone", "SegmentationResult", "Segmenter", "SegmenterConfig", "WildsegError", "WildsegWarning",
+           "__version__", "load_backbone"]
+LAZY = {"Segmenter": "segmenter", "SegmentationResult": "result", "SegmenterConfig": "config",
+        "load_backbone": "backbone", "Backbone": "backbone"}
+"""Imported on first use: they bring in torch and open_clip, which the command line's help and usage errors do
+without."""
 
 
 def __getattr__(name: str):
-    """`Segmenter` and `SegmentationResult` are imported on first use: they bring in torch and open_clip, which
-    the command line's help and usage errors do without."""
-    if name in ("Segmenter", "SegmentationResult"):
-        from . import segmenter
+    if name in LAZY:
+        import importlib
 
-        return getattr(segmenter, name)
+        return getattr(importlib.import_module(f"{__name__}.{LAZY[name]}"), name)
     raise AttributeError(f"module 'wildseg' has no attribute {name!r}")

@@ -6,13 +6,20 @@ it has the best score and beats the background. A class is found when it owns at
 image and its mean score over those pixels is at least `min_score`. The found classes are then segmented as
 if the user had given them.
 
+Many images go in two passes per chunk (`segment_with_found_labels`): the vocabulary's scores of every image of
+the chunk in shared model batches, then the segmentation of each with its found labels, in shared batches too,
+from the pixels decoded in the first pass. The command line, its Ray workers and the demo all run it.
+
 Vocabularies are class-name lists (`datasets.classes`): the built-in `voc` (20 PASCAL VOC objects), `coco`
 (80 COCO objects) and `ade` (150 ADE20K classes), or a file in that format. A background line is left out.
 """
 
+from __future__ import annotations
+
 from dataclasses import asdict, dataclass, replace
+from itertools import islice
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Optional
 
 import numpy as np
 
@@ -21,6 +28,11 @@ from .datasets.classes import ClassName, builtin_class_names, read_class_names
 from .errors import WildsegError
 from .images import ImageInput
 
+if TYPE_CHECKING:
+    from .streaming import BatchItem
+
+CHUNK = 32
+"""Images per two-pass chunk: their decoded pixels are kept between the passes."""
 
 
 @dataclass(frozen=True)
@@ -74,13 +86,60 @@ def candidates_from_scores(scores: np.ndarray, vocabulary: list[ClassName], rule
     return sorted(candidates, key=lambda candidate: -candidate.pixel_fraction)
 
 
+def vocabulary_prompts(vocabulary: list[ClassName]) -> list[str]:
+    """Every prompt of the vocabulary, class by class: the labels its first pass segments with."""
+    return [prompt for entry in vocabulary for prompt in entry.prompts]
+
+
 def find_labels(segmenter, image: ImageInput, vocabulary: list[ClassName],
                 rule: AutoLabelRule = AutoLabelRule()) -> list[Candidate]:
-    """The vocabulary's candidates in `image` by the rule, its score threshold defaulting to the segmenter
+    """The vocabulary's candidates in one image by the rule, its score threshold defaulting to the segmenter
     method's (those with `found` set are its labels)."""
-    prompts = [prompt for entry in vocabulary for prompt in entry.prompts]
-    return candidates_from_scores(segmenter.label_scores(image, prompts), vocabulary,
-                                  rule_for(rule, segmenter.method))
+    return candidates_from_scores(segmenter.label_scores(image, vocabulary_prompts(vocabulary)), vocabulary,
+                                  rule_for(rule, segmenter.config.method))
+
+
+def segment_with_found_labels(segmenter, images: Iterable[Any], vocabulary_name: str, vocabulary: list[ClassName],
+                              rule: AutoLabelRule = AutoLabelRule(), decode_workers: int = 2,
+                              refine_workers: Optional[int] = None, read: Optional[Callable[[Any], ImageInput]] = None
+                              ) -> Iterator[BatchItem]:
+    """Segment each image with the classes of the vocabulary found in it, in two passes per chunk of CHUNK images.
+
+    Args:
+        segmenter: the Segmenter (its method, views and background rule find the labels too).
+        images: the images, or any keys with `read`.
+        vocabulary_name: the vocabulary's name for the records.
+        vocabulary: its classes (`load_vocabulary`).
+        rule: the thresholds (the score's defaulting to the method's).
+        decode_workers, refine_workers, read: as `Segmenter.segment_many`'s.
+
+    Returns:
+        A BatchItem per image as it finishes, whose `auto_labels` is the record of every candidate
+        (`auto_label_record`); an image where no class passes fails with the reason, its record kept.
+    """
+    from .streaming import BatchItem  # torch: once segmenting
+
+    rule = rule_for(rule, segmenter.config.method)
+    prompts = vocabulary_prompts(vocabulary)
+    remaining = iter(images)
+    while chunk := list(islice(remaining, CHUNK)):
+        found, records, decoded = {}, {}, {}
+        for item in segmenter.label_scores_many(chunk, prompts, decode_workers, read):
+            if item.error is not None:
+                yield item
+                continue
+            candidates = candidates_from_scores(item.result, vocabulary, rule)
+            record = auto_label_record(vocabulary_name, rule, candidates)
+            try:
+                found[item.source] = found_labels(candidates, rule)
+            except WildsegError as error:
+                yield BatchItem(item.source, error=str(error), auto_labels=record)
+                continue
+            records[item.source], decoded[item.source] = record, item.decoded
+        for item in segmenter.segment_many(list(found), found.__getitem__, decode_workers, refine_workers,
+                                           read=decoded.pop):
+            item.auto_labels = records.pop(item.source)
+            yield item
 
 
 def rule_for(rule: AutoLabelRule, method: str) -> AutoLabelRule:
@@ -96,7 +155,8 @@ def found_labels(candidates: list[Candidate], rule: AutoLabelRule) -> list[str]:
     best = (f" (best: {candidates[0].label!r} on {candidates[0].pixel_fraction:.1%} of the pixels, "
             f"score {candidates[0].mean_score:.2f})" if candidates else " (all pixels are background)")
     raise WildsegError(f"no class of the vocabulary covers {rule.min_area:.1%} of the image with a mean score of "
-                       f"{rule.min_score}{best}: lower --auto-min-area or --auto-min-score")
+                       f"{rule.min_score}{best}: lower the rule's min_area or min_score (--auto-min-area, "
+                       "--auto-min-score)")
 
 
 def auto_label_record(vocabulary: str, rule: AutoLabelRule, candidates: list[Candidate]) -> dict:

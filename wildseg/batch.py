@@ -1,23 +1,25 @@
-"""Segmenting a batch of image files into an output folder: the labels of each image, `segment_many` with the
-outputs written behind it, and the run's summary. The same code runs in one process (`wildseg segment`) and in
-each Ray worker (`distributed`), so that both write the same files.
+"""Segmenting a batch of image files into an output folder: the labels of each image, `segment_many` (or the
+automatic labels' two passes) with the outputs written behind it, and the run's summary. The same code runs in one
+process (`wildseg segment`) and in each Ray worker (`distributed`), so that both write the same files.
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional
 
 from .choices import DEFAULT_VOCABULARY
-from .errors import WildsegError, first_line
+from .errors import WildsegError, failure_reason, first_line, setting
 from .labels import clean_labels
 
 if TYPE_CHECKING:
     from .autolabels import AutoLabelRule
-    from .segmenter import BatchItem, Segmenter
+    from .datasets.classes import ClassName
+    from .segmenter import Segmenter
+    from .streaming import BatchItem
 
 AUTO = "auto"
 
@@ -34,8 +36,8 @@ class ImageOutcome:
 
 @dataclass(frozen=True)
 class LabelOptions:
-    """The label options of `wildseg segment`, as given: `--labels` (names or auto), `--labels-file`, and the
-    automatic labels' `--vocab`, `--auto-min-area`, `--auto-min-score`."""
+    """The label options of `wildseg segment`, as given: `labels` (names or auto), `labels_file`, and the automatic
+    labels' `vocab`, `min_area`, `min_score`."""
 
     labels: Optional[str] = None
     labels_file: Optional[Path] = None
@@ -44,68 +46,75 @@ class LabelOptions:
     min_score: Optional[float] = None
 
 
-def labels_source(options: LabelOptions):
-    """Checks the label options; returns a function from the segmenter to the labels of an image (the same
-    --labels for all, its entry in --labels-file, or (--labels auto) those found in the vocabulary), and every
-    label the run may embed."""
-    from .autolabels import AutoLabelRule, load_vocabulary
+@dataclass(frozen=True)
+class Labeling:
+    """How the images of a batch get their labels: the same `names` for all, their entry in a labels file's
+    `table` (keyed by absolute path), or those found in a `vocabulary` by a `rule`; `known` is every label the
+    run may embed."""
+
+    known: list[str]
+    names: Optional[list[str]] = None
+    table: Optional[dict[Path, list[str]]] = None
+    labels_file: Optional[Path] = None
+    vocabulary_name: Optional[str] = None
+    vocabulary: Optional[list[ClassName]] = field(default=None, repr=False)
+    rule: Optional[AutoLabelRule] = None
+
+    def labels_of(self, image: Path, folder: Path) -> list[str]:
+        """The given labels of an image (a path relative to `folder`)."""
+        if self.names is not None:
+            return self.names
+        key = (folder / image).absolute()
+        if key not in self.table:
+            raise WildsegError(f"no labels for this image in {self.labels_file}")
+        return self.table[key]
+
+    def segment(self, segmenter: Segmenter, images: Iterable[Path], folder: Path, workers: int,
+                refine_workers: Optional[int]) -> Iterator[BatchItem]:
+        """BatchItems of `images` (paths relative to `folder`, read from there), as each finishes."""
+        read = partial(_under, folder)
+        if self.vocabulary is not None:
+            from .autolabels import segment_with_found_labels
+
+            return segment_with_found_labels(segmenter, images, self.vocabulary_name, self.vocabulary, self.rule,
+                                             workers, refine_workers, read)
+        return segmenter.segment_many(images, partial(self.labels_of, folder=folder), decode_workers=workers,
+                                      refine_workers=refine_workers, read=read)
+
+
+def _under(folder: Path, image: Path) -> Path:
+    return folder / image
+
+
+def labeling(options: LabelOptions) -> Labeling:
+    """The checked label options as a Labeling (a one-line error for a contradiction or a file that cannot be used)."""
+    from .autolabels import AutoLabelRule, load_vocabulary, vocabulary_prompts
     from .inputs import read_labels_file
 
     labels, labels_file = options.labels, options.labels_file
     if (labels is None) == (labels_file is None):
-        raise WildsegError('give --labels "a,b" (the same for every image) or --labels-file FILE, one of the two')
-    for option, value in (("--vocab", options.vocab), ("--auto-min-area", options.min_area),
-                          ("--auto-min-score", options.min_score)):
+        raise WildsegError(f'give {setting("labels")} "a,b" (the same for every image) or {setting("labels_file")} '
+                           "FILE, one of the two")
+    for option, value in (("vocab", options.vocab), ("auto_min_area", options.min_area),
+                          ("auto_min_score", options.min_score)):
         if value is not None and labels != AUTO:
-            raise WildsegError(f"{option} is for --labels {AUTO}: leave it out, or ask for automatic labels")
+            raise WildsegError(f"{setting(option)} is for {setting('labels')} {AUTO}: leave it out, or ask for "
+                               "automatic labels")
     if labels == AUTO:
-        vocabulary_name = options.vocab or DEFAULT_VOCABULARY
+        name = options.vocab or DEFAULT_VOCABULARY
         rule = AutoLabelRule(min_score=options.min_score,
                              **({} if options.min_area is None else {"min_area": options.min_area}))
-        vocabulary = load_vocabulary(vocabulary_name)
-        prompts = [prompt for entry in vocabulary for prompt in entry.prompts]
-        return partial(AutoLabeler, vocabulary_name, vocabulary, rule), prompts
+        vocabulary = load_vocabulary(name)
+        return Labeling(vocabulary_prompts(vocabulary), vocabulary_name=name, vocabulary=vocabulary, rule=rule)
     if labels is not None:
         names = clean_labels(labels)
-        return partial(_same_labels, names), names
+        return Labeling(names, names=names)
     table = read_labels_file(labels_file)
-    return partial(_listed_labels, table, labels_file), [label for names in table.values() for label in names]
+    return Labeling([label for names in table.values() for label in names], table=table, labels_file=labels_file)
 
 
-def _same_labels(names: list[str], segmenter: Segmenter) -> Callable[[Path], list[str]]:
-    return lambda path: names
-
-
-def _listed_labels(table: dict[Path, list[str]], labels_file: Path, segmenter: Segmenter
-                   ) -> Callable[[Path], list[str]]:
-    def labels_of(path: Path) -> list[str]:
-        if path.absolute() not in table:
-            raise WildsegError(f"no labels for this image in {labels_file}")
-        return table[path.absolute()]
-
-    return labels_of
-
-
-class AutoLabeler:
-    """The labels of an image found in a vocabulary; keeps each image's candidates for its JSON record."""
-
-    def __init__(self, vocabulary_name: str, vocabulary, rule: AutoLabelRule, segmenter: Segmenter):
-        from .autolabels import rule_for
-
-        self.vocabulary_name, self.vocabulary, self.segmenter = vocabulary_name, vocabulary, segmenter
-        self.rule = rule_for(rule, segmenter.method)
-        self.records: dict[Path, dict] = {}
-
-    def __call__(self, path: Path) -> list[str]:
-        from .autolabels import auto_label_record, find_labels, found_labels
-
-        candidates = find_labels(self.segmenter, path, self.vocabulary, self.rule)
-        self.records[path] = auto_label_record(self.vocabulary_name, self.rule, candidates)
-        return found_labels(candidates, self.rule)
-
-
-def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, auto_record: Optional[dict],
-                 extras: dict[str, bool]) -> list[dict]:
+def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, extras: dict[str, bool]
+                 ) -> list[dict]:
     """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any;
     returns the record's class rows. A write that fails raises a WildsegError naming the folder."""
     from .outputs import write_outputs
@@ -118,7 +127,7 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
         "classes": result.summary(),
         "settings": segmenter.settings(),
         "timings_s": result.timings,
-        **({"auto_labels": auto_record} if auto_record is not None else {}),
+        **({"auto_labels": item.auto_labels} if item.auto_labels is not None else {}),
     }
     try:
         write_outputs(paths, *result.preview(), result.mask, result.labels, record, scores=result.scores, **extras)
@@ -130,7 +139,7 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
 def segment_and_write(
     segmenter: Segmenter,
     images: Iterable[Path],
-    labels_of: Callable[[Path], list[str]],
+    labels: Labeling,
     jobs: dict[Path, dict[str, Path]],
     extras: dict[str, bool],
     on_outcome: Callable[[ImageOutcome], None],
@@ -138,38 +147,39 @@ def segment_and_write(
     refine_workers: Optional[int] = None,
     deferred: Callable[[], ContextManager] = contextlib.nullcontext,
     finishing: Callable[[], None] = lambda: None,
+    folder: Path = Path(),
 ) -> bool:
-    """Segment `images` (`Segmenter.segment_many`) and write each one's outputs to its `jobs` paths in 2 x
-    `workers` writer threads behind the model, with the `extras` asked for (scores, heat maps), reporting every
-    image's `ImageOutcome` once its files are written or it failed. The bookkeeping of an image runs inside
-    `deferred()` (where a stop signal waits). A KeyboardInterrupt ends the model's work; then `finishing()` is
-    called and the writes in flight are finished and reported. Returns whether it was interrupted."""
+    """Segment `images` and write each one's outputs to its `jobs` paths in 2 x `workers` writer threads behind the
+    model, with the `extras` asked for (scores, heat maps), reporting every image's `ImageOutcome` once its files
+    are written or it failed. Relative image and output paths are taken from `folder`. The bookkeeping of an image
+    runs inside `deferred()` (where a stop signal waits). A KeyboardInterrupt ends the model's work; then
+    `finishing()` is called and the writes in flight are finished and reported. Returns whether it was
+    interrupted."""
     from .outputs import BackgroundWriter
 
     classes: dict[Path, list[dict]] = {}
     interrupted = False
 
-    def write(item: BatchItem, auto_record: Optional[dict]) -> None:
+    def write(item: BatchItem) -> None:
         """In a writer thread: the outputs, then the class rows they hold for the image's outcome."""
-        classes[item.source] = save_outputs(item, jobs[item.source], segmenter, auto_record, extras)
+        paths = {kind: folder / path for kind, path in jobs[item.source].items()}
+        classes[item.source] = save_outputs(item, paths, segmenter, extras)
 
     def report(written) -> None:
         for image, error in written:
             if error is None:
                 on_outcome(ImageOutcome(image, classes=classes.pop(image)))
             else:
-                on_outcome(ImageOutcome(image, str(error) if isinstance(error, WildsegError) else first_line(error)))
+                on_outcome(ImageOutcome(image, failure_reason(error, image)))
 
     with BackgroundWriter(2 * workers) as writer:
         try:
-            for item in segmenter.segment_many(images, labels_of, decode_workers=workers,
-                                               refine_workers=refine_workers):
-                auto_record = getattr(labels_of, "records", {}).pop(item.source, None)
+            for item in labels.segment(segmenter, images, folder, workers, refine_workers):
                 with deferred():
                     if item.error is not None:
                         on_outcome(ImageOutcome(item.source, item.error))
                         continue
-                    writer.submit(item.source, partial(write, item, auto_record))
+                    writer.submit(item.source, partial(write, item))
                     report(writer.finished())
         except KeyboardInterrupt:
             interrupted = True
@@ -198,6 +208,7 @@ class BatchSummary:
             self.failures[outcome.image] = outcome.error
 
     def line(self) -> str:
+        """The run in one line: counts, seconds, rate and the seconds of each stage."""
         state = "interrupted: " if self.interrupted else ""
         rate = self.done / self.seconds if self.seconds else 0.0
         stages = "".join(f"; {name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
@@ -206,6 +217,7 @@ class BatchSummary:
                 f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s{stages})")
 
     def as_dict(self) -> dict:
+        """The summary as the --summary JSON holds it."""
         return {
             "images": self.total,
             "done": self.done,

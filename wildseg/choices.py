@@ -7,17 +7,16 @@ take their names and defaults from here.
 
 METHODS = {
     "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
-    "dense": "patch-text cosines with the last block's attention changed (MaskCLIP/SCLIP/ClearCLIP/NACLIP)",
+    "dense": "patch-text cosines of a training-free dense method (--attention: MaskCLIP, SCLIP, ClearCLIP, NACLIP)",
 }
-ATTENTIONS = ("vanilla", "maskclip", "sclip", "clearclip", "naclip")
-"""The dense method's last-block attention variants (`dense.ATTENTION_VARIANTS`)."""
 DEFAULT_ATTENTION = "naclip"
+"""The dense method used when none is named (`wildseg.methods`)."""
 TTA_POLICIES = ("none", "default", "heavy")
 """Test-time view policies (`tta.POLICIES`)."""
 REFINEMENTS = ("crf", "pamr", "pamr+crf", "none")
 CRF_BACKENDS = {
     "auto": "torch when the model is on a GPU, pydensecrf on the CPU",
-    "torch": "wildseg.refine.mean_field_crf on the model's device, the images of a model step in one batch",
+    "torch": "wildseg.refinement.crf.mean_field_crf on the model's device, the images of a model step in one batch",
     "pydensecrf": "pydensecrf on the CPU, in worker processes beside the model on GPU machines",
 }
 ACTIVATIONS = {
@@ -33,6 +32,8 @@ DEFAULT_START_BLOCK = -1
 """Relevance from the last block only, as in Chefer et al.'s CLIP demo; 0 accumulates over every block."""
 DEFAULT_BG_THRESHOLD = 0.4
 DEFAULT_DENSE_BG_THRESHOLD = 0.1
+DEFAULT_TEMPERATURE = 0.1
+"""Of the softmax turning per-pixel scores into probabilities (`pseudolabels`)."""
 DENSE_WINDOW = 224
 DENSE_SHORT_SIDE = 336
 DENSE_LOGIT_SCALE = 40.0

@@ -2,27 +2,29 @@
 
 Upload an image, type labels (or `auto` and a vocabulary), choose method, attention and refinement, and see the
 overlay, the per-class table and each label's heat map; the mask PNG and the JSON record are the files `wildseg
-segment` writes. Requests run one at a time in Gradio's queue, so that several users of one server wait their
-turn. Mistakes come back as one line in the page, never a stack trace.
+segment` writes. Requests run one at a time in Gradio's queue (the model is one), so that several users of one
+server wait their turn; nothing a request does depends on that (its notices and files are its own). Mistakes come
+back as one line in the page, never a stack trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import signal
 import tempfile
 import threading
 import time
-import warnings
+from collections import deque
 from pathlib import Path
 from typing import Optional
 
 from rich.console import Console
 
-from .autolabels import AutoLabelRule, auto_label_record, find_labels, found_labels, load_vocabulary, rule_for
+from . import methods
+from .autolabels import AutoLabelRule, load_vocabulary, segment_with_found_labels, vocabulary_prompts
 from .batch import AUTO, save_outputs
 from .choices import (
-    ATTENTIONS,
     AUTO_MIN_AREA,
     AUTO_MIN_SCORES,
     DEFAULT_ATTENTION,
@@ -31,12 +33,13 @@ from .choices import (
     REFINEMENTS,
     VOCABULARIES,
 )
-from .errors import WildsegError, WildsegWarning, first_line
+from .config import applies
+from .errors import WildsegError, first_line
+from .factory import build_segmenter, loading_message
 from .images import load_image
 from .labels import clean_labels
-from .options import build_segmenter, refuse_misplaced
 from .outputs import label_slug, output_paths
-from .segmenter import BatchItem
+from .streaming import BatchItem
 
 INSTALL_DEMO = "pip install 'wildseg[demo]'"
 """How to install what the demo needs beyond wildseg (Gradio)."""
@@ -53,27 +56,35 @@ HEATMAPS_HEIGHT = 480
 """Pixels of the heat-map gallery: a row of three (more scroll)."""
 CACHE_SWEEP_S = 3600
 """Gradio's copies of uploads and results older than this are deleted this often (all of them when it stops)."""
+KEPT_REQUESTS = 16
+"""The folders of this many latest requests are kept (Gradio copies their files into its own cache)."""
+PAGE_WORDS = {"labels": "the labels", "vocab": "the vocabulary", "auto_min_area": "auto min area",
+              "auto_min_score": "auto min score", "refine": "refinement"}
+"""How the page names the settings an error message marks (`errors.setting`)."""
 
 
 class DemoModels:
-    """One loaded model and, kept for later requests, a Segmenter on it for each method, attention and
-    refinement chosen in the page; every other setting is the command's `options` (the keyword arguments of
-    `build_segmenter`; the method defaults to relevance, as on the command line)."""
+    """One loaded model and, kept for later requests, a Segmenter on it for each method, attention and refinement
+    chosen in the page; every other setting is the command's `options` (`factory.build_segmenter`'s; the method
+    defaults to relevance, as on the command line)."""
 
     def __init__(self, options: dict, console: Console):
         self.options, self.console = {"method": "relevance", **options}, console
-        first = build_segmenter(console, protocol={}, **self.options)
+        with console.status(loading_message(self.options)) if console.is_terminal else contextlib.nullcontext():
+            first = build_segmenter(self.options)
         self.backbone = first.backbone
-        self.method, self.attention, self.refine = first.method, first.dense.attention, first.refine
-        self.segmenters = {self._key(first.method, first.dense.attention, first.refine): first}
+        config = first.config
+        self.method, self.refine = config.method, config.refine
+        self.attention = config.resolved("attention") if config.method == "dense" else None
+        self.segmenters = {self._key(self.method, self.attention, self.refine): first}
 
     def get(self, method: str, attention: str, refine: str):
         """The Segmenter for these choices on the loaded model, built on first use."""
         key = self._key(method, attention, refine)
         if key not in self.segmenters:
             chosen = {"method": method, "attention": key[1], "refine": refine}
-            options = {**_used_by(self.options, method, refine), **chosen, "model_config": None}
-            self.segmenters[key] = build_segmenter(self.console, protocol={}, backbone=self.backbone, **options)
+            options = {**_used_by(self.options, method, refine), **chosen}
+            self.segmenters[key] = build_segmenter(options, backbone=self.backbone)
         return self.segmenters[key]
 
     @staticmethod
@@ -83,20 +94,13 @@ class DemoModels:
 
 def _used_by(options: dict, method: str, refine: str) -> dict:
     """The options that `method` and `refine` use: a command's value for another method or refinement (say
-    --window when the page asks for relevance) is left out instead of refused."""
-    used = {}
-    for name, value in options.items():
-        try:
-            refuse_misplaced({name: value}, method, refine)
-        except WildsegError:
-            continue
-        used[name] = value
-    return used
+    window when the page asks for relevance) is left out instead of refused."""
+    return {name: value for name, value in options.items() if applies(name, method, refine)}
 
 
 class DemoSession:
     """What the page's requests share: the models, the vocabularies `auto` may use (the built-in ones and the
-    command's), the automatic-label thresholds shown first, and a folder for the files of the latest request."""
+    command's), the automatic-label thresholds shown first, and a folder with a sub-folder per recent request."""
 
     def __init__(self, models: DemoModels, vocabulary: Optional[str] = None, auto_min_area: Optional[float] = None,
                  auto_min_score: Optional[float] = None):
@@ -107,30 +111,29 @@ class DemoSession:
         self.auto_min_area = AUTO_MIN_AREA if auto_min_area is None else auto_min_area
         self.auto_min_score = auto_min_score
         self.workspace = tempfile.TemporaryDirectory(prefix="wildseg-demo-")
-        self.latest: Optional[Path] = None
+        self.requests: deque[Path] = deque()
+        self.requests_lock = threading.Lock()
 
     def segment(self, image, labels, vocabulary, method, attention, refine, auto_min_area, auto_min_score,
                 progress=gr.Progress()):
         """The page's request (unprocessed Gradio values): overlay, status line, class table, heat maps and the
-        files to download. A WildsegError becomes a one-line error in the page; warnings become notices."""
+        files to download. A WildsegError becomes a one-line error in the page; the request's notices (merged
+        duplicate labels) become notices in the page."""
         upload = _uploaded_file(image)
+        notices: list[str] = []
         try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", WildsegWarning)
-                outputs = self._segment(upload, labels, vocabulary, method, attention, refine, auto_min_area,
-                                        auto_min_score, progress)
+            outputs = self._segment(upload, labels, vocabulary, method, attention, refine, auto_min_area,
+                                    auto_min_score, progress, notices.append)
         except WildsegError as error:
-            message = str(error).replace(str(upload[0]), upload[1]) if upload else str(error)
+            message = error.worded(lambda name: PAGE_WORDS.get(name, name))
+            message = message.replace(str(upload[0]), upload[1]) if upload else message
             raise gr.Error(message, title="wildseg", print_exception=False) from None
-        for warning in caught:
-            if issubclass(warning.category, WildsegWarning):
-                gr.Warning(str(warning.message), title="wildseg")
-            else:
-                warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
+        for notice in notices:
+            gr.Warning(notice, title="wildseg")
         return outputs
 
     def _segment(self, upload, labels, vocabulary, method, attention, refine, auto_min_area, auto_min_score,
-                 progress):
+                 progress, on_notice):
         if upload is None:
             raise WildsegError("no image: upload or drop an image first")
         if not isinstance(labels, str) or not labels.strip():
@@ -138,46 +141,54 @@ class DemoSession:
         started = time.perf_counter()
         path, name = upload
         segmenter = self.models.get(method, attention, refine)
-        names = None if labels.strip().casefold() == AUTO else clean_labels(labels)
-        rgb = load_image(path)
-        auto_record = None
-        if names is None:
-            names, auto_record = self._auto_labels(segmenter, rgb, vocabulary, auto_min_area, auto_min_score,
-                                                   progress)
-        segmenter.prepare_labels(names, on_progress=_reporter(progress, "embedding labels"))
-        result = segmenter.segment(rgb, names, on_progress=_reporter(progress, "test-time views"))
+        if labels.strip().casefold() == AUTO:
+            item = self._auto_labels(segmenter, path, vocabulary, auto_min_area, auto_min_score, progress)
+            result, auto_record = item.result, item.auto_labels
+        else:
+            names = clean_labels(labels, on_notice)
+            segmenter.prepare_labels(names, on_progress=_reporter(progress, "embedding labels"))
+            result = segmenter.segment(load_image(path), names, on_progress=_reporter(progress, "test-time views"))
+            auto_record = None
         paths = output_paths(Path(label_slug(Path(name).stem)), self._request_folder(),
                              heatmap_labels=result.labels)
-        save_outputs(BatchItem(name, result), paths, segmenter, auto_record, {"save_scores": False, "heatmaps": True})
+        save_outputs(BatchItem(name, result, auto_labels=auto_record), paths, segmenter,
+                     {"save_scores": False, "heatmaps": True})
         rows = [[index, row["label"], round(100 * float(row["pixel_fraction"]), 2), round(row["mean_score"], 3)]
                 for index, row in enumerate(result.summary())]
         heatmaps = [(str(paths[f"heatmap_{index}"]), label) for index, label in enumerate(result.labels) if index]
         status = _status_line(name, result, segmenter, auto_record, time.perf_counter() - started)
         return str(paths["overlay"]), status, rows, heatmaps, [str(paths["mask"]), str(paths["record"])]
 
-    def _auto_labels(self, segmenter, rgb, vocabulary, min_area, min_score, progress) -> tuple[list[str], dict]:
-        """The vocabulary's classes found in the image (`autolabels`) and the record of every candidate."""
+    def _auto_labels(self, segmenter, path: Path, vocabulary, min_area, min_score, progress) -> BatchItem:
+        """The image segmented with the vocabulary's classes found in it (`autolabels`, as `wildseg segment`
+        does), with the record of every candidate; a one-line error where none is found."""
         if vocabulary not in self.vocabularies:
             raise WildsegError(f"unknown vocabulary {vocabulary!r}: use one of {', '.join(self.vocabularies)}")
         for what, value in (("least share of the image", min_area), ("least mean score", min_score)):
             if value is not None and not (isinstance(value, (int, float)) and 0 <= value <= 1):
                 raise WildsegError(f"the {what} of automatic labels must lie in 0..1, got {value!r}")
         classes = self.vocabularies[vocabulary]
-        rule = rule_for(AutoLabelRule(AUTO_MIN_AREA if min_area is None else min_area, min_score), segmenter.method)
-        prompts = [prompt for entry in classes for prompt in entry.prompts]
-        segmenter.prepare_labels(prompts, on_progress=_reporter(progress, f"embedding the {vocabulary} vocabulary"))
-        candidates = find_labels(segmenter, rgb, classes, rule)
-        return found_labels(candidates, rule), auto_label_record(vocabulary, rule, candidates)
+        rule = AutoLabelRule(AUTO_MIN_AREA if min_area is None else min_area, min_score)
+        segmenter.prepare_labels(vocabulary_prompts(classes),
+                                 on_progress=_reporter(progress, f"embedding the {vocabulary} vocabulary"))
+        (item,) = segment_with_found_labels(segmenter, [path], vocabulary, classes, rule, refine_workers=0)
+        if item.error is not None:
+            raise WildsegError(item.error)
+        return item
 
     def _request_folder(self) -> Path:
-        """A fresh folder for this request's files; the previous request's is removed (Gradio has copied its
-        files into its own cache by now, and requests run one at a time)."""
-        if self.latest is not None:
-            shutil.rmtree(self.latest, ignore_errors=True)
-        self.latest = Path(tempfile.mkdtemp(prefix="request-", dir=self.workspace.name))
-        return self.latest
+        """A fresh folder for this request's files; the oldest beyond KEPT_REQUESTS is removed (Gradio has copied
+        its files into its own cache long before)."""
+        folder = Path(tempfile.mkdtemp(prefix="request-", dir=self.workspace.name))
+        with self.requests_lock:
+            self.requests.append(folder)
+            expired = self.requests.popleft() if len(self.requests) > KEPT_REQUESTS else None
+        if expired is not None:
+            shutil.rmtree(expired, ignore_errors=True)
+        return folder
 
     def close(self) -> None:
+        """Remove the requests' files."""
         self.workspace.cleanup()
 
 
@@ -197,8 +208,9 @@ def _uploaded_file(image) -> Optional[tuple[Path, str]]:
 def _status_line(name: str, result, segmenter, auto_record: Optional[dict], seconds: float) -> str:
     """One line under the overlay: what was segmented, how, in how long; with auto, what was found."""
     height, width = result.mask.shape
-    how = segmenter.method + (f" ({segmenter.dense.attention})" if segmenter.method == "dense" else "")
-    line = (f"**{name}** ({width} x {height}): {', '.join(result.labels[1:])}; {how}, refine {segmenter.refine}, "
+    config = segmenter.config
+    how = config.method + (f" ({config.resolved('attention')})" if config.method == "dense" else "")
+    line = (f"**{name}** ({width} x {height}): {', '.join(result.labels[1:])}; {how}, refine {config.refine}, "
             f"{seconds:.1f} s")
     if auto_record is not None:
         line += (f". Found in `{auto_record['vocabulary']}` among {len(auto_record['candidates'])} candidates "
@@ -223,7 +235,8 @@ def build_app(session: DemoSession) -> gr.Blocks:
                                     info="comma-separated names; 'auto' finds them in the vocabulary below")
                 with gr.Row():
                     method = gr.Dropdown(list(METHODS), value=models.method, label="Method", elem_id="method")
-                    attention = gr.Dropdown(list(ATTENTIONS), value=models.attention or DEFAULT_ATTENTION,
+                    attention = gr.Dropdown(list(methods.names(methods.DENSE)),
+                                            value=models.attention or DEFAULT_ATTENTION,
                                             label="Attention (dense)", elem_id="attention",
                                             interactive=models.method == "dense")
                     refine = gr.Dropdown(list(REFINEMENTS), value=models.refine, label="Refinement", elem_id="refine")
@@ -269,9 +282,9 @@ def serve(session: DemoSession, host: str = DEFAULT_HOST, port: int = DEFAULT_PO
 
 def launch(options: dict, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, vocabulary: Optional[str] = None,
            auto_min_area: Optional[float] = None, auto_min_score: Optional[float] = None, quiet: bool = False) -> None:
-    """`wildseg demo`: load the model from `options` (the keyword arguments of `options.build_segmenter`, as the
-    CLI's segmenter options give them), serve the page until Ctrl-C or SIGTERM, then stop cleanly. The line with
-    the page's address is printed also when `quiet` hides the status line of the model's loading."""
+    """`wildseg demo`: load the model from `options` (`factory.build_segmenter`'s, as the command's segmenter options
+    give them), serve the page until Ctrl-C or SIGTERM, then stop cleanly. The line with the page's address is
+    printed also when `quiet` hides the status line of the model's loading."""
     if vocabulary is not None:
         load_vocabulary(vocabulary)  # a wrong --vocab fails at once, not after the model has loaded
     console = Console(stderr=True, quiet=quiet)

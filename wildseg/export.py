@@ -23,9 +23,9 @@ import cv2
 import numpy as np
 
 from .datasets.base import read_label_image
-from .errors import WildsegError
+from .errors import WildsegError, setting
+from .files import TEMPORARY_SUFFIX, write_atomically, write_json
 from .labels import BACKGROUND
-from .outputs import TEMPORARY_SUFFIX, write_atomically, write_json
 
 MIN_REGION = 1e-4
 """Default least share of the image a region must cover to become a YOLO polygon (specks are skipped)."""
@@ -54,7 +54,7 @@ def segmented_images(folder: Path) -> list[SegmentedImage]:
     """Every image `wildseg segment` finished in `folder` and its sub-folders (a JSON record with its labels and
     the mask beside it), by name."""
     if not folder.is_dir():
-        raise WildsegError(f"{folder} is not a folder: give the --out folder of wildseg segment")
+        raise WildsegError(f"{folder} is not a folder: give the {setting('out')} folder of wildseg segment")
     images = []
     for record_path in sorted(folder.rglob("*.json")):
         if record_path.name.startswith(".") or record_path.name.endswith(TEMPORARY_SUFFIX):
@@ -167,9 +167,9 @@ def write_yolo(folder: Path, target: Path, min_region: float = MIN_REGION) -> tu
         label_path = target / "labels" / image.stem.parent / f"{image.stem.name}.txt"
         write_atomically(label_path, lambda path: path.write_text("".join(f"{line}\n" for line in lines)))
         unlinked += not _link_image(Path(image.record["image"]), target / "images" / image.file_name)
-    data = ["# Ultralytics YOLO segmentation data set written by wildseg", f"path: {json.dumps(str(target.absolute()))}",
-            "train: images", "val: images", "names:", *(f"  {index}: {json.dumps(name)}" for index, name in
-                                                        enumerate(names))]
+    data = ["# Ultralytics YOLO segmentation data set written by wildseg",
+            f"path: {json.dumps(str(target.absolute()))}", "train: images", "val: images", "names:",
+            *(f"  {index}: {json.dumps(name)}" for index, name in enumerate(names))]
     write_atomically(target / "data.yaml", lambda path: path.write_text("\n".join(data) + "\n"))
     return len(images), unlinked
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from .errors import WildsegError, first_line
+from .errors import WildsegError, first_line, setting
 from .images import IMAGE_SUFFIXES
 
 GLOB_CHARACTERS = "*?["
@@ -32,7 +32,7 @@ def parse_shard(text: str) -> tuple[int, int]:
     """`K/N` (1 <= K <= N) as (K, N), or a one-line error."""
     index, _, count = text.partition("/")
     if not (index.strip().isdigit() and count.strip().isdigit() and 1 <= int(index) <= int(count)):
-        raise WildsegError(f"--shard takes K/N with 1 <= K <= N (e.g. 3/8), got {text!r}")
+        raise WildsegError(f"{setting('shard')} takes K/N with 1 <= K <= N (e.g. 3/8), got {text!r}")
     return int(index), int(count)
 
 
@@ -68,7 +68,7 @@ def expand_inputs(
             if _inside(folder, exclude):
                 raise WildsegError(
                     f"the input folder {folder} lies in the output folder {exclude}, whose images are skipped as "
-                    f"outputs: give another --out (for example {folder.absolute().name}_masks)"
+                    f"outputs: give another {setting('out')} (for example {folder.absolute().name}_masks)"
                 )
             found.extend(InputImage(path, path.relative_to(folder).with_suffix(""))
                          for path in _scan(folder, recursive, exclude))
@@ -144,7 +144,7 @@ def read_labels_file(path: Path) -> dict[Path, list[str]]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
-        raise WildsegError(f"cannot read --labels-file {path}: {first_line(error)}") from None
+        raise WildsegError(f"cannot read {setting('labels_file')} {path}: {first_line(error)}") from None
     if path.suffix.lower() == ".json":
         entries = _json_entries(text, path)
     else:
@@ -154,7 +154,7 @@ def read_labels_file(path: Path) -> dict[Path, list[str]]:
         names = [name.strip() for cell in names for name in cell.split(",") if name.strip()]
         labels[(path.parent / image).absolute()] = names
     if not labels:
-        raise WildsegError(f"--labels-file {path} gives no image: write one `image,label,...` row per image")
+        raise WildsegError(f"{setting('labels_file')} {path} gives no image: write one `image,label,...` row per image")
     return labels
 
 
@@ -162,15 +162,16 @@ def _json_entries(text: str, path: Path) -> list[tuple[str, list[str]]]:
     try:
         mapping = json.loads(text)
     except json.JSONDecodeError as error:
-        raise WildsegError(f"--labels-file {path} is not valid JSON: {error}") from None
+        raise WildsegError(f"{setting('labels_file')} {path} is not valid JSON: {error}") from None
     if not isinstance(mapping, dict):
-        raise WildsegError(f"--labels-file {path} must hold a JSON object mapping image paths to labels")
+        raise WildsegError(f"{setting('labels_file')} {path} must hold a JSON object mapping image paths to labels")
     entries = []
     for image, names in mapping.items():
         if isinstance(names, str):
             names = [names]
         if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
-            raise WildsegError(f"--labels-file {path}: the labels of {image!r} must be a string or a list of strings")
+            raise WildsegError(f"{setting('labels_file')} {path}: the labels of {image!r} must be a string or a list "
+                               "of strings")
         entries.append((image, names))
     return entries
 

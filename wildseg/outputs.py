@@ -4,9 +4,7 @@ encoding and disk I/O overlap the model's work."""
 
 import glob
 import json
-import os
 import re
-import tempfile
 import time
 import unicodedata
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -17,7 +15,7 @@ import cv2
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .errors import WildsegError, first_line
+from .files import TEMPORARY_SUFFIX, write_atomically
 
 OVERLAY_OPACITY = 0.6
 BOUNDARY_WIDTH = 2
@@ -31,7 +29,6 @@ HEATMAP_COLORMAP = cv2.COLORMAP_TURBO
 HEATMAP_OPACITY = 0.6
 SLUG_LENGTH = 40
 BASIC_OUTPUTS = ("mask", "overlay", "record")
-TEMPORARY_SUFFIX = ".part"
 WHITE, BLACK = (255, 255, 255), (0, 0, 0)
 
 
@@ -46,41 +43,6 @@ def label_palette(count: int) -> np.ndarray:
             value >>= 3
             shift -= 1
     return colours
-
-
-def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Call `write` on a temporary file beside `path`, then rename it over `path`; never leave a partial file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TEMPORARY_SUFFIX, dir=path.parent)
-    os.close(handle)
-    try:
-        write(Path(temporary))
-        with open(temporary, "rb") as written:
-            os.fsync(written.fileno())
-        os.chmod(temporary, 0o666 & ~PROCESS_UMASK)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data, what: str) -> None:
-    """Write `data` as indented JSON to `path` atomically; a failure is one line naming `what` was being written."""
-    text = json.dumps(data, indent=2) + "\n"
-    try:
-        write_atomically(path, lambda temporary: temporary.write_text(text))
-    except OSError as error:
-        raise WildsegError(f"cannot write {what} {path}: {first_line(error)}") from None
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-PROCESS_UMASK = _current_umask()
-"""Read once at import: reading it sets it for a moment, which writer threads must not race."""
 
 
 def mask_image(mask: np.ndarray, palette: np.ndarray) -> Image.Image:

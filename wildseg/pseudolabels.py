@@ -15,18 +15,7 @@ argmax is unchanged, and they are the refinement's input.
 
 import torch
 
-from .choices import DEFAULT_BG_THRESHOLD
-from .errors import WildsegError
-
-DEFAULT_TEMPERATURE = 0.1
-
-
-def check_settings(bg_threshold: float, temperature: float) -> None:
-    """Refuse a background threshold outside [0, 1] or a non-positive temperature."""
-    if not 0.0 <= bg_threshold <= 1.0:
-        raise WildsegError(f"--bg-threshold must lie in [0, 1], got {bg_threshold}")
-    if temperature <= 0:
-        raise WildsegError(f"the temperature must be positive, got {temperature}")
+from .choices import DEFAULT_BG_THRESHOLD, DEFAULT_TEMPERATURE
 
 
 def normalize_per_label(maps: torch.Tensor) -> torch.Tensor:

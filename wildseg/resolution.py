@@ -55,3 +55,20 @@ def upsample_argmax(probabilities: Union[np.ndarray, torch.Tensor], height: int,
         strip = F.interpolate(strip[None], size=(len(rows), width), mode="bilinear", align_corners=False)[0]
         mask[first : first + len(rows)] = strip.argmax(dim=0).to(torch.uint8).cpu().numpy()
     return mask
+
+
+def model_image_size(height: int, width: int, short_side: int, long_side: int) -> tuple[int, int]:
+    """(height, width) of an image rescaled as mmcv's `Resize(scale=(long_side, short_side), keep_ratio=True)`
+    rescales it for the official dense segmenters: by min(long_side / long, short_side / short), rounded half up."""
+    scale = min(long_side / max(height, width), short_side / min(height, width))
+    return int(height * scale + 0.5), int(width * scale + 0.5)
+
+
+def resize_for_model(rgb: np.ndarray, short_side: int, long_side: int) -> np.ndarray:
+    """The image the dense method's windows are cut from: `rgb` rescaled by `model_image_size` with OpenCV's bilinear
+    interpolation, as mmcv does."""
+    height, width = model_image_size(*rgb.shape[:2], short_side, long_side)
+    if (height, width) == rgb.shape[:2]:
+        return rgb
+    return cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)
+

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-from ..errors import WildsegError
+from ..errors import WildsegError, setting
 from .ade20k import ade20k_dataset
 from .base import Sample, SegmentationDataset
 from .cityscapes import cityscapes_dataset
@@ -55,40 +55,56 @@ DATASETS: dict[str, DatasetEntry] = {
 
 
 def open_dataset(
-    name: str,
+    dataset: str,
     root: Optional[Path],
     split: Optional[str] = None,
     ignore_index: Optional[int] = None,
     download: Optional[Path] = None,
     class_names: Optional[Path] = None,
 ) -> SegmentationDataset:
-    """The data set `name` of the registry; see `DATASETS` for what `root` holds. `split` defaults to val."""
-    if name not in DATASETS:
-        raise WildsegError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)}")
-    if split is not None and name == "folder":
-        raise WildsegError("a folder dataset has no splits: leave out --split, or point --root at the split's folder")
+    """A benchmark of the registry.
+
+    Args:
+        dataset: its key in `DATASETS`.
+        root: the folder it lies in, in its released layout (`DATASETS[dataset].root` says which).
+        split: the split to read (default val; folder data sets have none).
+        ignore_index: folder data sets: the mask value that is not scored.
+        download: VOC only: fetch the official VOC2012 trainval archive into this folder and read it.
+        class_names: an own class-name list (one line per class in the data set's order, synonyms after commas).
+
+    Returns:
+        The data set, reading its files by absolute paths.
+    """
+    if dataset not in DATASETS:
+        raise WildsegError(f"unknown {setting('dataset')} {dataset!r}: use one of {', '.join(DATASETS)}")
+    if split is not None and dataset == "folder":
+        raise WildsegError(f"a folder dataset has no splits: leave out {setting('split')}, or point "
+                           f"{setting('root')} at the split's folder")
     split = split or DEFAULT_SPLIT
-    if download is not None and name not in ("voc", "voc20"):
-        raise WildsegError(f"--download fetches PASCAL VOC only; download {name} by hand and pass --root")
+    if download is not None and dataset not in ("voc", "voc20"):
+        raise WildsegError(f"{setting('download')} fetches PASCAL VOC only; download {dataset} by hand and give its "
+                           f"{setting('root')}")
     if download is not None and root is not None:
-        raise WildsegError("give --root (data already on disk) or --download DIR (fetch it there), not both")
-    if ignore_index is not None and name != "folder":
-        raise WildsegError(f"--ignore-index is for folder datasets; {name} ignores label 255 by definition")
+        raise WildsegError(f"give {setting('root')} (data already on disk) or {setting('download')} DIR (fetch it "
+                           "there), not both")
+    if ignore_index is not None and dataset != "folder":
+        raise WildsegError(f"{setting('ignore_index')} is for folder datasets; {dataset} ignores label 255 by "
+                           "definition")
     if download is not None:
-        dataset = voc_dataset(root, split, background=name == "voc", download=download)
+        opened = voc_dataset(root, split, background=dataset == "voc", download=download)
     elif root is None:
-        raise WildsegError(f"--dataset {name} needs --root: {DATASETS[name].root}")
+        raise WildsegError(f"{setting('dataset')} {dataset} needs {setting('root')}: {DATASETS[dataset].root}")
     elif not Path(root).is_dir():
-        raise WildsegError(f"--root {root} is not a folder: point it at {DATASETS[name].root}")
+        raise WildsegError(f"{setting('root')} {root} is not a folder: point it at {DATASETS[dataset].root}")
     else:
-        dataset = DATASETS[name].reader(Path(root), split)
+        opened = DATASETS[dataset].reader(Path(root).resolve(), split)
     if ignore_index is not None:
-        dataset.ignore_index = ignore_index
-    dataset.split = None if name == "folder" else split
-    dataset.root = Path(download if download is not None else root).resolve()
+        opened.ignore_index = ignore_index
+    opened.split = None if dataset == "folder" else split
+    opened.root = Path(download if download is not None else root).resolve()
     if class_names is not None:
-        dataset.rename_classes(read_class_names(class_names))
-    return dataset
+        opened = opened.with_classes(read_class_names(class_names))
+    return opened
 
 
 __all__ = ["DATASETS", "ClassName", "Sample", "SegmentationDataset", "folder_dataset", "open_dataset"]

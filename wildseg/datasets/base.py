@@ -4,6 +4,7 @@ Ground truth is returned in the data set's class-index space (value i = `classes
 do not count set to `ignore_index`; readers translate their on-disk label values through a lookup table.
 """
 
+import copy
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Iterator, Optional
 import numpy as np
 from PIL import Image
 
-from ..errors import WildsegError, first_line
+from ..errors import WildsegError, first_line, setting
 from ..images import load_image
 from .classes import ClassName
 
@@ -65,14 +66,17 @@ class SegmentationDataset(ABC):
         """The classes metrics are computed over: all but an ignore index that falls inside the class range."""
         return [index for index in range(len(self.classes)) if index != self.ignore_index]
 
-    def rename_classes(self, classes: list[ClassName]) -> None:
-        """Use another class-name list (own synonyms or prompts) with the same number of classes, in order."""
+    def with_classes(self, classes: list[ClassName]) -> "SegmentationDataset":
+        """The same data set with another class-name list (own synonyms or prompts) of as many classes, in order;
+        this one is left as it is."""
         if len(classes) != len(self.classes):
             raise WildsegError(
                 f"the class names list {len(classes)} classes but {self.name} has {len(self.classes)}: "
                 "give one line per class, in the data set's order"
             )
-        self.classes = classes
+        renamed = copy.copy(self)
+        renamed.classes = list(classes)
+        return renamed
 
 
 class PairedFiles(SegmentationDataset):
@@ -90,7 +94,7 @@ class PairedFiles(SegmentationDataset):
         self.name, self.classes, self.ignore_index, self.lookup = name, classes, ignore_index, lookup
         self.ids = [image_id for image_id in images if image_id in masks]
         if not self.ids:
-            raise WildsegError(f"{name}: no image has a label file; check --root and --split")
+            raise WildsegError(f"{name}: no image has a label file; check {setting('root')} and {setting('split')}")
         self._images, self._masks = images, masks
 
     def load(self, image_id: str) -> Sample:
@@ -136,12 +140,12 @@ def shifted_lookup(first_class_value: int, classes: int) -> np.ndarray:
 def ids_from_list(list_file: Path, what: str) -> list[str]:
     """Image ids, one per line, of an official split file."""
     if not list_file.is_file():
-        raise WildsegError(f"{what}: split file {list_file} not found; check --root and --split")
+        raise WildsegError(f"{what}: split file {list_file} not found; check {setting('root')} and {setting('split')}")
     return [line.strip() for line in list_file.read_text().splitlines() if line.strip()]
 
 
 def files_by_stem(folder: Path, suffixes: tuple[str, ...], what: str) -> dict[str, Path]:
     """Files in `folder` with one of `suffixes` (any letter case), keyed by their name without suffix."""
     if not folder.is_dir():
-        raise WildsegError(f"{what}: folder {folder} not found; check --root and --split")
+        raise WildsegError(f"{what}: folder {folder} not found; check {setting('root')} and {setting('split')}")
     return {path.stem: path for path in sorted(folder.iterdir()) if path.suffix.lower() in suffixes}

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from pycocotools.coco import COCO
 
-from ..errors import WildsegError, first_line
+from ..errors import WildsegError, first_line, setting
 from ..images import load_image
 from .base import IGNORE, PairedFiles, Sample, SegmentationDataset, files_by_stem
 from .classes import builtin_class_names
@@ -32,7 +32,7 @@ class CocoObjects(SegmentationDataset):
         root = Path(root)
         annotations = root / "annotations" / f"instances_{split}2017.json"
         if not annotations.is_file():
-            raise WildsegError(f"COCO-Object: {annotations} not found; check --root and --split")
+            raise WildsegError(f"COCO-Object: {annotations} not found; check {setting('root')} and {setting('split')}")
         self.image_dir = next(
             (folder for folder in (root / f"{split}2017", root / "images" / f"{split}2017") if folder.is_dir()), None
         )

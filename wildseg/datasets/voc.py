@@ -7,7 +7,7 @@ Object borders (255) are ignored in both.
 from pathlib import Path
 from typing import Optional
 
-from ..errors import WildsegError, first_line
+from ..errors import WildsegError, first_line, setting
 from .base import IGNORE, PairedFiles, ids_from_list, shifted_lookup
 from .classes import builtin_class_names
 
@@ -25,7 +25,8 @@ def voc_dataset(root: Optional[Path], split: str = "val", background: bool = Tru
     if download is not None:
         torchvision_root = _download(Path(download))
     elif root is None:
-        raise WildsegError("give --root (the VOCdevkit/VOC2012 folder) or --download DIR to fetch VOC2012")
+        raise WildsegError(f"give {setting('root')} (the VOCdevkit/VOC2012 folder) or {setting('download')} DIR to "
+                           "fetch VOC2012")
     elif _has_voc_layout(Path(root)) and Path(root).parts[-2:] != VOC_FOLDER.parts:
         return _renamed_voc_folder(Path(root), split, background)
     else:
@@ -69,8 +70,8 @@ def _torchvision_root(root: Path) -> Path:
     if root.parts[-2:] == VOC_FOLDER.parts and root.is_dir():
         return root.parent.parent
     raise WildsegError(
-        f"{root} is not a PASCAL VOC 2012 folder: pass --root .../VOCdevkit/VOC2012 (the folder holding "
-        "JPEGImages/, SegmentationClass/ and ImageSets/), or --download DIR to fetch it"
+        f"{root} is not a PASCAL VOC 2012 folder: pass {setting('root')} .../VOCdevkit/VOC2012 (the folder holding "
+        f"JPEGImages/, SegmentationClass/ and ImageSets/), or {setting('download')} DIR to fetch it"
     )
 
 
@@ -89,6 +90,7 @@ def _download(folder: Path) -> Path:
             (folder / archive["filename"]).unlink(missing_ok=True)
         raise WildsegError(
             f"could not download and verify VOC2012 from {archive['url']} ({first_line(error)}): connect to the "
-            f"network, or fetch {archive['filename']} (MD5 {archive['md5']}) by hand, unpack it and pass --root"
+            f"network, or fetch {archive['filename']} (MD5 {archive['md5']}) by hand, unpack it and pass "
+            f"{setting('root')}"
         ) from None
     return folder

@@ -1,15 +1,19 @@
-"""Coarse class maps derived from ground truth, the way a CLIP ViT sees an image, to study refinement.
+"""Coarse class maps derived from ground truth, the way a CLIP ViT sees an image, to study refinement
+(`refinement_study.py`, and the tests that assert its measurements).
 
-While CLIP's weights cannot be had, these stand in for its maps: the class one-hot of the ground truth
-is averaged over the patch grid (default 14 x 14, as ViT-B/16 at 224 px), blurred with a Gaussian of
-`blur_sigma` cells, perturbed with Gaussian noise of standard deviation `noise_std` (fixed seed), and
-upsampled bilinearly to the image size. The result is renormalised to class probabilities.
+Where CLIP's weights are not at hand, these stand in for its maps: the class one-hot of the ground truth is
+averaged over the patch grid (default 14 x 14, as ViT-B/16 at 224 px), blurred with a Gaussian of `blur_sigma`
+cells, perturbed with Gaussian noise of standard deviation `noise_std` (fixed seed), and upsampled bilinearly to
+the image size. The result is renormalised to class probabilities.
 """
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from skimage.filters import gaussian
+
+from wildseg.refinement.pamr import pamr
+from wildseg.refinement.settings import PamrSettings
 
 
 def coarse_probabilities(
@@ -42,3 +46,12 @@ def coarse_probabilities(
     if ignore_index is not None and 0 <= ignore_index < classes:
         upsampled[ignore_index] = 0.0
     return (upsampled / upsampled.sum(dim=0, keepdim=True)).numpy()
+
+
+def pamr_on_arrays(image_rgb: np.ndarray, probabilities: np.ndarray, settings: PamrSettings = PamrSettings(),
+                   device: str = "cpu") -> np.ndarray:
+    """`wildseg.refinement.pamr.pamr` of numpy arrays: an H x W x 3 image (uint8 or float) and classes x H x W
+    probabilities; returns the refined probabilities as an array."""
+    image = torch.as_tensor(np.ascontiguousarray(image_rgb), device=device).permute(2, 0, 1).float()
+    return pamr(image, torch.as_tensor(probabilities, device=device), settings).cpu().numpy()
+

@@ -13,28 +13,13 @@ are then updated `iterations` times: m_i <- sum_j alpha_ij m_j. Pixels outside t
 nearest border pixel (replicate padding), for the image and for the maps alike.
 """
 
-from dataclasses import dataclass
-
-import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .choices import PAMR_ITERATIONS
+from .settings import PamrSettings
 
 EPSILON = 1e-8
 DIRECTIONS = tuple((row, col) for row in (-1, 0, 1) for col in (-1, 0, 1) if (row, col) != (0, 0))
-
-
-@dataclass(frozen=True)
-class PamrSettings:
-    """PAMR parameters."""
-
-    iterations: int = PAMR_ITERATIONS
-    """Number of updates m_i <- sum_j alpha_ij m_j."""
-    dilations: tuple[int, ...] = (1, 2, 4, 8, 12, 24)
-    """Dilations of the 3 x 3 neighbourhood; each adds its 8 off-centre pixels to the neighbours."""
-    sharpness: float = 0.1
-    """lambda: scales the local standard deviation that normalises colour differences (smaller = sharper)."""
 
 
 def neighbour_offsets(dilations: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -94,12 +79,3 @@ def pamr(image: torch.Tensor, probabilities: torch.Tensor, settings: PamrSetting
         for weight, offset in zip(weights, offsets):
             mask.addcmul_(weight, shifted(padded, offset, margin, height, width))
     return mask
-
-
-def pamr_numpy(
-    image_rgb: np.ndarray, probabilities: np.ndarray, settings: PamrSettings = PamrSettings(), device: str = "cpu"
-) -> np.ndarray:
-    """`pamr` for numpy arrays: an H x W x 3 image (uint8 or float) and classes x H x W probabilities."""
-    image = torch.as_tensor(np.ascontiguousarray(image_rgb), device=device).permute(2, 0, 1).float()
-    refined = pamr(image, torch.as_tensor(probabilities, device=device), settings)
-    return refined.cpu().numpy()

@@ -7,36 +7,23 @@ Zabari & Hoshen-style pipelines use: theta_g = 3, w_g = 3; theta_b = 80, theta_r
 
 Two implementations of the same inference: `dense_crf` with pydensecrf on the CPU, one image at a time, and
 `mean_field_crf` in torch on the tensors' device (CUDA or CPU), a batch of images at once. The torch version
-filters both kernels on the permutohedral lattice of `wildseg.lattice`, as pydensecrf does, and reproduces its
+filters both kernels on the permutohedral lattice of `refinement.lattice`, as pydensecrf does, and reproduces its
 marginals to float round-off; an exact separable Gaussian for the smoothness kernel would not (measured on
 CamVid: 99.97 % of pixels with the same argmax, mean |difference| 6e-5, against 100 % and 7e-9).
 """
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from pydensecrf import densecrf
 from pydensecrf.utils import unary_from_softmax
 
-from .choices import CRF_ITERATIONS
 from .lattice import PermutohedralLattice
+from .settings import CrfSettings
 
 PROBABILITY_FLOOR = 1e-5
 """Probabilities are clipped to [1e-5, 1] before -log, as pydensecrf's unary_from_softmax does."""
-
-
-@dataclass(frozen=True)
-class CrfSettings:
-    """Dense-CRF parameters: Gaussian (smoothness) and bilateral (appearance) kernels, mean-field iterations."""
-
-    iterations: int = CRF_ITERATIONS
-    gaussian_sxy: float = 3.0
-    gaussian_weight: float = 3.0
-    bilateral_sxy: float = 80.0
-    bilateral_srgb: float = 13.0
-    bilateral_weight: float = 10.0
 
 
 def dense_crf(image: np.ndarray, probabilities: np.ndarray, settings: CrfSettings = CrfSettings()) -> np.ndarray:

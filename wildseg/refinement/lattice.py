@@ -27,14 +27,11 @@ This reproduces the filter of Kraehenbuehl's code (pydensecrf) to float32 round-
 """
 
 import math
-import warnings
 from typing import Optional
 
 import torch
 
 INT64_MAX = 2**63 - 1
-warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
-"""Set once at import: `warnings.catch_warnings` around each use would not be thread-safe."""
 
 
 class PermutohedralLattice:

@@ -14,7 +14,6 @@ turns the cache off, with one warning.
 
 import hashlib
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -22,11 +21,10 @@ from typing import Callable, Optional, Union
 import numpy as np
 import torch
 
-from .errors import WildsegWarning
-from .outputs import write_atomically
+from ..cache import CACHE_DIR_VARIABLE, cache_folder, digest
+from ..errors import WildsegWarning
+from ..files import write_atomically
 
-CACHE_DIR_VARIABLE = "WILDSEG_CACHE_DIR"
-"""Environment variable naming the cache folder (default: $XDG_CACHE_HOME/wildseg, else ~/.cache/wildseg)."""
 EMBEDDINGS_FOLDER = "text-embeddings-v1"
 FILE_HASHES_FOLDER = "file-hashes"
 NORM_TOLERANCE = 1e-2
@@ -35,24 +33,11 @@ TextCacheSetting = Union[None, bool, str, Path]
 """`None` or `True`: the default folder (`cache_folder`); a path: that folder; `False`: no disk cache."""
 
 
-def cache_folder() -> Path:
-    """wildseg's cache folder: $WILDSEG_CACHE_DIR, else $XDG_CACHE_HOME/wildseg, else ~/.cache/wildseg."""
-    if os.environ.get(CACHE_DIR_VARIABLE):
-        return Path(os.environ[CACHE_DIR_VARIABLE]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "wildseg"
-
-
 def open_text_cache(setting: TextCacheSetting) -> Optional["TextCache"]:
     """The disk cache a `text_cache` setting (`TextCacheSetting`) names, or None when it turns caching off."""
     if setting is False:
         return None
     return TextCache(cache_folder() if setting is None or setting is True else Path(setting).expanduser())
-
-
-def digest(text: str) -> str:
-    """SHA-256 of a string, in hex."""
-    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 class TextCache:
@@ -89,7 +74,7 @@ class TextCache:
         return content.hexdigest()
 
     def write_atomically(self, path: Path, write: Callable[[Path], object]) -> None:
-        """`write` a temporary file beside `path`, then rename it to `path` (`outputs.write_atomically`); on
+        """`write` a temporary file beside `path`, then rename it to `path` (`files.write_atomically`); on
         failure warn once and stop writing."""
         if not self.writable:
             return

@@ -1,0 +1,5 @@
+"""`python -m wildseg`: the `wildseg` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,5 @@
+"""`python -m wildseg.cli`: the `wildseg` command."""
+
+from . import main
+
+main()

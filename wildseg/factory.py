@@ -1,0 +1,78 @@
+"""A Segmenter from one flat set of option values, as the command line, its Ray workers and the demo give them.
+
+Options are named as the Python API names them: `load_backbone`'s parameters, `model_config` (an open_clip model
+config file to register first) and `SegmenterConfig`'s fields. Values given win over defaults (a command's, or a
+published protocol's), which win over the library's; a default that the chosen method or refinement does not use
+is left out, while a given one is refused (`SegmenterConfig`). The configuration is checked before the model loads,
+and this module imports the model libraries only then.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from .config import SegmenterConfig
+from .templates import TEMPLATE_SETS
+
+if TYPE_CHECKING:
+    from .backbone import Backbone
+    from .segmenter import Segmenter
+
+BACKBONE_OPTIONS = ("model", "pretrained", "checkpoint", "cache_dir", "activation", "device", "text_cache")
+"""The options of `load_backbone` (`model` is its `model_name`)."""
+
+
+PATH_OPTIONS = ("checkpoint", "model_config", "cache_dir", "text_cache", "templates")
+"""The options that may name files."""
+
+
+def absolute_paths(options: dict) -> dict:
+    """The option values with every relative path made absolute, as the command line passes them on, so that its
+    records name the files wherever the model loads (a Ray worker starts elsewhere); a built-in template set's
+    name, a switched-off text cache and options not given are left as they are."""
+    resolved = dict(options)
+    for name in PATH_OPTIONS:
+        value = resolved.get(name)
+        if value is None or isinstance(value, bool) or (name == "templates" and value in TEMPLATE_SETS):
+            continue
+        resolved[name] = Path(value).absolute()
+    return resolved
+
+
+def build_segmenter(options: dict, defaults: Optional[dict] = None, backbone: Optional[Backbone] = None
+                    ) -> Segmenter:
+    """A Segmenter from option values.
+
+    Args:
+        options: values given (None: not given): `BACKBONE_OPTIONS`, `model_config` and `SegmenterConfig` fields.
+        defaults: the `SegmenterConfig` values of a command or protocol where none is given.
+        backbone: a loaded model to use instead of loading the one the options name.
+
+    Returns:
+        The Segmenter; its configuration is checked before any model loads.
+    """
+    config = SegmenterConfig.from_options(options, defaults)
+    from .backbone import load_backbone, register_model_config  # torch and open_clip: once the options are checked
+    from .segmenter import Segmenter
+
+    if backbone is None:
+        if options.get("model_config") is not None:
+            register_model_config(options["model_config"])
+        loading = {name: options[name] for name in BACKBONE_OPTIONS if options.get(name) is not None}
+        if "model" in loading:
+            loading["model_name"] = loading.pop("model")
+        backbone = load_backbone(**loading)
+    return Segmenter(backbone, config)
+
+
+def loading_message(options: dict) -> str:
+    """What a status line says while the model of `options` loads: the architecture and where its weights come
+    from."""
+    if options.get("checkpoint") is not None:
+        source = str(options["checkpoint"])
+    elif str(options.get("pretrained", "openai")).lower() == "none":
+        source = "random weights"
+    else:
+        source = f"{options.get('pretrained', 'openai')} weights, downloaded on first use"
+    return f"loading {options.get('model', 'ViT-B-16')} ({source})"
