@@ -20,10 +20,19 @@ from wildseg.metrics import confusion_matrix
 
 TINY_MODEL = "wildseg-tiny-vit"
 TINY_RESNET = "wildseg-tiny-resnet"
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-ORACLES = SHARED_DATA.parent / "oracles"
+BESIDE_THE_CLONE = Path(__file__).resolve().parents[1].parent / "shared"
+TEST_DATA = Path(os.environ.get("WILDSEG_TEST_DATA") or BESIDE_THE_CLONE / "data")
+"""Real images with human labels (docs/development.md): $WILDSEG_TEST_DATA, else shared/data beside the clone."""
+ORACLES = Path(os.environ.get("WILDSEG_ORACLES") or BESIDE_THE_CLONE / "oracles")
+"""The official implementations' outputs on tiny random weights: $WILDSEG_ORACLES, else shared/oracles beside the
+clone."""
 ORACLE_MODEL = "tiny_openclip_config"
-"""The tiny CLIP (OpenAI's architecture, QuickGELU) that the official implementations ran in ../shared/oracles."""
+"""The tiny CLIP (OpenAI's architecture, QuickGELU) that the official implementations ran with."""
+REAL_DATA = {
+    "camvid": "real CamVid street frames with their masks (images/, masks/, classes.txt)",
+    "nyuv2": "real NYUv2 indoor photos with their masks (images/, masks/, classes.txt)",
+    "voc2012": "a PASCAL VOC 2012 folder with real photos (JPEGImages/, SegmentationClass/, ImageSets/)",
+}
 
 open_clip.add_model_config(Path(__file__).parent / "configs")
 if (ORACLES / f"{ORACLE_MODEL}.json").is_file():
@@ -114,7 +123,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 
 def camvid_coarse_confusions(refine, images: int = 24, seed: int = 0):
-    """Confusion matrices (11 x 11) over the first `images` CamVid test images of the coarse.py maps of their
+    """Confusion matrices (11 x 11) over the first `images` CamVid test images of the coarse_maps.py maps of their
     ground truth (patch average, blur, noise with `seed`), before and after `refine(image, probabilities)`."""
     root = shared_dataset("camvid")
     coarse = torch.zeros(11, 11, dtype=torch.long)
@@ -129,18 +138,20 @@ def camvid_coarse_confusions(refine, images: int = 24, seed: int = 0):
 
 
 def oracle_file(name: str) -> Path:
-    """A file of ../shared/oracles (outputs of the official implementations), or skip the test with the reason."""
+    """A file of the official implementations' outputs (`ORACLES`), or skip the test saying what is missing."""
     path = ORACLES / name
     if not path.is_file():
-        pytest.skip(f"oracle {path} is absent (see shared/oracles/README.md)")
+        pytest.skip(f"compares with the official implementation's outputs, and {path} is absent: set "
+                    "WILDSEG_ORACLES to their folder (docs/development.md)")
     return path
 
 
 def shared_dataset(name: str) -> Path:
-    """A data set under ../shared/data, or skip the test with the reason."""
-    root = SHARED_DATA / name
+    """A data set of real images (`TEST_DATA`), or skip the test saying what is missing."""
+    root = TEST_DATA / name
     if not root.is_dir():
-        pytest.skip(f"real data {root} is absent (see shared/data/README.md)")
+        pytest.skip(f"needs {REAL_DATA[name]} in {root}, which is absent: set WILDSEG_TEST_DATA to the folder "
+                    f"holding {name}/ (docs/development.md)")
     return root
 
 

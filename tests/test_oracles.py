@@ -1,7 +1,7 @@
-"""wildseg against the official implementations: ../shared/oracles holds what Chefer et al.'s notebook, NACLIP,
-SCLIP and ClearCLIP computed on a tiny random CLIP in OpenAI's format. The weights are loaded through wildseg's
-own loading path; agreement here is the evidence that wildseg's numbers with real weights are the published ones.
-Tolerances are the oracle README's: 1e-5 for features and relevance, 1e-4 for PAMR outputs."""
+"""wildseg against the official implementations: the oracle folder (`conftest.ORACLES`) holds what Chefer et al.'s
+notebook, NACLIP, SCLIP and ClearCLIP computed on a tiny random CLIP in OpenAI's format. The weights are loaded
+through wildseg's own loading path; agreement here is the evidence that wildseg's numbers with real weights are the
+published ones. Tolerances are the oracle README's: 1e-5 for features and relevance, 1e-4 for PAMR outputs."""
 
 import json
 import warnings
