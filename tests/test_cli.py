@@ -258,7 +258,9 @@ def test_segment_with_the_dense_method_and_pamr_records_its_settings(photo, tmp_
     assert settings["method"] == "dense" and settings["start_block"] is None and settings["crf"] is None
     voc_background = (resources.files("wildseg.datasets") / "classnames" / "voc21.txt").read_text().splitlines()[0]
     assert settings["dense"] == {"attention": "clearclip", "window": 32, "stride": 16, "short_side": 64,
-                                 "long_side": 2048, "logit_scale": 40.0,
+                                 "long_side": 2048, "logit_scale": 40.0, "patch_size": 8,
+                                 "normalization": {"source": "official", "mean": [122.771, 116.746, 104.094],
+                                                   "std": [68.501, 66.632, 70.323]},
                                  "background_words": [word.strip() for word in voc_background.split(",")[1:]]}
     assert settings["dense"]["background_words"][:3] == ["sky", "wall", "tree"]
     assert settings["pamr"]["iterations"] == 3 and settings["bg_threshold"] == 0.1

@@ -26,6 +26,7 @@ from wildseg.evaluation import (
     dense_protocol,
     evaluate,
     load_ids,
+    padding_deviations,
 )
 from wildseg.evaluation.report import scored_confusion, summary_metrics
 from wildseg.metrics import confusion_matrix
@@ -377,7 +378,9 @@ def test_dense_eval_follows_the_published_protocol_of_the_data_set_and_records_i
     assert segmenter["bg_threshold"] == 0.1 and segmenter["tta"] == "none" and segmenter["refine"] == "pamr"
     assert segmenter["pamr"]["dilations"] == [8, 16] and segmenter["crf"] is None
     assert segmenter["dense"] == {"attention": "naclip", "window": 32, "stride": 16, "short_side": 64,
-                                  "long_side": 2048, "logit_scale": 40.0, "background_words": []}
+                                  "long_side": 2048, "logit_scale": 40.0, "background_words": [], "patch_size": 8,
+                                  "normalization": {"source": "official", "mean": [122.771, 116.746, 104.094],
+                                                    "std": [68.501, 66.632, 70.323]}}
     person = record["classes"][15]
     assert person[:3] == ["person", "person", "person in shirt"], "NACLIP's list, word for word"
     assert record["classes"][0][1:4] == ["sky", "wall", "tree"] and "sands" in record["classes"][0]
@@ -400,6 +403,52 @@ def test_dense_protocols_are_the_official_configs(attention, dataset, expected):
 
 
 DATASET_BACKGROUND = {"voc": 0, "cityscapes": None, "coco-stuff": None}
+
+
+def test_a_dense_run_names_a_normalisation_other_than_the_official_codes(synthetic_voc, tmp_path, tiny_checkpoint):
+    """mmseg's constants are CLIP's rounded to three decimals: by default (auto) a model with CLIP's own constants
+    is normalised with the official ones and no deviation is listed; `--normalization model` is one."""
+    arguments = ["eval", "--dataset", "voc", "--root", synthetic_voc, "--method", "dense", "--attention", "clearclip",
+                 "--short-side", 64, "--window", 64, *tiny_cli_args(tiny_checkpoint)]
+    official = run(*arguments, "--report", tmp_path / "official.json")
+    assert official.exit_code == 0, official.output
+    record = json.loads((tmp_path / "official.json").read_text())
+    assert record["segmenter"]["dense"]["normalization"]["source"] == "official"
+    assert record["dense_protocol"]["normalization"] == {"mean": [122.771, 116.746, 104.094],
+                                                         "std": [68.501, 66.632, 70.323]}
+    assert not any("normalised" in line for line in record["dense_protocol"]["deviations"])
+    model = run(*arguments, "--normalization", "model", "--report", tmp_path / "model.json")
+    assert model.exit_code == 0, model.output
+    deviation = [line for line in json.loads((tmp_path / "model.json").read_text())["dense_protocol"]["deviations"]
+                 if "normalised" in line]
+    assert deviation == ["pixels normalised with the model's own constants, mean (122.7709, 116.746, 104.0937) and "
+                         "std (68.50053, 66.63216, 70.32316), instead of the official code's, mean (122.771, 116.746, "
+                         "104.094) and std (68.501, 66.632, 70.323)"]
+    assert "clearclip: deviations from clearclip's protocol:" in model.stderr
+    assert not any("zero-pads" in line for line in record["dense_protocol"]["deviations"]), "no window was cut short"
+    panorama = voc_tree(tmp_path / "panorama", {"2009_000004": np.zeros((10, 400), dtype=np.uint8)})
+    cut = run(*arguments[:4], panorama, *arguments[5:], "--report", tmp_path / "panorama.json")
+    assert cut.exit_code == 0, cut.output
+    assert [line for line in json.loads((tmp_path / "panorama.json").read_text())["dense_protocol"]["deviations"]
+            if "zero-pads" in line] == [
+        "clearclip zero-pads a window whose side the image edge cuts to no multiple of the 8-pixel patches (1 image "
+        "of this run); wildseg drops the remainder, as NACLIP and SCLIP do"], "10 x 400 becomes 51 x 2048"
+    assert "zero-pads a window" in cut.stderr
+
+
+def test_clearclips_zero_padding_is_a_deviation_only_where_a_window_was_cut_short():
+    """ClearCLIP (window 448, short side 448, long side 2048) pads a window whose side the image edge cuts to no
+    multiple of 16; NACLIP and SCLIP do not pad. A 375 x 500 image becomes 448 x 597: every window is 448 x 448. A
+    100 x 2000 panorama becomes 102 x 2048 (the long side caps the scale): its windows are 102 pixels high."""
+    published = dense_protocol("clearclip", "voc", SimpleNamespace(background_class=0))
+    settings = {"dense": {"window": 448, "short_side": 448, "long_side": 2048, "patch_size": 16}}
+    assert padding_deviations(published, settings, {(375, 500), (500, 333)}) == []
+    assert padding_deviations(published, settings, {(375, 500), (100, 2000), (2000, 100)}) == [
+        "clearclip zero-pads a window whose side the image edge cuts to no multiple of the 16-pixel patches (2 images "
+        "of this run); wildseg drops the remainder, as NACLIP and SCLIP do"]
+    sclip = dense_protocol("sclip", "voc", SimpleNamespace(background_class=0))
+    assert padding_deviations(sclip, settings, {(100, 2000)}) == []
+    assert published["deviations"] == [], "nothing is listed before a run shows it"
 
 
 def test_only_sclip_voc_has_an_area_threshold_and_others_follow_naclip(tmp_path):

@@ -1,7 +1,14 @@
 """wildseg against the official implementations: the oracle folder (`conftest.ORACLES`) holds what Chefer et al.'s
 notebook, NACLIP, SCLIP and ClearCLIP computed on a tiny random CLIP in OpenAI's format. The weights are loaded
-through wildseg's own loading path; agreement here is the evidence that wildseg's numbers with real weights are the
-published ones. Tolerances are the oracle README's: 1e-5 for features and relevance, 1e-4 for PAMR outputs."""
+through wildseg's own loading path, and the images enter as raw pixels through wildseg's own decoding, resizing and
+normalisation, so that a preprocessing difference fails here too; agreement is the evidence that wildseg's numbers
+with real weights are the published ones.
+
+Tolerances (absolute), with what is achieved on a 2-core AMD EPYC VM: preprocessed inputs 1e-6 (0: bit for bit);
+image features 1e-6 (0); text features 1e-5 (2.1e-6; the official CLIP and open_clip differ by 2.9e-6); relevance
+1e-7 (9.8e-9, values up to 0.06); dense patch features and cosines 1e-6 (2.4e-7); PAMR alone 1e-6 (2.8e-7); NACLIP's
+whole pipeline, per-class scores 1e-5 (1.5e-6; the official code's own output moves by up to 3e-6 between 1 and 2
+threads); label maps on at least 99.999% of the pixels (100%)."""
 
 import json
 import warnings
@@ -17,7 +24,7 @@ from conftest import ORACLE_MODEL, as_command_line_says, oracle_file, shared_dat
 from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 from PIL import Image
 
-from wildseg import Segmenter, SegmenterConfig, methods
+from wildseg import Segmenter, SegmenterConfig
 from wildseg.backbone import load_backbone
 from wildseg.cli import main
 from wildseg.datasets.classes import published_class_prompts
@@ -26,11 +33,6 @@ from wildseg.evaluation import Query, dense_class_prediction, dense_protocol
 from wildseg.methods.relevance import relevance_maps
 from wildseg.refinement.pamr import pamr
 from wildseg.refinement.settings import PamrSettings
-
-OPENAI_MEAN_255 = (122.771, 116.746, 104.094)
-OPENAI_STD_255 = (68.501, 66.632, 70.323)
-"""The official segmentors' input normalisation (CLIP's mean and std in 0-255 units)."""
-
 
 @pytest.fixture(scope="module")
 def oracle_backbone():
@@ -44,30 +46,73 @@ def test_the_oracle_weights_load_with_quickgelu_and_reproduce_clip_features(orac
     with torch.no_grad():
         image = model.encode_image(torch.from_numpy(chefer["image"]))
         text = model.encode_text(torch.from_numpy(chefer["tokens"]))
-    np.testing.assert_allclose(image.numpy(), chefer["image_features"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(image.numpy(), chefer["image_features"], atol=1e-6, rtol=0)
     np.testing.assert_allclose(text.numpy(), chefer["text_features"], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("start_block, key", [(-1, "relevance_start_m1"), (0, "relevance_start_0")])
-def test_relevance_reproduces_chefer_et_al_interpret(oracle_backbone, start_block, key):
-    """The notebook explains text i on copy i of the image; wildseg explains every label on one image."""
+def test_relevance_reproduces_chefer_et_al_interpret_from_the_pixels(oracle_backbone, start_block, key):
+    """The notebook's resized and cropped pixels, normalised by wildseg's relevance pipeline (CLIP's own constants, as
+    the notebook's `preprocess`), give its input; the notebook explains text i on copy i of the image, wildseg every
+    label on one image."""
     chefer = np.load(oracle_file("chefer.npz"))
+    image = Segmenter(oracle_backbone, SegmenterConfig()).pipeline.normalized(chefer["image_u8"])[None]
+    np.testing.assert_allclose(image.numpy(), chefer["image"], atol=1e-6, rtol=0)
     text = F.normalize(torch.from_numpy(chefer["text_features"]), dim=-1)
-    maps = relevance_maps(oracle_backbone.tower, torch.from_numpy(chefer["image"]), text, start_block)
-    np.testing.assert_allclose(maps[0].numpy(), chefer[key], atol=1e-5, rtol=0)
+    maps = relevance_maps(oracle_backbone.tower, image, text, start_block)
+    np.testing.assert_allclose(maps[0].numpy(), chefer[key], atol=1e-7, rtol=0)
+
+
+def protocol_segmenter(backbone, method: str, **changes) -> Segmenter:
+    """A Segmenter with the options of `method`'s published VOC21 protocol (`changes` on top)."""
+    options = dense_protocol(method, "voc", SimpleNamespace(background_class=0))["options"]
+    return Segmenter(backbone, SegmenterConfig.from_options({"method": "dense", "attention": method, **changes},
+                                                            options))
+
+
+VOC_IMAGE = ("voc2012", "JPEGImages/2007_000123.jpg")
+IMAGES = {"voc_2007_000123": VOC_IMAGE, "camvid_0001TP_008550": ("camvid", "images/0001TP_008550.png")}
+"""The oracle images by their key in `naclip_voc21.npz`: data set and file."""
+
+
+def image_file(dataset: str, name: str):
+    return shared_dataset(dataset) / name
+
+
+@pytest.mark.parametrize("method", ["naclip", "sclip", "clearclip"])
+def test_each_dense_protocol_preprocesses_raw_pixels_as_the_official_code(oracle_backbone, method):
+    """From the image file: the resized pixels are mmcv's bit for bit, and the normalised input is the official
+    segmentors' (mmseg's constants) to 1e-6. The oracle inputs are at short side 336, NACLIP's and SCLIP's protocol;
+    ClearCLIP's protocol resizes to 448 with the same resizing and constants, so its check runs at 336."""
+    segmenter = protocol_segmenter(oracle_backbone, method, short_side=336)
+    naclip, windows = np.load(oracle_file("naclip_voc21.npz")), np.load(oracle_file("dense_windows.npz"))
+    for key, (dataset, name) in IMAGES.items():
+        source = segmenter.pipeline.decode(image_file(dataset, name)).source
+        np.testing.assert_array_equal(source, naclip[f"{key}_input_u8_rgb"])
+    source = segmenter.pipeline.decode(image_file(*VOC_IMAGE)).source
+    normalised = segmenter.pipeline.normalized(source)[None]
+    np.testing.assert_allclose(normalised.numpy(), windows["input_full336x448"], atol=1e-6, rtol=0)
+    assert segmenter.settings()["dense"]["normalization"]["source"] == "official"
+    model_constants = protocol_segmenter(oracle_backbone, method, short_side=336, normalization="model")
+    assert np.abs(model_constants.pipeline.normalized(source)[None].numpy() - windows["input_full336x448"]).max() > 1e-6
 
 
 @pytest.mark.parametrize("attention", ["naclip", "sclip", "clearclip", "vanilla"])
 @pytest.mark.parametrize("window", ["win224", "full336x448"])
 def test_dense_features_reproduce_the_official_segmentors(oracle_backbone, attention, window):
-    """Patch features of a 224 window (native positions) and of a whole 336 x 448 input (interpolated ones)."""
+    """Patch features of a 224 window (native positions; the notebook's CLIP input) and of the whole VOC image
+    resized to 336 x 448 by wildseg from its file (interpolated positions)."""
     oracle = np.load(oracle_file("dense_windows.npz"))
-    method = methods.load_method(attention).build(SegmenterConfig(method="dense", attention=attention))
+    segmenter = protocol_segmenter(oracle_backbone, attention, short_side=336)
+    if window == "win224":
+        image = torch.from_numpy(oracle["input_win224"])
+    else:
+        image = segmenter.pipeline.normalized(segmenter.pipeline.decode(image_file(*VOC_IMAGE)).source)[None]
     with torch.no_grad():
-        features = method.features(oracle_backbone.tower, torch.from_numpy(oracle[f"input_{window}"]))[0]
-    np.testing.assert_allclose(features.numpy(), oracle[f"{attention}_{window}_features"], atol=1e-5, rtol=0)
+        features = segmenter.method.features(oracle_backbone.tower, image)[0]
+    np.testing.assert_allclose(features.numpy(), oracle[f"{attention}_{window}_features"], atol=1e-6, rtol=0)
     text = torch.from_numpy(oracle[f"text_embeddings_{'naclip' if attention == 'vanilla' else attention}"])
-    np.testing.assert_allclose((features @ text.T).numpy(), oracle[f"{attention}_{window}_logits"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose((features @ text.T).numpy(), oracle[f"{attention}_{window}_logits"], atol=1e-6, rtol=0)
 
 
 @pytest.fixture(scope="module")
@@ -123,21 +168,21 @@ def test_a_pretrained_tag_gets_the_activation_of_its_open_clip_config(gelu_confi
     assert oracle_image_error(backbone) < 1e-5
 
 
-@pytest.mark.parametrize("image", ["voc_2007_000123", "camvid_0001TP_008550"])
-def test_pamr_reproduces_naclips_on_its_cosine_maps(image):
+@pytest.mark.parametrize("image", IMAGES)
+def test_pamr_reproduces_naclips_on_its_cosine_maps(oracle_backbone, image):
     """NACLIP's PAMR step alone: its own patch logits upsampled as it does (to the 336 x 448 input, then to the
-    original size), its guide (the normalised input resized to the original size), 10 iterations, (8, 16)."""
+    original size), its guide (the input wildseg normalises from the resized pixels, resized to the original size),
+    10 iterations, (8, 16)."""
     oracle = np.load(oracle_file("naclip_voc21.npz"))
     size = tuple(int(side) for side in oracle[f"{image}_ori_shape"])
-    pixels = torch.from_numpy(oracle[f"{image}_input_u8_rgb"]).permute(2, 0, 1).float()
-    normalised = (pixels - torch.tensor(OPENAI_MEAN_255)[:, None, None]) / torch.tensor(OPENAI_STD_255)[:, None, None]
+    normalised = protocol_segmenter(oracle_backbone, "naclip").pipeline.normalized(oracle[f"{image}_input_u8_rgb"])
     logits = F.interpolate(torch.from_numpy(oracle[f"{image}_patch_logits"])[None], size=(336, 448), mode="bilinear")
     logits = F.interpolate(logits, size=size, mode="bilinear")[0]
     guide = F.interpolate(normalised[None], size=size, mode="bilinear")[0]
     refined = pamr(guide, logits, PamrSettings(iterations=10, dilations=(8, 16)))
     expected = oracle[f"{image}_cfg_pamr_out_lattice"]
     assert np.abs(logits[:, 4::8, 4::8].numpy() - expected).max() > 0.05, "PAMR changes the maps"
-    np.testing.assert_allclose(refined[:, 4::8, 4::8].numpy(), expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(refined[:, 4::8, 4::8].numpy(), expected, atol=1e-6, rtol=0)
 
 
 NACLIP_VARIANTS = {"cfg": (0, "pamr"), "cfg_nopamr": (0, "none"), "slide224": (224, "pamr"),
@@ -149,15 +194,8 @@ each with and without PAMR."""
 @pytest.fixture(scope="module")
 def naclip_segmenters(oracle_backbone):
     """A Segmenter per variant, with the settings of wildseg's NACLIP VOC21 protocol."""
-    options = dense_protocol("naclip", "voc", SimpleNamespace(background_class=0))["options"]
-    pamr_settings = ("pamr_iterations", "pamr_dilations")
-    return {
-        variant: Segmenter(oracle_backbone, SegmenterConfig.from_options(
-            {"method": "dense", "window": window, "refine": refine, "background_words": ()},
-            {name: options[name] for name in ("tta", "max_side", "bg_threshold", "short_side", "logit_scale",
-                                              *pamr_settings)}))
-        for variant, (window, refine) in NACLIP_VARIANTS.items()
-    }
+    return {variant: protocol_segmenter(oracle_backbone, "naclip", window=window, refine=refine, background_words=())
+            for variant, (window, refine) in NACLIP_VARIANTS.items()}
 
 
 def test_the_published_voc21_list_is_naclips_query_list_word_for_word():
@@ -168,22 +206,20 @@ def test_the_published_voc21_list_is_naclips_query_list_word_for_word():
 
 
 @pytest.mark.parametrize("variant", NACLIP_VARIANTS)
-@pytest.mark.parametrize("image", ["voc_2007_000123", "camvid_0001TP_008550"])
-def test_naclips_whole_voc21_pipeline_is_reproduced(naclip_segmenters, variant, image):
-    """Per-class scores (max over a class's queries, normalised per pixel as NACLIP returns them) to 1e-4, and the
-    label maps with NACLIP's background threshold 0.1 and without one on at least 99.9% of the pixels."""
+@pytest.mark.parametrize("image", IMAGES)
+def test_naclips_whole_voc21_pipeline_is_reproduced_from_the_image_file(naclip_segmenters, variant, image):
+    """Per-class scores (max over a class's queries, normalised per pixel as NACLIP returns them) to 1e-5, and the
+    label maps with NACLIP's background threshold 0.1 and without one on at least 99.999% of the pixels."""
     oracle = np.load(oracle_file("naclip_voc21.npz"))
-    path = {"voc_2007_000123": shared_dataset("voc2012") / "JPEGImages" / "2007_000123.jpg",
-            "camvid_0001TP_008550": shared_dataset("camvid") / "images" / "0001TP_008550.png"}[image]
     words, owners = oracle["query_words"].tolist(), oracle["query_idx"]
-    probabilities = naclip_segmenters[variant].query_probabilities(path, words)
+    probabilities = naclip_segmenters[variant].query_probabilities(image_file(*IMAGES[image]), words)
     classes = np.stack([probabilities[owners == index].max(axis=0) for index in range(21)])
     expected = oracle[f"{image}_{variant}_probs_lattice"]
-    np.testing.assert_allclose((classes / classes.sum(axis=0))[:, 4::8, 4::8], expected, atol=1e-4, rtol=0)
+    np.testing.assert_allclose((classes / classes.sum(axis=0))[:, 4::8, 4::8], expected, atol=1e-5, rtol=0)
     query = Query(words, list(range(21)), [np.flatnonzero(owners == index).tolist() for index in range(21)])
     for threshold in (0.1, 0):
         predicted = dense_class_prediction(probabilities, query, probabilities.shape[1:], threshold, None, 0)
-        assert (predicted == oracle[f"{image}_{variant}_pred_thd{threshold}"]).mean() >= 0.999
+        assert (predicted == oracle[f"{image}_{variant}_pred_thd{threshold}"]).mean() >= 0.99999
 
 
 def test_wildseg_eval_reproduces_naclips_voc21_prediction_from_the_command_line(tmp_path):
@@ -199,4 +235,4 @@ def test_wildseg_eval_reproduces_naclips_voc21_prediction_from_the_command_line(
     assert json.loads((tmp_path / "report.json").read_text())["dense_protocol"]["deviations"] == []
     predicted = np.array(Image.open(tmp_path / "predictions" / "2007_000123.png"))
     oracle = np.load(oracle_file("naclip_voc21.npz"))
-    assert (predicted == oracle["voc_2007_000123_cfg_pred_thd0.1"]).mean() >= 0.999
+    assert (predicted == oracle["voc_2007_000123_cfg_pred_thd0.1"]).mean() >= 0.99999

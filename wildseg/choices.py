@@ -37,6 +37,14 @@ DEFAULT_TEMPERATURE = 0.1
 DENSE_WINDOW = 224
 DENSE_SHORT_SIDE = 336
 DENSE_LOGIT_SCALE = 40.0
+NORMALIZATIONS = {
+    "auto": "official when the model's own constants are CLIP's (which the official ones round), else model",
+    "official": "the constants of the dense method's official code (mmseg's: mean 122.771, 116.746, 104.094, "
+                "std 68.501, 66.632, 70.323 in 0-255 units)",
+    "model": "the model's own preprocessing constants (open_clip's)",
+}
+"""How the dense method normalises pixels (`methods.official_normalization`); the relevance method always uses the
+model's own constants, as Chefer et al.'s notebook does."""
 CRF_ITERATIONS = 5
 PAMR_ITERATIONS = 10
 VOCABULARIES = {"voc": "voc20", "coco": "coco_object", "ade": "ade20k"}

@@ -26,6 +26,7 @@ from .choices import (
     DENSE_WINDOW,
     METHODS,
     MIN_WORKING_SIDE,
+    NORMALIZATIONS,
     REFINEMENTS,
     TTA_POLICIES,
 )
@@ -41,6 +42,7 @@ DEFAULTS = {
     "short_side": DENSE_SHORT_SIDE,
     "long_side": DENSE_LONG_SIDE,
     "logit_scale": DENSE_LOGIT_SCALE,
+    "normalization": "auto",
     "crf_iterations": CrfSettings.iterations,
     "crf_backend": "auto",
     "pamr_iterations": PamrSettings.iterations,
@@ -49,7 +51,7 @@ DEFAULTS = {
 """What the settings that default to None mean (`stride`, `bg_threshold` and `background_words` depend on others)."""
 SCOPES = {
     **{name: ("method", "dense") for name in ("attention", "window", "stride", "short_side", "long_side",
-                                              "logit_scale", "background_words")},
+                                              "logit_scale", "normalization", "background_words")},
     "start_block": ("method", "relevance"),
     **{name: ("refine", "crf") for name in ("crf_iterations", "crf_backend")},
     **{name: ("refine", "pamr") for name in ("pamr_iterations", "pamr_dilations")},
@@ -87,6 +89,9 @@ class SegmenterConfig:
         short_side: dense: the image is resized to this short side for the model (default 336) ...
         long_side: ... with its long side at most this (default 2048), as mmcv resizes it.
         logit_scale: dense: the softmax scale of the patch-label cosines (default 40).
+        normalization: dense: the pixel normalisation, "official" (the constants of the method's official code,
+            mmseg's rounding of CLIP's), "model" (the model's own) or "auto" (the default: official when the
+            model's own constants are CLIP's, else model; `choices.NORMALIZATIONS`).
         background_words: dense: words scored as background (default those of PASCAL VOC's background class; ()
             for none).
         crf_iterations: mean-field iterations of the dense CRF (default 5).
@@ -110,6 +115,7 @@ class SegmenterConfig:
     short_side: Optional[int] = None
     long_side: Optional[int] = None
     logit_scale: Optional[float] = None
+    normalization: Optional[str] = None
     background_words: Optional[tuple[str, ...]] = None
     crf_iterations: Optional[int] = None
     crf_backend: Optional[str] = None
@@ -130,6 +136,8 @@ class SegmenterConfig:
                                    "leave it out")
         if self.attention is not None:
             _choice("attention", self.attention, methods.names(methods.DENSE))
+        if self.normalization is not None:
+            _choice("normalization", self.normalization, NORMALIZATIONS)
         if self.crf_backend is not None:
             _choice("crf_backend", self.crf_backend, CRF_BACKENDS)
         _at_least("max_side", self.max_side, MIN_WORKING_SIDE, "pixels")

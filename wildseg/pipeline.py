@@ -19,6 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import methods
 from .backbone import Backbone, ProgressCallback
 from .config import SegmenterConfig
 from .errors import WildsegError
@@ -51,6 +52,56 @@ class Decoded:
     source: np.ndarray
 
 
+@dataclass(frozen=True)
+class Normalization:
+    """How pixels are normalised: (pixel / scale - mean) / std, with 8-bit pixels; `source` says whose constants
+    these are ("model": the model's own, in 0-1 units with scale 255; "official": the dense method's official code's,
+    in 0-255 units with scale 1, computed as mmseg does)."""
+
+    source: str
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    scale: float
+
+    def in_pixel_units(self) -> dict:
+        """The constants in 0-255 units, with their source, for records and reports."""
+        factor = self.scale
+        return {"source": self.source, "mean": [value * factor for value in self.mean],
+                "std": [value * factor for value in self.std]}
+
+
+OFFICIAL_ROUNDING = 1e-3
+"""How far (0-255 units) a model's own constants may be from a dense method's official ones for `auto` to take the
+official ones: mmseg's constants are CLIP's rounded to three decimals."""
+
+
+def pixel_normalization(backbone: Backbone, config: SegmenterConfig) -> Normalization:
+    """The normalisation a configuration uses on a backbone: the model's own for the relevance method (as Chefer et
+    al.'s notebook preprocesses); for the dense method per `config.normalization` (`choices.NORMALIZATIONS`): the
+    official code's constants (`methods.official_normalization`), the model's own, or with "auto" the official ones
+    when they are the model's own rounded (within OFFICIAL_ROUNDING), else the model's.
+
+    Args:
+        backbone: the loaded model (its `mean` and `std`, 0-1 units).
+        config: the configuration.
+
+    Returns:
+        The Normalization.
+    """
+    model = Normalization("model", tuple(backbone.mean), tuple(backbone.std), 255.0)
+    choice = config.resolved("normalization")
+    if config.method != "dense" or choice == "model":
+        return model
+    mean, std = methods.official_normalization(config.method_name)
+    official = Normalization("official", mean, std, 1.0)
+    if choice == "official":
+        return official
+    own = model.in_pixel_units()
+    rounds_to = all(abs(ours - theirs) <= OFFICIAL_ROUNDING
+                    for ours, theirs in zip([*own["mean"], *own["std"]], [*mean, *std]))
+    return official if rounds_to else model
+
+
 class Pipeline:
     """The steps of one Segmenter: a loaded backbone, a checked configuration and its method.
 
@@ -71,6 +122,7 @@ class Pipeline:
         self.view_batch = config.view_batch or DEFAULT_VIEW_BATCH[backbone.device.type]
         self.crf: Optional[CrfSettings] = config.crf if "crf" in config.refine else None
         self.pamr = config.pamr if "pamr" in config.refine else None
+        self.normalization = pixel_normalization(backbone, config)
 
     def decode(self, image: Union[ImageInput, Decoded]) -> Decoded:
         """The image as displayed (RGB uint8), at working resolution, and as the model's views are cut from it; an
@@ -85,11 +137,14 @@ class Pipeline:
                                                       self.config.resolved("long_side")))
 
     def normalized(self, rgb: np.ndarray) -> torch.Tensor:
-        """The image as a normalised float tensor (3 x H x W) on the model's device."""
-        backbone = self.backbone
-        pixels = torch.from_numpy(rgb).to(backbone.device).permute(2, 0, 1).float() / 255.0
-        mean = torch.tensor(backbone.mean, device=backbone.device)[:, None, None]
-        std = torch.tensor(backbone.std, device=backbone.device)[:, None, None]
+        """The image as a normalised float tensor (3 x H x W) on the model's device: (pixel - mean) / std in float32,
+        in the units the constants are given in (`Normalization`)."""
+        device, normalization = self.backbone.device, self.normalization
+        pixels = torch.from_numpy(rgb).to(device).permute(2, 0, 1).float()
+        if normalization.scale != 1:
+            pixels = pixels / normalization.scale
+        mean = torch.tensor(normalization.mean, device=device)[:, None, None]
+        std = torch.tensor(normalization.std, device=device)[:, None, None]
         return (pixels - mean) / std
 
     def plan(self, source: np.ndarray) -> list[View]:

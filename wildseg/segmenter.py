@@ -77,6 +77,7 @@ class Segmenter:
                 "attention": config.resolved("attention"), "window": config.resolved("window"),
                 "stride": config.window_stride, "short_side": config.resolved("short_side"),
                 "long_side": config.resolved("long_side"), "logit_scale": config.resolved("logit_scale"),
+                "normalization": pipeline.normalization.in_pixel_units(), "patch_size": backbone.tower.patch_size,
                 "background_words": config.dense_background_words,
             } if dense else None,
             "tta": config.tta,

@@ -137,7 +137,16 @@ def evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], pr
     `backbone` when one is loaded) or the Ray workers of `cluster`; its report, and the backbone a next run can
     reuse."""
     from ..distributed.workers import RayEvaluator
-    from ..evaluation import LocalEvaluator, PredictionStore, build_report, check_dataset, run_protocol, run_settings
+    from ..evaluation import (
+        LocalEvaluator,
+        PredictionStore,
+        build_report,
+        check_dataset,
+        normalization_deviations,
+        padding_deviations,
+        run_protocol,
+        run_settings,
+    )
 
     plan = run_protocol(options, dataset_key, dataset, class_names, protocol)
     check_dataset(plan.dataset, protocol)
@@ -150,17 +159,31 @@ def evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], pr
                                                           else f"preparing the {options['method']} method"),
                                    prepare=lambda segmenter, labels: embed_ahead(console, segmenter, labels))
     with evaluator:
-        settings = {**run_settings(plan.dataset, protocol, evaluator.settings()), "dense_protocol": plan.published}
+        published = plan.published
+        if published is not None:
+            published = {**published, "deviations": [*published["deviations"],
+                                                     *normalization_deviations(published, evaluator.settings())]}
+        settings = {**run_settings(plan.dataset, protocol, evaluator.settings()), "dense_protocol": published}
         store = PredictionStore(save_predictions, settings, len(plan.dataset.classes)) if save_predictions else None
-        if plan.published is not None and plan.published["deviations"]:
-            console.print(f"{options['attention'] or DEFAULT_ATTENTION}: deviations from "
-                          f"{plan.published['follows']}'s protocol: "
-                          f"{'; '.join(plan.published['deviations'])}", markup=False, highlight=False, soft_wrap=True)
+        if published is not None and published["deviations"]:
+            print_deviations(console, options, published, published["deviations"])
         with image_progress(console) as progress:
             task = progress.add_task(f"{plan.dataset.name} {plan.dataset.split or ''}{evaluator.where}", total=len(ids))
             evaluation = evaluator.evaluate(ids, store, lambda count: [advance(progress, task) for _ in range(count)])
     evaluation.timings_s.update(evaluator.stages)
-    return build_report(plan.dataset, settings, selection, evaluation), evaluator.backbone
+    report = build_report(plan.dataset, settings, selection, evaluation)
+    if published is not None:
+        padded = padding_deviations(published, settings["segmenter"], evaluation.image_sizes)
+        if padded:
+            print_deviations(console, options, published, padded)
+            report["dense_protocol"] = {**published, "deviations": [*published["deviations"], *padded]}
+    return report, evaluator.backbone
+
+
+def print_deviations(console: Console, options: dict, published: dict, deviations: list[str]) -> None:
+    """One line listing how a dense run departs from the protocol it follows."""
+    console.print(f"{options['attention'] or DEFAULT_ATTENTION}: deviations from {published['follows']}'s protocol: "
+                  f"{'; '.join(deviations)}", markup=False, highlight=False, soft_wrap=True)
 
 
 def comparison_row(name: str, result: dict) -> dict:

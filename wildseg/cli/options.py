@@ -19,6 +19,7 @@ from ..choices import (
     DENSE_WINDOW,
     METHODS,
     MIN_WORKING_SIDE,
+    NORMALIZATIONS,
     PAMR_ITERATIONS,
     REFINEMENTS,
     TTA_POLICIES,
@@ -97,6 +98,10 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                      help=f"Dense method: the image is seen at this short side [default: {DENSE_SHORT_SIDE}]."),
         click.option("--logit-scale", type=click.FloatRange(min=0, min_open=True),
                      help=f"Dense method: softmax scale of the patch-label cosines [default: {DENSE_LOGIT_SCALE:g}]."),
+        click.option("--normalization", type=click.Choice(list(NORMALIZATIONS)),
+                     help="Dense method: pixel normalisation: official (the constants of the method's official "
+                          "code), model (the model's own) [default: auto = official when the model's constants are "
+                          "CLIP's, else model]."),
         click.option("--tta", type=click.Choice(TTA_POLICIES),
                      help="Test-time augmentation views (see docs/segment.md) [default: default]."),
         click.option("--refine", type=click.Choice(list(REFINEMENTS)),

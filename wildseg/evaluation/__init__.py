@@ -4,7 +4,7 @@ a data set (`loop`), saved predictions (`predictions`), reports (`report`) and w
 
 from .loop import Evaluation, SegmenterLike, evaluate
 from .predictions import PredictionStore
-from .protocols import RunProtocol, dense_protocol, run_protocol
+from .protocols import RunProtocol, dense_protocol, normalization_deviations, padding_deviations, run_protocol
 from .report import build_report, load_ids, run_settings
 from .runner import Evaluator, LocalEvaluator
 from .scoring import (
@@ -19,4 +19,5 @@ from .scoring import (
 
 __all__ = ["PROTOCOLS", "Evaluation", "Evaluator", "LocalEvaluator", "PredictionStore", "Query", "RunProtocol",
            "SegmenterLike", "build_query", "build_report", "candidate_classes", "check_dataset", "class_prediction",
-           "dense_class_prediction", "dense_protocol", "evaluate", "load_ids", "run_protocol", "run_settings"]
+           "dense_class_prediction", "dense_protocol", "evaluate", "load_ids", "normalization_deviations",
+           "padding_deviations", "run_protocol", "run_settings"]

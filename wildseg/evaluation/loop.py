@@ -43,6 +43,8 @@ class Evaluation:
     reused: int = 0
     failed: list[dict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
+    image_sizes: set[tuple[int, int]] = field(default_factory=set)
+    """(height, width) of the images scored."""
 
     def add(self, other: "Evaluation") -> None:
         """Count another part of the run (a Ray worker's chunk): confusion, counts, failures, stage seconds."""
@@ -50,6 +52,7 @@ class Evaluation:
         self.evaluated += other.evaluated
         self.reused += other.reused
         self.failed.extend(other.failed)
+        self.image_sizes |= other.image_sizes
         for stage, seconds in other.timings_s.items():
             _add_time(self.timings_s, stage, seconds)
 
@@ -85,6 +88,7 @@ def evaluate(
         evaluation.confusion += confusion_matrix(prediction, truth, classes, dataset.ignore_index)
         evaluation.evaluated += 1
         evaluation.reused += outcome == "reused"
+        evaluation.image_sizes.add(tuple(truth.shape[:2]))
         on_image(image_id, outcome)
 
     def fail(image_id: str, reason: str) -> None:

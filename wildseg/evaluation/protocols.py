@@ -8,16 +8,17 @@ every given option, class list or protocol that departs from the published run i
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, Optional
 
 from .. import methods
 from ..choices import DEFAULT_ATTENTION, DEFAULT_BG_THRESHOLD, DEFAULT_DENSE_BG_THRESHOLD, DEFAULT_TEMPLATES
 from ..datasets import SegmentationDataset
 from ..datasets.classes import ClassName, published_class_prompts
 from ..errors import WildsegError, setting
+from ..resolution import model_image_size
 from .scoring import protocol_bg_threshold
 
-FALLBACK = "naclip"
+FALLBACK = methods.PROTOCOL_FALLBACK
 """The published protocol a dense method without one of its own is run under."""
 
 
@@ -31,7 +32,8 @@ def dense_protocol(method: str, dataset_key: str, dataset: SegmentationDataset) 
 
     Returns:
         `follows` (whose protocol), `source`, `config`, `class_list`, `area_threshold`, `published_miou`,
-        `options` (SegmenterConfig values: the common settings with the data set's on top; where none sets a
+        `normalization` (the official code's pixel `mean` and `std`, 0-255 units), `window_padding` (None, or
+        "zero" where the official code zero-pads windows whose sides are no multiple of the patch size), `options` (SegmenterConfig values: the common settings with the data set's on top; where none sets a
         background threshold, 0.1 if background is a class, else 0) and the `deviations` of wildseg's run from the
         official one known in advance.
     """
@@ -49,8 +51,9 @@ def dense_protocol(method: str, dataset_key: str, dataset: SegmentationDataset) 
     options.setdefault("bg_threshold", protocol_bg_threshold(dataset, DEFAULT_DENSE_BG_THRESHOLD))
     if "pamr_dilations" in options:
         options["pamr_dilations"] = tuple(options["pamr_dilations"])
-    return {"follows": follows, "source": published["source"], **metadata, "options": options,
-            "deviations": deviations}
+    return {"follows": follows, "source": published["source"], **metadata,
+            "normalization": {"mean": published["pixel_mean"], "std": published["pixel_std"]},
+            "window_padding": published.get("window_padding"), "options": options, "deviations": deviations}
 
 
 def with_published_class_list(dataset: SegmentationDataset, class_list: str) -> SegmentationDataset:
@@ -110,3 +113,54 @@ def run_protocol(options: dict, dataset_key: str, dataset: SegmentationDataset, 
             deviations.append(f"{name} {value} instead of {expected[name]}")
     return RunProtocol({**published["options"], "background_words": ()}, dataset, published["area_threshold"],
                        published)
+
+
+def normalization_deviations(published: dict, segmenter_settings: dict) -> list[str]:
+    """The deviation of a run's pixel normalisation from the official code's, if any.
+
+    Args:
+        published: the protocol followed (`dense_protocol`).
+        segmenter_settings: the run's `Segmenter.settings()` (its `dense.normalization`, 0-255 units).
+
+    Returns:
+        One line naming both sets of constants where they differ, else nothing.
+    """
+    used, official = segmenter_settings["dense"]["normalization"], published["normalization"]
+    if [*used["mean"], *used["std"]] == [*official["mean"], *official["std"]]:
+        return []
+    whose = "the model's own" if used["source"] == "model" else used["source"]
+    return [f"pixels normalised with {whose} constants, mean {_constants(used['mean'])} and std "
+            f"{_constants(used['std'])}, instead of the official code's, mean {_constants(official['mean'])} and std "
+            f"{_constants(official['std'])}"]
+
+
+def padding_deviations(published: dict, segmenter_settings: dict, image_sizes: Iterable[tuple[int, int]]
+                       ) -> list[str]:
+    """The deviation of a run whose official code zero-pads windows (`window_padding` "zero", ClearCLIP's) where one
+    of its images had a window the image edge cut to a side that is no multiple of the patch size: wildseg drops
+    that remainder, as NACLIP and SCLIP do.
+
+    Args:
+        published: the protocol followed (`dense_protocol`).
+        segmenter_settings: the run's `Segmenter.settings()` (window, sides, patch size).
+        image_sizes: (height, width) of the images the run scored.
+
+    Returns:
+        One line with the number of such images, or nothing when there were none.
+    """
+    dense = segmenter_settings["dense"]
+    window, patch = dense["window"], dense["patch_size"]
+    if published["window_padding"] != "zero" or not window:
+        return []
+    padded = sum(any(side < window and side % patch for side in model_image_size(*size, dense["short_side"],
+                                                                                  dense["long_side"]))
+                 for size in image_sizes)
+    if not padded:
+        return []
+    return [f"{published['follows']} zero-pads a window whose side the image edge cuts to no multiple of the "
+            f"{patch}-pixel patches ({padded} image{'s' if padded > 1 else ''} of this run); wildseg drops the "
+            "remainder, as NACLIP and SCLIP do"]
+
+
+def _constants(values: Iterable[float]) -> str:
+    return "(" + ", ".join(f"{value:.7g}" for value in values) + ")"

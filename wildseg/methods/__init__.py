@@ -45,6 +45,10 @@ REGISTRY = {entry.name: entry for entry in (
 """Every method wildseg offers, by name."""
 
 
+PROTOCOL_FALLBACK = "naclip"
+"""The method whose published protocols a dense method without any of its own follows."""
+
+
 def names(family: str) -> tuple[str, ...]:
     """The names of the methods of a family, in registry order."""
     return tuple(name for name, entry in REGISTRY.items() if entry.family == family)
@@ -62,7 +66,18 @@ def published_protocols(name: str) -> Optional[dict]:
 
     The file holds `source` (the official code and where the numbers come from), `common` (settings of every data
     set), `datasets` (per data-set key: the settings that differ, `config`, `class_list`, `published_miou` and
-    optionally `area_threshold`) and `known_deviations` (how wildseg's run of it is known to differ).
+    optionally `area_threshold`), `pixel_mean` and `pixel_std` (the normalisation of the official code, in 0-255
+    units, as its config writes them), optionally `window_padding` ("zero" where the official code zero-pads a
+    window whose sides are no multiple of the patch size) and `known_deviations` (how every wildseg run of it is
+    known to differ).
     """
     entry = resources.files(__name__).joinpath(f"{name}.json")
     return json.loads(entry.read_text(encoding="utf-8")) if entry.is_file() else None
+
+
+def official_normalization(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The pixel mean and standard deviation (0-255 units) the official code of dense method `name` normalises
+    with: its published protocols' `pixel_mean` and `pixel_std`, or those of PROTOCOL_FALLBACK for a method
+    without published protocols."""
+    published = published_protocols(name) or published_protocols(PROTOCOL_FALLBACK)
+    return tuple(published["pixel_mean"]), tuple(published["pixel_std"])
