@@ -2,8 +2,12 @@
 
 import os
 import re
+import subprocess
+import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import open_clip
@@ -37,6 +41,45 @@ REAL_DATA = {
 open_clip.add_model_config(Path(__file__).parent / "configs")
 if (ORACLES / f"{ORACLE_MODEL}.json").is_file():
     open_clip.add_model_config(ORACLES / f"{ORACLE_MODEL}.json")
+
+
+MODEL_LIBRARIES = ("torch", "open_clip", "torchvision", "cv2")
+"""The libraries whose import takes seconds: what a command's quick answers must not import."""
+
+CLI_PROBE = """
+import sys
+from wildseg.cli import main
+sys.argv = ["wildseg", *sys.argv[1:]]
+code = 0
+try:
+    main()
+except SystemExit as exit:
+    code = exit.code
+print("IMPORTED", ",".join(sorted(name for name in {libraries} if name in sys.modules)), code, file=sys.stderr)
+"""
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """A command line run in a subprocess: its exit code, stderr lines (the probe's own left out), stdout, and which
+    model libraries it had imported when it ended."""
+
+    code: int
+    lines: list[str]
+    stdout: str
+    imported: list[str]
+
+
+def wildseg_in_subprocess(*arguments, cwd: Path, env: Optional[dict] = None,
+                          libraries: tuple[str, ...] = MODEL_LIBRARIES) -> CliRun:
+    """Run the command line as a user's shell would, watching which of `libraries` it imports."""
+    result = subprocess.run([sys.executable, "-c", CLI_PROBE.format(libraries=libraries), *map(str, arguments)],
+                            capture_output=True, text=True, cwd=cwd, env={**os.environ, **(env or {})}, timeout=300)
+    lines = result.stderr.splitlines()
+    probe = next(line for line in reversed(lines) if line.startswith("IMPORTED "))
+    _, imported, code = probe.split(" ")
+    return CliRun(int(code), [line for line in lines if line != probe], result.stdout,
+                  [name for name in imported.split(",") if name])
 
 
 NO_SKIPS = "WILDSEG_NO_SKIPS"

@@ -13,7 +13,7 @@ from rich.progress import Progress
 
 from wildseg import SegmenterConfig
 from wildseg.cli import main
-from wildseg.cli.progress import RateColumn, TimeLeftColumn, advance, steady_rate
+from wildseg.cli.progress import RateColumn, TimeLeftColumn, advance, image_rate
 from wildseg.files import write_json
 from wildseg.outputs import label_palette
 from wildseg.pseudolabels import label_scores, scores_to_probabilities
@@ -227,8 +227,10 @@ def test_rerun_skips_done_images_and_overwrite_drops_the_old_record_first(photo,
     with monkeypatch.context() as patch:
         patch.setattr(wildseg.cli.segment, "build_segmenter",
                       lambda *args, **kwargs: pytest.fail("nothing to do: no model"))
-        again = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
+        again = run("segment", photo, "-l", "cat", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
+        other = run("segment", photo, "-l", "dog", "-o", out, "--tta", "none", *tiny_cli_args(tiny_checkpoint))
     assert again.exit_code == 0 and "0 done, 1 skipped" in again.stdout
+    assert other.exit_code == 2 and "made with other settings (--labels for 1)" in other.stderr
     assert json.loads((out / "photo.json").read_text())["labels"] == ["background", "cat"]
 
     def failing_overlay(*args):
@@ -323,21 +325,21 @@ def test_models_lists_what_both_methods_work_with_and_why_not_the_rest():
     assert "ResNet vision tower" in everything.stdout and "attentional pooling (CoCa)" in everything.stdout
 
 
-def test_the_rate_starts_at_the_first_image_done():
-    """Warm-up (1 s before the first image) and a burst do not make the rate: 1 image in the 2 s after the first
-    gives 0.5 images/s, and the 8 left take 16 s at that rate."""
+def test_the_rate_is_images_finished_over_the_time_since_the_first_began():
+    """Three images that one model batch finishes 20 s after the first began, a tenth of a millisecond apart, are
+    0.15 images/s, not the 2946 images/s between two of them; before the first is done there is no rate."""
     now = [0.0]
     progress = Progress(RateColumn(), TimeLeftColumn(), get_time=lambda: now[0], disable=True)
     task = progress.add_task("segmenting", total=10)
-    now[0] = 1.0
-    advance(progress, task)
-    assert steady_rate(progress.tasks[task]) is None and str(TimeLeftColumn().render(progress.tasks[task])) == (
-        "-:--:-- left")
-    now[0] = 3.0
-    advance(progress, task)
-    assert steady_rate(progress.tasks[task]) == pytest.approx(0.5)
-    assert str(TimeLeftColumn().render(progress.tasks[task])) == "0:00:16 left"
-    assert str(RateColumn().render(progress.tasks[task])) == "0.50 img/s"
+    now[0] = 10.0
+    assert image_rate(progress.tasks[task]) is None and str(RateColumn().render(progress.tasks[task])) == "- img/s"
+    assert str(TimeLeftColumn().render(progress.tasks[task])) == "-:--:-- left"
+    for moment in (20.0, 20.0001, 20.0002):
+        now[0] = moment
+        advance(progress, task)
+    assert image_rate(progress.tasks[task]) == pytest.approx(3 / 20.0002)
+    assert str(RateColumn().render(progress.tasks[task])) == "0.15 img/s"
+    assert str(TimeLeftColumn().render(progress.tasks[task])) == "0:00:47 left", "7 images at 3 per 20 s"
 
 
 def test_shards_of_a_folder_segment_every_image_once(tmp_path, tiny_checkpoint):
@@ -353,6 +355,6 @@ def test_shards_of_a_folder_segment_every_image_once(tmp_path, tiny_checkpoint):
         assert result.exit_code == 0, result.stderr
         outs.append(sorted(path.stem for path in out.glob("*.json")))
     assert sorted(name for names in outs for name in names) == [f"p{index}" for index in range(7)]
-    again = run("segment", folder, "-l", "cat", "-o", tmp_path / "out2", "--shard", "2/3", *tiny_cli_args(
-        tiny_checkpoint))
+    again = run("segment", folder, "-l", "cat", "-o", tmp_path / "out2", "--shard", "2/3", "--tta", "none",
+                *tiny_cli_args(tiny_checkpoint))
     assert f"0 done, {len(outs[1])} skipped" in again.stdout

@@ -241,6 +241,8 @@ def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_
     union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
     assert record["metrics"]["miou"] == pytest.approx(np.mean(np.diag(confusion)[union > 0] / union[union > 0]))
     assert record["metrics"]["pixel_accuracy"] == pytest.approx(np.trace(confusion) / confusion.sum())
+    assert (f"mIoU {100 * record['metrics']['miou']:.1f}%, pixel accuracy "
+            f"{100 * record['metrics']['pixel_accuracy']:.1f}%") in result.stdout, "the report holds fractions"
 
     again = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--report", report, "--save-predictions",
                 predictions, *tiny_args(tiny_checkpoint))
@@ -250,6 +252,10 @@ def test_eval_on_a_voc_tree_reports_reuses_and_refuses_mixed_settings(synthetic_
     mixed = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--save-predictions", predictions,
                 "--given-labels", *tiny_args(tiny_checkpoint))
     assert mixed.exit_code == 2 and mixed.stderr.count("\n") == 1 and "protocol differ" in mixed.stderr
+    for other in (["--tta", "default"], ["--max-side", 48], ["--templates", "imagenet80"]):
+        refused = run("eval", "--dataset", "voc", "--root", synthetic_voc, "--save-predictions", predictions,
+                      *tiny_args(tiny_checkpoint), *other)
+        assert refused.exit_code == 2 and "(segmenter differ)" in refused.stderr, other
 
 
 def test_eval_subsets_with_ids_and_limit_and_counts_failures(synthetic_voc, tmp_path, tiny_checkpoint):

@@ -61,7 +61,7 @@ def test_arrays_are_accepted():
         (lambda path: None, "image not found"),
         (lambda path: path.mkdir(), "is a folder"),
         (lambda path: path.write_text("hello"), "not an image file"),
-        (lambda path: path.write_bytes(b""), "not an image file"),
+        (lambda path: path.write_bytes(b""), r"is empty \(0 bytes\)"),
     ],
 )
 def test_bad_files_are_clear_errors(tmp_path, make, message):

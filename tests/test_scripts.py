@@ -29,7 +29,9 @@ def run_script(*arguments, cwd=ROOT) -> subprocess.CompletedProcess:
 def test_make_random_checkpoint_writes_the_seeded_random_model_that_wildseg_loads(tmp_path):
     """The README's no-weights recipe: open_clip's own initialisation under the seed, loaded through wildseg."""
     path = tmp_path / "random.pt"
-    run_script(ROOT / "examples" / "make_random_checkpoint.py", path, "--model", "ViT-B-32", "--seed", 3)
+    result = run_script(ROOT / "examples" / "make_random_checkpoint.py", path, "--model", "ViT-B-32", "--seed", 3)
+    assert result.stdout.startswith(f"wrote {path}: random ViT-B-32 weights (seed 3)") and "mean nothing" in (
+        result.stdout), "it says what it wrote and what masks made with it mean"
     torch.manual_seed(3)
     expected = open_clip.create_model("ViT-B-32").state_dict()
     loaded = load_backbone("ViT-B-32", checkpoint=path, device="cpu", activation="gelu").model.state_dict()

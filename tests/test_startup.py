@@ -2,29 +2,13 @@
 OpenCV), each of which takes seconds; and the light table of choices the command line is built from names
 exactly what the implementations offer."""
 
-import subprocess
-import sys
-
 import pytest
+from conftest import wildseg_in_subprocess
 
 from wildseg import __version__, choices, methods
 from wildseg.config import SegmenterConfig
 from wildseg.datasets import DATASETS
 from wildseg.tta import POLICIES
-
-HEAVY = ("torch", "open_clip", "torchvision", "cv2")
-
-PROBE = """
-import sys
-from wildseg.cli import main
-sys.argv = ["wildseg", *sys.argv[1:]]
-code = 0
-try:
-    main()
-except SystemExit as exit:
-    code = exit.code
-print("IMPORTED", sorted(name for name in {heavy} if name in sys.modules), code, file=sys.stderr)
-"""
 
 
 @pytest.mark.parametrize("arguments, code", [
@@ -38,9 +22,8 @@ print("IMPORTED", sorted(name for name in {heavy} if name in sys.modules), code,
     (["eval", "-d", "voc", "--root", "/nonexistent"], 2),
 ])
 def test_help_version_and_usage_errors_import_no_model_library(arguments, code, tmp_path):
-    result = subprocess.run([sys.executable, "-c", PROBE.format(heavy=HEAVY), *arguments], capture_output=True,
-                            text=True, cwd=tmp_path, timeout=60)
-    assert f"IMPORTED [] {code}" in result.stderr.splitlines()[-1], result.stderr
+    result = wildseg_in_subprocess(*arguments, cwd=tmp_path)
+    assert (result.code, result.imported) == (code, []), result.lines
     if arguments == ["--version"]:
         assert result.stdout == f"wildseg, version {__version__}\n"
 

@@ -6,13 +6,14 @@ process (`wildseg segment`) and in each Ray worker (`distributed`), so that both
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional
 
 from .choices import DEFAULT_VOCABULARY
-from .errors import WildsegError, failure_reason, first_line, setting
+from .errors import WildsegError, WildsegWarning, failure_reason, first_line, setting
 from .labels import clean_labels
 
 if TYPE_CHECKING:
@@ -92,9 +93,13 @@ def labeling(options: LabelOptions) -> Labeling:
     from .inputs import read_labels_file
 
     labels, labels_file = options.labels, options.labels_file
-    if (labels is None) == (labels_file is None):
+    if labels is None and labels_file is None:
         raise WildsegError(f'give {setting("labels")} "a,b" (the same for every image) or {setting("labels_file")} '
                            "FILE, one of the two")
+    if labels is not None and labels_file is not None:
+        raise WildsegError(f"both {setting('labels')} and {setting('labels_file')} were given: keep "
+                           f"{setting('labels')} for the same labels in every image, or {setting('labels_file')} "
+                           "for each image's own")
     for option, value in (("vocab", options.vocab), ("auto_min_area", options.min_area),
                           ("auto_min_score", options.min_score)):
         if value is not None and labels != AUTO:
@@ -108,15 +113,31 @@ def labeling(options: LabelOptions) -> Labeling:
         return Labeling(vocabulary_prompts(vocabulary), vocabulary_name=name, vocabulary=vocabulary, rule=rule)
     if labels is not None:
         names = clean_labels(labels)
+        for name in names:
+            warn_of_other_separators(name)
         return Labeling(names, names=names)
     table = read_labels_file(labels_file)
     return Labeling([label for names in table.values() for label in names], table=table, labels_file=labels_file)
 
 
-def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, extras: dict[str, bool]
-                 ) -> list[dict]:
-    """Write one image's outputs (JSON last) with the `extras` asked for and its automatic-label record if any;
-    returns the record's class rows. A write that fails raises a WildsegError naming the folder."""
+OTHER_SEPARATORS = ";|\t"
+"""Characters label lists are often separated by elsewhere; only commas separate wildseg's."""
+
+
+def warn_of_other_separators(name: str) -> None:
+    """A WildsegWarning when label `name` holds a character of OTHER_SEPARATORS: it stays one label."""
+    found = [character for character in OTHER_SEPARATORS if character in name]
+    if found:
+        warnings.warn(f"label {name!r} holds {' and '.join(map(repr, found))}: it stays one label, as only commas "
+                      f"separate labels (write {' and '.join(map(repr, found))} as commas for several)",
+                      WildsegWarning, stacklevel=3)
+
+
+def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, extras: dict[str, bool],
+                 request: dict) -> list[dict]:
+    """Write one image's outputs (JSON last) with the `extras` asked for, its `request` (`provenance.image_request`)
+    and its automatic-label record if any; returns the record's class rows. A write that fails raises a
+    WildsegError naming the folder."""
     from .outputs import write_outputs
 
     result = item.result
@@ -126,6 +147,7 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
         "labels": result.labels,
         "classes": result.summary(),
         "settings": segmenter.settings(),
+        "request": request,
         "timings_s": result.timings,
         **({"auto_labels": item.auto_labels} if item.auto_labels is not None else {}),
     }
@@ -142,6 +164,7 @@ def segment_and_write(
     labels: Labeling,
     jobs: dict[Path, dict[str, Path]],
     extras: dict[str, bool],
+    request: dict,
     on_outcome: Callable[[ImageOutcome], None],
     workers: int = 2,
     refine_workers: Optional[int] = None,
@@ -150,12 +173,14 @@ def segment_and_write(
     folder: Path = Path(),
 ) -> bool:
     """Segment `images` and write each one's outputs to its `jobs` paths in 2 x `workers` writer threads behind the
-    model, with the `extras` asked for (scores, heat maps), reporting every image's `ImageOutcome` once its files
+    model, with the `extras` asked for (scores, heat maps) and each image's request (`request`, the run's
+    `provenance.run_request`, with its labels) in its record, reporting every image's `ImageOutcome` once its files
     are written or it failed. Relative image and output paths are taken from `folder`. The bookkeeping of an image
     runs inside `deferred()` (where a stop signal waits). A KeyboardInterrupt ends the model's work; then
     `finishing()` is called and the writes in flight are finished and reported. Returns whether it was
     interrupted."""
     from .outputs import BackgroundWriter
+    from .provenance import image_request
 
     classes: dict[Path, list[dict]] = {}
     interrupted = False
@@ -163,7 +188,8 @@ def segment_and_write(
     def write(item: BatchItem) -> None:
         """In a writer thread: the outputs, then the class rows they hold for the image's outcome."""
         paths = {kind: folder / path for kind, path in jobs[item.source].items()}
-        classes[item.source] = save_outputs(item, paths, segmenter, extras)
+        asked = image_request(request, labels, folder / item.source)
+        classes[item.source] = save_outputs(item, paths, segmenter, extras, asked)
 
     def report(written) -> None:
         for image, error in written:
@@ -193,8 +219,8 @@ class BatchSummary:
     stages (loading the model, embedding the labels ahead, segmenting), and the class rows of the last image
     written (the one-image run prints them)."""
 
-    def __init__(self, total: int, skipped: int):
-        self.total, self.skipped, self.done, self.seconds = total, skipped, 0, 0.0
+    def __init__(self, total: int, skipped: int, unlisted: int = 0):
+        self.total, self.skipped, self.unlisted, self.done, self.seconds = total, skipped, unlisted, 0, 0.0
         self.stages_s: dict[str, float] = {}
         self.failures: dict[Path, str] = {}
         self.interrupted, self.last_classes = False, None
@@ -210,11 +236,13 @@ class BatchSummary:
     def line(self) -> str:
         """The run in one line: counts, seconds, rate and the seconds of each stage."""
         state = "interrupted: " if self.interrupted else ""
-        rate = self.done / self.seconds if self.seconds else 0.0
-        stages = "".join(f"; {name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
-                         for name, seconds in self.stages_s.items())
-        return (f"{state}{self.done} done, {self.skipped} skipped (done before), {len(self.failures)} failed, "
-                f"of {self.total} images in {self.seconds:.1f} s ({rate:.2f} images/s{stages})")
+        details = [f"{self.done / self.seconds:.2f} images/s"] if self.done and self.seconds else []
+        details += [f"{name.removesuffix('_s').replace('_', ' ')} {seconds:.1f} s"
+                    for name, seconds in self.stages_s.items()]
+        unlisted = f"{self.unlisted} skipped (not in the labels file), " if self.unlisted else ""
+        rate = f" ({'; '.join(details)})" if details else ""
+        return (f"{state}{self.done} done, {self.skipped} skipped (done before), {unlisted}{len(self.failures)} "
+                f"failed, of {self.total} images in {self.seconds:.1f} s{rate}")
 
     def as_dict(self) -> dict:
         """The summary as the --summary JSON holds it."""
@@ -222,6 +250,7 @@ class BatchSummary:
             "images": self.total,
             "done": self.done,
             "skipped": self.skipped,
+            "unlisted": self.unlisted,
             "failed": len(self.failures),
             "interrupted": self.interrupted,
             "seconds": self.seconds,

@@ -24,6 +24,7 @@ from rich.console import Console
 from . import methods
 from .autolabels import AutoLabelRule, load_vocabulary, segment_with_found_labels, vocabulary_prompts
 from .batch import AUTO, save_outputs
+from .provenance import automatic_labels_request, run_request
 from .choices import (
     AUTO_MIN_AREA,
     AUTO_MIN_SCORES,
@@ -77,6 +78,7 @@ class DemoModels:
         self.method, self.refine = config.method, config.refine
         self.attention = config.resolved("attention") if config.method == "dense" else None
         self.segmenters = {self._key(self.method, self.attention, self.refine): first}
+        self.requests = {self._key(self.method, self.attention, self.refine): run_request(self.options)}
 
     def get(self, method: str, attention: str, refine: str):
         """The Segmenter for these choices on the loaded model, built on first use."""
@@ -85,7 +87,12 @@ class DemoModels:
             chosen = {"method": method, "attention": key[1], "refine": refine}
             options = {**_used_by(self.options, method, refine), **chosen}
             self.segmenters[key] = build_segmenter(options, backbone=self.backbone)
+            self.requests[key] = run_request(options)
         return self.segmenters[key]
+
+    def request(self, method: str, attention: str, refine: str) -> dict:
+        """The settings that decide the masks of these choices (`provenance.run_request`), once `get` built them."""
+        return self.requests[self._key(method, attention, refine)]
 
     @staticmethod
     def _key(method: str, attention: str, refine: str) -> tuple:
@@ -142,26 +149,29 @@ class DemoSession:
         path, name = upload
         segmenter = self.models.get(method, attention, refine)
         if labels.strip().casefold() == AUTO:
-            item = self._auto_labels(segmenter, path, vocabulary, auto_min_area, auto_min_score, progress)
+            item, asked = self._auto_labels(segmenter, path, vocabulary, auto_min_area, auto_min_score, progress)
             result, auto_record = item.result, item.auto_labels
         else:
             names = clean_labels(labels, on_notice)
             segmenter.prepare_labels(names, on_progress=_reporter(progress, "embedding labels"))
             result = segmenter.segment(load_image(path), names, on_progress=_reporter(progress, "test-time views"))
-            auto_record = None
+            auto_record, asked = None, names
         paths = output_paths(Path(label_slug(Path(name).stem)), self._request_folder(),
                              heatmap_labels=result.labels)
         save_outputs(BatchItem(name, result, auto_labels=auto_record), paths, segmenter,
-                     {"save_scores": False, "heatmaps": True})
+                     {"save_scores": False, "heatmaps": True},
+                     {**self.models.request(method, attention, refine), "labels": asked})
         rows = [[index, row["label"], round(100 * float(row["pixel_fraction"]), 2), round(row["mean_score"], 3)]
                 for index, row in enumerate(result.summary())]
         heatmaps = [(str(paths[f"heatmap_{index}"]), label) for index, label in enumerate(result.labels) if index]
         status = _status_line(name, result, segmenter, auto_record, time.perf_counter() - started)
         return str(paths["overlay"]), status, rows, heatmaps, [str(paths["mask"]), str(paths["record"])]
 
-    def _auto_labels(self, segmenter, path: Path, vocabulary, min_area, min_score, progress) -> BatchItem:
+    def _auto_labels(self, segmenter, path: Path, vocabulary, min_area, min_score, progress
+                     ) -> tuple[BatchItem, dict]:
         """The image segmented with the vocabulary's classes found in it (`autolabels`, as `wildseg segment`
-        does), with the record of every candidate; a one-line error where none is found."""
+        does), with the record of every candidate, and what decided them (`provenance.automatic_labels_request`);
+        a one-line error where none is found."""
         if vocabulary not in self.vocabularies:
             raise WildsegError(f"unknown vocabulary {vocabulary!r}: use one of {', '.join(self.vocabularies)}")
         for what, value in (("least share of the image", min_area), ("least mean score", min_score)):
@@ -174,7 +184,7 @@ class DemoSession:
         (item,) = segment_with_found_labels(segmenter, [path], vocabulary, classes, rule, refine_workers=0)
         if item.error is not None:
             raise WildsegError(item.error)
-        return item
+        return item, automatic_labels_request(vocabulary, classes, rule)
 
     def _request_folder(self) -> Path:
         """A fresh folder for this request's files; the oldest beyond KEPT_REQUESTS is removed (Gradio has copied

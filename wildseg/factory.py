@@ -76,3 +76,24 @@ def loading_message(options: dict) -> str:
     else:
         source = f"{options.get('pretrained', 'openai')} weights, downloaded on first use"
     return f"loading {options.get('model', 'ViT-B-16')} ({source})"
+
+
+def weights_to_fetch(options: dict) -> Optional[str]:
+    """When the model of `options` must download its weights before it loads: a line saying which and where to
+    (a download takes minutes, so a command says it at once); None when they are local or cached."""
+    import open_clip
+
+    from .backbone import register_model_config
+    from .backbone.downloads import default_cache_hint, weights_cached
+
+    tag, cache_dir = options.get("pretrained") or "openai", options.get("cache_dir")
+    model = options.get("model") or "ViT-B-16"
+    if options.get("checkpoint") is not None or tag.lower() == "none":
+        return None
+    if options.get("model_config") is not None:
+        register_model_config(options["model_config"])
+    if model not in open_clip.list_models() or tag not in open_clip.list_pretrained_tags_by_model(model):
+        return None
+    if weights_cached(model, tag, cache_dir):
+        return None
+    return f"downloading the {tag} weights of {model} into {cache_dir or default_cache_hint()} (once)"

@@ -30,6 +30,8 @@ def _open_image_file(path: Path) -> Image.Image:
         raise WildsegError(f"image not found: {path} (check the path)")
     if path.is_dir():
         raise WildsegError(f"{path} is a folder, not an image file: pass an image file")
+    if path.stat().st_size == 0:
+        raise WildsegError(f"{path} is empty (0 bytes): an interrupted copy or download? copy it again")
     try:
         image = Image.open(path)
         image.load()

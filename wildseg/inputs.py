@@ -81,6 +81,9 @@ def expand_inputs(
             found.extend(InputImage(path, path.relative_to(base).with_suffix("")) for path in matches)
         elif Path(argument).exists():
             loose.append(Path(argument))
+        elif not Path(argument).suffix and os.sep not in argument and "/" not in argument:
+            raise WildsegError(f"image not found: {argument}; if it is a label, several labels go in one quoted, "
+                               f'comma-separated argument: {setting("labels")} "cat,{argument}"')
         else:
             raise WildsegError(f"image not found: {argument} (check the path)")
     if loose:

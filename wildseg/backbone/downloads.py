@@ -2,8 +2,12 @@
 they cannot be had (no network, offline mode, an unknown tag).
 """
 
+import contextlib
+import logging
+import os
 from pathlib import Path
 from typing import Optional, Union
+from urllib.parse import urlsplit
 
 import open_clip
 import torch
@@ -15,7 +19,7 @@ def default_cache_hint() -> str:
     """Where open_clip keeps downloaded weights when no cache folder is given."""
     from huggingface_hub.constants import HF_HUB_CACHE
 
-    return f"{HF_HUB_CACHE} (Hugging Face) or ~/.cache/clip"
+    return f"{HF_HUB_CACHE} or ~/.cache/clip"
 
 
 def model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Path]]) -> torch.nn.Module:
@@ -29,16 +33,55 @@ def model_from_tag(model_name: str, tag: str, cache_dir: Optional[Union[str, Pat
             f"pick one with {setting('pretrained')} or load a file with {setting('checkpoint')}"
         )
     try:
-        return open_clip.create_model(model_name, pretrained=tag,
-                                      cache_dir=None if cache_dir is None else str(cache_dir))
+        with quiet_hub_retries():
+            return open_clip.create_model(model_name, pretrained=tag,
+                                          cache_dir=None if cache_dir is None else str(cache_dir))
     except Exception as error:
-        where = cache_dir if cache_dir is not None else default_cache_hint()
-        raise WildsegError(
-            f"could not get the {tag!r} weights of {model_name}: {_download_failure(error, model_name, tag)}; "
-            f"open_clip downloads them once into {where}: connect to the network, point {setting('cache_dir')} at a "
-            f"copy of that cache (with HF_HUB_OFFLINE=1 to skip network attempts), or pass {setting('checkpoint')} "
-            "PATH to a local weights file"
-        ) from None
+        raise WildsegError(f"could not get the {tag!r} weights of {model_name}: "
+                           f"{_download_failure(error, model_name, tag)}; {_ways_on(cache_dir)}") from None
+
+
+@contextlib.contextmanager
+def quiet_hub_retries():
+    """The Hugging Face hub's logger at ERROR while it downloads (its level restored after): a failed download is
+    one line of wildseg's, not a dozen of the hub's retries."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def weights_cached(model_name: str, tag: str, cache_dir: Optional[Union[str, Path]]) -> bool:
+    """Whether open_clip would load the `tag` weights of `model_name` from its cache (or a local file) rather than
+    download them: the Hugging Face hub's cache (safetensors or the named file) or open_clip's URL cache."""
+    from huggingface_hub import try_to_load_from_cache
+    from open_clip.pretrained import _get_safe_alternatives
+
+    config = open_clip.get_pretrained_cfg(model_name, tag)
+    if not config or "file" in config:
+        return True
+    folder = None if cache_dir is None else str(cache_dir)
+    if config.get("hf_hub"):
+        model_id, filename = os.path.split(config["hf_hub"])
+        filename = filename or "open_clip_pytorch_model.bin"
+        return any(isinstance(try_to_load_from_cache(model_id, name, cache_dir=folder), str)
+                   for name in [*_get_safe_alternatives(filename), filename])
+    url_cache = Path(folder) if folder is not None else Path("~/.cache/clip").expanduser()
+    return (url_cache / os.path.basename(config.get("url", ""))).is_file()
+
+
+def _ways_on(cache_dir: Optional[Union[str, Path]]) -> str:
+    """What a user who could not get weights may do, leaving out what they did already (offline mode, a cache)."""
+    from huggingface_hub import constants
+
+    ways = [] if constants.HF_HUB_OFFLINE else ["connect to the network"]
+    ways.append(f"point {setting('cache_dir')} at a copy of the cache ({default_cache_hint()})" if cache_dir is None
+                else f"check that {setting('cache_dir')} {cache_dir} holds them")
+    ways.append(f"pass {setting('checkpoint')} FILE")
+    return ", ".join(ways[:-1]) + ("," if len(ways) > 2 else "") + f" or {ways[-1]}"
 
 
 def _download_failure(error: BaseException, model_name: str, tag: str) -> str:
@@ -51,12 +94,10 @@ def _download_failure(error: BaseException, model_name: str, tag: str) -> str:
     while (chain[-1].__cause__ or chain[-1].__context__) is not None and len(chain) < 20:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
     config = open_clip.get_pretrained_cfg(model_name, tag)
-    source = (f"{constants.ENDPOINT}/{config['hf_hub'].rstrip('/')}" if config.get("hf_hub")
-              else config.get("url") or "the download server")
+    source = urlsplit(constants.ENDPOINT if config.get("hf_hub") else config.get("url", "")).netloc or "the server"
     if constants.HF_HUB_OFFLINE and any(isinstance(each, (LocalEntryNotFoundError, OfflineModeIsEnabled))
                                         for each in chain):
-        return (f"they are not in the download cache, and HF_HUB_OFFLINE=1 forbids fetching them from {source} "
-                "(unset it to download)")
+        return "they are not in the download cache, and HF_HUB_OFFLINE=1 forbids downloading them (unset it)"
     if any(_is_network_error(each) for each in chain):
         return f"{source} could not be reached and they are not in the download cache"
     return " ".join(str(chain[-1]).split()) or type(chain[-1]).__name__

@@ -17,10 +17,9 @@ from .. import methods
 from ..choices import DATASETS, DEFAULT_ATTENTION
 from ..config import SegmenterConfig
 from ..errors import WildsegError
-from ..factory import loading_message
 from .checks import check_output_folder
 from .options import ray_options, segmenter_options, segmenter_values
-from .progress import advance, embed_ahead, image_progress, status
+from .progress import advance, embed_ahead, image_progress, model_loading, status
 
 COMPARABLE = ("relevance", *methods.names(methods.DENSE))
 
@@ -155,8 +154,8 @@ def evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], pr
                                  starting=lambda message: status(console, message))
     else:
         evaluator = LocalEvaluator(options, plan, protocol, workers, backbone,
-                                   loading=lambda: status(console, loading_message(options) if backbone is None
-                                                          else f"preparing the {options['method']} method"),
+                                   loading=lambda: model_loading(console, options) if backbone is None
+                                   else status(console, f"preparing the {options['method']} method"),
                                    prepare=lambda segmenter, labels: embed_ahead(console, segmenter, labels))
     with evaluator:
         published = plan.published
@@ -223,12 +222,13 @@ def summary_line(result: dict) -> str:
     return (
         f"{' '.join(filter(None, (result['dataset'], result['split'])))} ({result['protocol']} protocol), "
         f"{images['evaluated']} images "
-        f"({images['reused']} reused, {images['failed']} failed): mIoU {percent(metrics['miou'])}, "
-        f"pixel accuracy {percent(metrics['pixel_accuracy'])}, "
-        f"mean class accuracy {percent(metrics['mean_class_accuracy'])}"
+        f"({images['reused']} reused, {images['failed']} failed): mIoU {percent(metrics['miou'], '%')}, "
+        f"pixel accuracy {percent(metrics['pixel_accuracy'], '%')}, "
+        f"mean class accuracy {percent(metrics['mean_class_accuracy'], '%')}"
     )
 
 
-def percent(value) -> str:
-    """A fraction in percent with one decimal, or '-' where it is undefined."""
-    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}"
+def percent(value, sign: str = "") -> str:
+    """A fraction in percent with one decimal, followed by `sign` (a table's column says %), or '-' where it is
+    undefined."""
+    return "-" if value is None or math.isnan(value) else f"{100 * value:.1f}{sign}"

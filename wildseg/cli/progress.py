@@ -16,6 +16,17 @@ def status(console: Console, message: str):
     return console.status(message) if console.is_terminal else contextlib.nullcontext()
 
 
+def model_loading(console: Console, options: dict):
+    """The status line while the model of `options` loads (`factory.loading_message`); when its weights are to be
+    downloaded first, a line saying so at once, on a pipe too."""
+    from ..factory import loading_message, weights_to_fetch
+
+    fetching = weights_to_fetch(options)
+    if fetching is not None:
+        console.print(f"wildseg: {fetching}", markup=False, highlight=False, soft_wrap=True)
+    return status(console, loading_message(options))
+
+
 def report_failure(console: Console, image, reason: str) -> None:
     """One line per failed image on stderr, above the progress bar, also with -q."""
     line = f"wildseg: failed: {image}: {reason}"
@@ -36,36 +47,30 @@ def embed_ahead(console: Console, segmenter, labels: list[str]) -> None:
 
 
 def advance(progress: Progress, task) -> None:
-    """One image more; the first one done marks where the rate starts (`steady_rate`)."""
+    """One image more."""
     progress.advance(task)
-    if "first_done" not in progress.tasks[task].fields:
-        progress.update(task, first_done=(progress.get_time(), progress.tasks[task].completed))
 
 
-def steady_rate(task) -> Optional[float]:
-    """Images per second since the first image was done, so that the model's warm-up and the label embeddings before
-    it do not count and a burst of images finished by one model batch does not read as the rate; None until a second
-    image is done."""
-    if "first_done" not in task.fields:
-        return None
-    started, count = task.fields["first_done"]
-    elapsed = task.get_time() - started
-    return (task.completed - count) / elapsed if task.completed > count and elapsed > 0 else None
+def image_rate(task) -> Optional[float]:
+    """Images finished per second since the task started, when its first image began (model batches finish images
+    in bursts: a rate between two images of one burst would mean nothing); None until an image is done."""
+    elapsed = task.elapsed
+    return task.completed / elapsed if task.completed and elapsed else None
 
 
 class RateColumn(ProgressColumn):
-    """Images per second (`steady_rate`)."""
+    """Images per second (`image_rate`)."""
 
     def render(self, task) -> Text:
-        rate = steady_rate(task)
+        rate = image_rate(task)
         return Text("- img/s" if rate is None else f"{rate:.2f} img/s")
 
 
 class TimeLeftColumn(ProgressColumn):
-    """Time left at the steady rate ('-:--:--' until there is one)."""
+    """Time left at `image_rate` ('-:--:--' until there is one)."""
 
     def render(self, task) -> Text:
-        rate = steady_rate(task)
+        rate = image_rate(task)
         if rate is None or task.total is None:
             return Text("-:--:-- left")
         return Text(f"{datetime.timedelta(seconds=round((task.total - task.completed) / rate))} left")

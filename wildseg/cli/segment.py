@@ -4,6 +4,7 @@ or on Ray workers, resumable, with a summary and optionally the COCO and YOLO da
 from __future__ import annotations
 
 import contextlib
+import glob
 import sys
 import time
 from functools import partial
@@ -17,14 +18,20 @@ from rich.table import Table
 
 from ..choices import AUTO_MIN_AREA, AUTO_MIN_SCORES, DEFAULT_VOCABULARY, VOCABULARIES
 from ..errors import WildsegError
-from ..factory import build_segmenter, loading_message
+from ..factory import build_segmenter
 from ..interrupts import Interrupts
 from ..labels import BACKGROUND, clean_labels
 from .app import INTERRUPTED
-from .checks import check_export_options, check_output_folder, refuse_to_overwrite_inputs
+from .checks import (
+    check_export_options,
+    check_output_folder,
+    refuse_outdated_outputs,
+    refuse_to_overwrite_inputs,
+    unlisted_images,
+)
 from .export import write_exports
 from .options import SEGMENT_OPTIONS, export_options, ray_options, segmenter_values
-from .progress import advance, embed_ahead, image_progress, report_failure, status
+from .progress import advance, embed_ahead, image_progress, model_loading, report_failure, status
 
 if TYPE_CHECKING:
     from ..batch import BatchSummary, Labeling
@@ -45,6 +52,8 @@ AUTO = "auto"
                    f"{AUTO_MIN_SCORES['relevance']} relevance, {AUTO_MIN_SCORES['dense']} dense].")
 @click.option("--labels-file", type=click.Path(path_type=Path),
               help="Per-image labels: CSV rows `image,label,...` or a JSON object {image: labels}.")
+@click.option("--skip-unlisted", is_flag=True,
+              help="With --labels-file: segment only the images it lists (the others are counted as skipped).")
 @click.option("--out", "-o", "out_dir", type=click.Path(path_type=Path), default=Path("wildseg_out"),
               show_default=True,
               help="Folder for each image's mask PNG, overlay JPEG and JSON record (sub-folders mirror the inputs).")
@@ -68,17 +77,19 @@ AUTO = "auto"
 @SEGMENT_OPTIONS
 @ray_options
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
-def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, out_dir, save_scores, heatmaps,
+def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, skip_unlisted, out_dir, save_scores,
+            heatmaps,
             coco_path, yolo_folder, yolo_min_region, recursive, shard, overwrite, summary_path, workers,
             refine_workers, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, quiet,
             **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
 
     Writes <name>.png (mask), <name>_overlay.jpg and <name>.json per image; images whose JSON exists are skipped
-    unless --overwrite. Exit code 0: all done, 1: some images failed, 2: usage error. With --labels auto, each
-    image is first segmented with the whole vocabulary and the classes that cover --auto-min-area of it with mean
-    score --auto-min-score are segmented as given (see docs/segment.md). With --ray, the images are segmented by
-    workers on a Ray cluster into the same files (see docs/ray.md).
+    unless --overwrite, and refused when it was made with other settings. Exit code 0: all done, 1: some images
+    failed, 2: usage error. With --labels auto, each image is first segmented with the whole vocabulary and the
+    classes that cover --auto-min-area of it with mean score --auto-min-score are segmented as given (see
+    docs/segment.md). With --ray, the images are segmented by workers on a Ray cluster into the same files (see
+    docs/ray.md).
     """
     started = time.perf_counter()
     from ..batch import BatchSummary, LabelOptions, labeling
@@ -92,6 +103,8 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     options = segmenter_values(segmenter_arguments)
     SegmenterConfig.from_options(options)
     labels_plan = labeling(LabelOptions(labels, labels_file, vocab, auto_min_area, auto_min_score))
+    if skip_unlisted and labels_file is None:
+        raise WildsegError("--skip-unlisted is an option of --labels-file: add the file or leave it out")
     cluster = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
     from ..inputs import expand_inputs, in_shard, parse_shard
 
@@ -102,7 +115,14 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
         images = [image for image in images if in_shard(image, parse_shard(shard))]
     from ..files import write_json
     from ..outputs import is_done, output_paths, remove_stale_temporaries  # OpenCV: once the inputs are found
+    from ..provenance import run_request
 
+    console = Console(stderr=True, quiet=quiet)
+    unlisted = unlisted_images([image.path for image in images], labels_plan, skip_unlisted)
+    if unlisted:
+        console.print(f"skipping {len(unlisted)} of the {len(images)} images: {labels_file} does not list them",
+                      markup=False, highlight=False, soft_wrap=True)
+        images = [image for image in images if image.path not in unlisted]
     heatmap_labels = [BACKGROUND, *clean_labels(labels)] if heatmaps and labels not in (None, AUTO) else None
     jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels)
             for image in images}
@@ -111,19 +131,22 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
     if summary_path is not None:
         check_output_folder(summary_path.parent, [summary_path], "--summary")
     check_export_options(coco_path, yolo_folder, yolo_min_region)
+    request = run_request(options)
+    done = [path for path, paths in jobs.items() if is_done(paths)]
+    if not overwrite:
+        refuse_outdated_outputs({path: jobs[path]["record"] for path in done}, labels_plan, request, out_dir)
     remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
-    todo = [path for path, paths in jobs.items() if overwrite or not is_done(paths)]
-    console = Console(stderr=True, quiet=quiet)
-    run = BatchSummary(total=len(jobs), skipped=len(jobs) - len(todo))
+    todo = list(jobs) if overwrite else [path for path in jobs if path not in set(done)]
+    run = BatchSummary(total=len(jobs) + len(unlisted), skipped=len(jobs) - len(todo), unlisted=len(unlisted))
     extras = {"save_scores": save_scores, "heatmaps": heatmaps}
     with Interrupts() as interrupts:
         try:
             if todo and cluster is not None:
-                segment_on_ray(cluster, todo, jobs, labels_plan, extras, overwrite, workers, refine_workers,
-                               options, run, console, interrupts)
+                segment_on_ray(cluster, todo, jobs, labels_plan, extras, request, overwrite, workers,
+                               refine_workers, options, run, console, interrupts)
             elif todo:
-                segment_here(todo, jobs, labels_plan, extras, workers, refine_workers, options, run, console,
-                             interrupts)
+                segment_here(todo, jobs, labels_plan, extras, request, workers, refine_workers, options, run,
+                             console, interrupts)
         except KeyboardInterrupt:  # while the model loads, the labels are embedded or Ray starts: nothing in flight
             run.interrupted = True
             interrupts.finishing()
@@ -132,7 +155,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
         if len(jobs) == 1 and run.done == 1:
             paths = next(iter(jobs.values()))
             report.print(summary_table(run.last_classes))
-            report.print(f"wrote {paths['mask']}, {paths['overlay'].name}, {paths['record'].name}", soft_wrap=True)
+            report.print(f"wrote {', '.join(written_names(paths))}", soft_wrap=True, markup=False, highlight=False)
         report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
         if summary_path is not None:
             write_json(summary_path, run.as_dict(), "the summary")
@@ -141,14 +164,14 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, o
 
 
 def segment_here(todo: list[Path], jobs: dict[Path, dict[str, Path]], labels: Labeling, extras: dict[str, bool],
-                 workers: int, refine_workers: Optional[int], options: dict, run: BatchSummary, console: Console,
-                 interrupts: Interrupts) -> None:
+                 request: dict, workers: int, refine_workers: Optional[int], options: dict, run: BatchSummary,
+                 console: Console, interrupts: Interrupts) -> None:
     """Segment the images to do in this process (`batch.segment_and_write`) with one progress bar, counting each
     image in `run` with the seconds of each stage."""
     from ..batch import segment_and_write
 
     clock = time.perf_counter()
-    with status(console, loading_message(options)):  # torch and open_clip are imported then, under the status line
+    with model_loading(console, options):  # torch and open_clip are imported then, under the status line
         segmenter = build_segmenter(options)
     run.stages_s["model_load_s"] = time.perf_counter() - clock
     with segmenter:
@@ -162,14 +185,15 @@ def segment_here(todo: list[Path], jobs: dict[Path, dict[str, Path]], labels: La
         with image_progress(console) as progress:
             task = progress.add_task("segmenting", total=len(todo))
             run.interrupted = segment_and_write(
-                segmenter, todo, labels, jobs, extras, partial(account, run, progress, task), workers,
+                segmenter, todo, labels, jobs, extras, request, partial(account, run, progress, task), workers,
                 refine_workers, deferred=interrupts.deferred, finishing=interrupts.finishing)
         run.stages_s["segmenting_s"] = time.perf_counter() - clock
 
 
 def segment_on_ray(cluster_options, todo: list[Path], jobs: dict[Path, dict[str, Path]], labels: Labeling,
-                   extras: dict[str, bool], overwrite: bool, workers: int, refine_workers: Optional[int],
-                   options: dict, run: BatchSummary, console: Console, interrupts: Interrupts) -> None:
+                   extras: dict[str, bool], request: dict, overwrite: bool, workers: int,
+                   refine_workers: Optional[int], options: dict, run: BatchSummary, console: Console,
+                   interrupts: Interrupts) -> None:
     """Segment the images to do on Ray workers (`distributed`), in chunks, with one progress bar for the whole
     cluster, counting each image in `run`."""
     from ..batch import ImageOutcome
@@ -182,7 +206,7 @@ def segment_on_ray(cluster_options, todo: list[Path], jobs: dict[Path, dict[str,
             cluster = stack.enter_context(RayCluster(cluster_options))
             shape = worker_shape(cluster_options, cluster.resources, options.get("device") or "auto")
             worker_options = {**options, **({"device": "cpu"} if shape.gpus == 0 else {})}
-            job = SegmentJob(worker_options, labels, extras, workers, refine_workers, overwrite)
+            job = SegmentJob(worker_options, labels, extras, request, workers, refine_workers, overwrite)
             actors = cluster.start(SegmentWorker, shape, job)
         run.stages_s["ray_start_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
@@ -205,6 +229,15 @@ def account(run: BatchSummary, progress: Progress, task, outcome) -> None:
     if outcome.error is not None:
         report_failure(progress.console, outcome.image, outcome.error)
     advance(progress, task)
+
+
+def written_names(paths: dict[str, Path]) -> list[str]:
+    """What one image's run wrote: its mask's path, then the names of the files beside it (the scores and heat maps
+    among them, also those of labels found automatically), the record last."""
+    mask, record = paths["mask"], paths["record"]
+    heatmaps = sorted(mask.parent.glob(f"{glob.escape(mask.stem)}_heatmap_*.jpg"))
+    others = dict.fromkeys(path for path in [*paths.values(), *heatmaps] if path not in (mask, record))
+    return [str(mask), *(path.name for path in others if path.is_file()), record.name]
 
 
 def summary_table(rows: list[dict]) -> Table:

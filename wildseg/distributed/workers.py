@@ -20,13 +20,15 @@ from .cluster import RayCluster, chunked, run_chunks, worker_shape
 @dataclass(frozen=True)
 class SegmentJob:
     """What every worker of a `wildseg segment --ray` run needs: the Segmenter's options (paths absolute), how the
-    images get their labels, the extras to write, its threads, whether done images are segmented again, when the
-    run started (an image whose record was written since then was done by an earlier attempt of its chunk), and
-    the driver's working folder, which the images' and outputs' relative paths start from."""
+    images get their labels, the extras to write, the run's request (`provenance.run_request`), its threads,
+    whether done images are segmented again, when the run started (an image whose record was written since then
+    was done by an earlier attempt of its chunk), and the driver's working folder, which the images' and outputs'
+    relative paths start from."""
 
     segmenter_options: dict
     labels: Labeling
     extras: dict[str, bool]
+    request: dict
     threads: int
     refine_workers: Optional[int]
     overwrite: bool
@@ -83,7 +85,8 @@ class SegmentWorker(ModelWorker):
             finished = {outcome.image for outcome in outcomes}
             todo = [image for image in chunk if image not in finished]
             images = (image for image in todo if not self.stopping.is_set())
-            segment_and_write(self.segmenter, images, self.job.labels, chunk, self.job.extras, outcomes.append,
+            segment_and_write(self.segmenter, images, self.job.labels, chunk, self.job.extras, self.job.request,
+                              outcomes.append,
                               self.job.threads, self.job.refine_workers, folder=folder)
             return outcomes
 

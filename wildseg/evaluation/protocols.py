@@ -33,8 +33,9 @@ def dense_protocol(method: str, dataset_key: str, dataset: SegmentationDataset) 
     Returns:
         `follows` (whose protocol), `source`, `config`, `class_list`, `area_threshold`, `published_miou`,
         `normalization` (the official code's pixel `mean` and `std`, 0-255 units), `window_padding` (None, or
-        "zero" where the official code zero-pads windows whose sides are no multiple of the patch size), `options` (SegmenterConfig values: the common settings with the data set's on top; where none sets a
-        background threshold, 0.1 if background is a class, else 0) and the `deviations` of wildseg's run from the
+        "zero" where the official code zero-pads windows whose sides are no multiple of the patch size), `options`
+        (SegmenterConfig values: the common settings with the data set's on top; where none sets a background
+        threshold, 0.1 if background is a class, else 0) and the `deviations` of wildseg's run from the
         official one known in advance.
     """
     follows = method if methods.published_protocols(method) is not None else FALLBACK

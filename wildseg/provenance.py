@@ -1,0 +1,154 @@
+"""What decides an image's mask, known before the model loads: written into each image's JSON record as `request`
+and compared on a rerun, so that an output folder done with other settings is never passed off as done with these.
+
+The device is not part of it (a GPU's fp16 and the CPU's fp32 differ by rounding, and a run interrupted on one
+machine may be finished on another); nor are the threads, the progress display, the summary file, the label cache
+or the CRF's implementation (`crf_backend`: both compute the same marginals) and the model batch size.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import fields
+from pathlib import Path
+from typing import TYPE_CHECKING, Optional
+
+from .config import SegmenterConfig, applies
+from .errors import WildsegError, setting
+
+if TYPE_CHECKING:
+    from .autolabels import AutoLabelRule
+    from .batch import Labeling
+    from .datasets.classes import ClassName
+
+MASK_NEUTRAL = frozenset({"view_batch", "crf_backend", "templates"})
+"""Configuration fields that do not enter the request as they are: the first two do not change the mask, the
+templates enter as their text (`template_text`)."""
+
+MODEL_OPTIONS = ("model", "pretrained", "activation")
+"""Model options that enter the request as given (with a checkpoint, `pretrained` is not used)."""
+
+
+def run_request(options: dict) -> dict:
+    """The settings of a run that decide every image's mask, from the options as `factory.build_segmenter` takes
+    them (paths absolute).
+
+    Args:
+        options: the segmenter options (`cli.options.segmenter_values`).
+
+    Returns:
+        A JSON-ready dict: the model (architecture, pretrained tag or the checkpoint file with its size and
+        modification time, the model config file's hash, the activation asked for), the templates' text, and every
+        configuration setting the method and refinement use, with its value in effect.
+    """
+    config = SegmenterConfig.from_options(options)
+    request = {name: options.get(name) for name in MODEL_OPTIONS}
+    checkpoint, model_config = options.get("checkpoint"), options.get("model_config")
+    if checkpoint is not None:
+        if not Path(checkpoint).is_file():
+            raise WildsegError(f"checkpoint not found: {checkpoint} (check the path given to {setting('checkpoint')})")
+        request["pretrained"] = None
+        request["checkpoint"] = file_identity(Path(checkpoint))
+    if model_config is not None:
+        if not Path(model_config).is_file():
+            raise WildsegError(f"the {setting('model_config')} {model_config} is not a file: give an open_clip model "
+                               "config JSON")
+        request["model_config"] = file_digest(Path(model_config))
+    request["templates"] = list(config.template_set.templates)
+    for item in fields(SegmenterConfig):
+        if item.name not in MASK_NEUTRAL and applies(item.name, config.method, config.refine):
+            request[item.name] = config.resolved(item.name)
+    request["bg_threshold"] = config.background_threshold
+    if config.method == "dense":
+        request["stride"] = config.window_stride
+        request["background_words"] = list(config.dense_background_words)
+    return _as_json(request)
+
+
+def image_request(run: dict, labeling: Labeling, image: Path) -> dict:
+    """The request of one image: the run's and its labels (the labels given, its labels file entry, or the automatic
+    labels' vocabulary and rule).
+
+    Args:
+        run: `run_request`'s dict.
+        labeling: how the batch's images get their labels.
+        image: the image's path (absolute, as the labels file's table keys it).
+
+    Returns:
+        `run` with `labels` added.
+    """
+    if labeling.vocabulary is not None:
+        labels = automatic_labels_request(labeling.vocabulary_name, labeling.vocabulary, labeling.rule)
+    else:
+        labels = labeling.labels_of(image, Path())
+    return _as_json({**run, "labels": labels})
+
+
+def automatic_labels_request(name: str, vocabulary: list[ClassName], rule: AutoLabelRule) -> dict:
+    """What decides automatic labels: the vocabulary (its name and classes with their prompts) and the rule."""
+    return {"vocabulary": name, "classes": [list(entry.prompts) for entry in vocabulary],
+            "min_area": rule.min_area, "min_score": rule.min_score}
+
+
+def changed_settings(record: dict, request: dict) -> Optional[list[str]]:
+    """The settings whose values in an image's record differ from `request`; None when the record holds no
+    request (written by a wildseg that did not record one). Settings that only one of the two has (those of
+    another method or refinement) are named only when no setting both have differs: a changed method is the
+    method, not each of its settings.
+    """
+    recorded = record.get("request")
+    if not isinstance(recorded, dict):
+        return None
+    both = [name for name in recorded.keys() & request.keys() if recorded[name] != request[name]]
+    return sorted(both or (recorded.keys() ^ request.keys()))
+
+
+UNRECORDED = "settings unrecorded"
+"""The name `outdated_outputs` counts a record under that holds no request."""
+
+
+def outdated_outputs(records: dict[Path, Path], labeling: Labeling, run: dict) -> tuple[int, Counter]:
+    """Of the images whose outputs are done, those whose records were made with other settings.
+
+    Args:
+        records: image (absolute path) -> its JSON record, for every done image.
+        labeling: how this run's images get their labels.
+        run: this run's `run_request`.
+
+    Returns:
+        How many images, and per differing setting (or UNRECORDED) how many of them.
+    """
+    images, settings = 0, Counter()
+    for image, record in records.items():
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        changed = changed_settings(recorded, image_request(run, labeling, image))
+        if changed is None or changed:
+            images += 1
+            settings.update(changed or [UNRECORDED])
+    return images, settings
+
+
+def file_identity(path: Path) -> dict:
+    """A weights file as the request names it: its absolute path, size and modification time (hashing gigabytes
+    on every run would cost more than loading them)."""
+    status = path.stat()
+    return {"path": str(path.absolute()), "bytes": status.st_size, "modified_ns": status.st_mtime_ns}
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a small file's content."""
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _as_json(value):
+    """Tuples as lists, recursively, so that a request equals itself after a JSON round trip."""
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(item) for item in value]
+    return value
