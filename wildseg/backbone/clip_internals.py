@@ -186,5 +186,9 @@ class ClipTower:
     def patch_features(self, x: torch.Tensor) -> torch.Tensor:
         """The patch tokens of the last block's output `x` (batch x 1 + patches x width) after ln_post and the visual
         projection, in the joint space (batch x patches x dim); the class token is dropped."""
-        tokens = self.visual.ln_post(x)[:, 1:]
+        return self.into_joint_space(x[:, 1:])
+
+    def into_joint_space(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Tokens (... x width) through ln_post and the visual projection (... x dim)."""
+        tokens = self.visual.ln_post(tokens)
         return tokens @ self.visual.proj if self.visual.proj is not None else tokens

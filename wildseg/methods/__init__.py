@@ -41,6 +41,8 @@ REGISTRY = {entry.name: entry for entry in (
     MethodEntry("sclip", DENSE, "correlative self-attention q-q + k-k", "Wang, Mei & Yuille, ECCV 2024"),
     MethodEntry("clearclip", DENSE, "q-q attention without residual or feed-forward", "Lan et al., ECCV 2024"),
     MethodEntry("naclip", DENSE, "k-k attention with a Gaussian neighbourhood", "Hajimiri, Ben Ayed & Dolz, WACV 2025"),
+    MethodEntry("scclip", DENSE, "anomalous tokens fixed, mid-layer similarities aggregate and attend, levels fused",
+                "Bai et al., arXiv 2411.15869"),
 )}
 """Every method wildseg offers, by name."""
 
