@@ -10,7 +10,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional, Union
 
 from .choices import DEFAULT_VOCABULARY
 from .errors import WildsegError, WildsegWarning, failure_reason, first_line, setting
@@ -69,6 +69,15 @@ class Labeling:
         if key not in self.table:
             raise WildsegError(f"no labels for this image in {self.labels_file}")
         return self.table[key]
+
+    def asked(self, image: Path) -> Union[list[str], dict]:
+        """What decides the labels of an image (absolute path) for its request (`provenance.image_request`): its
+        given labels, or the automatic labels' vocabulary and rule."""
+        from .provenance import automatic_labels_request
+
+        if self.vocabulary is not None:
+            return automatic_labels_request(self.vocabulary_name, self.vocabulary, self.rule)
+        return self.labels_of(image, Path())
 
     def segment(self, segmenter: Segmenter, images: Iterable[Path], folder: Path, workers: int,
                 refine_workers: Optional[int]) -> Iterator[BatchItem]:
@@ -188,7 +197,7 @@ def segment_and_write(
     def write(item: BatchItem) -> None:
         """In a writer thread: the outputs, then the class rows they hold for the image's outcome."""
         paths = {kind: folder / path for kind, path in jobs[item.source].items()}
-        asked = image_request(request, labels, folder / item.source)
+        asked = image_request(request, labels.asked(folder / item.source))
         classes[item.source] = save_outputs(item, paths, segmenter, extras, asked)
 
     def report(written) -> None:

@@ -24,7 +24,7 @@ from rich.console import Console
 from . import methods
 from .autolabels import AutoLabelRule, load_vocabulary, segment_with_found_labels, vocabulary_prompts
 from .batch import AUTO, save_outputs
-from .provenance import automatic_labels_request, run_request
+from .provenance import automatic_labels_request, image_request, run_request
 from .choices import (
     AUTO_MIN_AREA,
     AUTO_MIN_SCORES,
@@ -160,7 +160,7 @@ class DemoSession:
                              heatmap_labels=result.labels)
         save_outputs(BatchItem(name, result, auto_labels=auto_record), paths, segmenter,
                      {"save_scores": False, "heatmaps": True},
-                     {**self.models.request(method, attention, refine), "labels": asked})
+                     image_request(self.models.request(method, attention, refine), asked))
         rows = [[index, row["label"], round(100 * float(row["pixel_fraction"]), 2), round(row["mean_score"], 3)]
                 for index, row in enumerate(result.summary())]
         heatmaps = [(str(paths[f"heatmap_{index}"]), label) for index, label in enumerate(result.labels) if index]

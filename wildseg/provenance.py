@@ -13,14 +13,13 @@ import json
 from collections import Counter
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .config import SegmenterConfig, applies
 from .errors import WildsegError, setting
 
 if TYPE_CHECKING:
     from .autolabels import AutoLabelRule
-    from .batch import Labeling
     from .datasets.classes import ClassName
 
 MASK_NEUTRAL = frozenset({"view_batch", "crf_backend", "templates"})
@@ -67,22 +66,17 @@ def run_request(options: dict) -> dict:
     return _as_json(request)
 
 
-def image_request(run: dict, labeling: Labeling, image: Path) -> dict:
-    """The request of one image: the run's and its labels (the labels given, its labels file entry, or the automatic
-    labels' vocabulary and rule).
+def image_request(run: dict, labels) -> dict:
+    """The request of one image: the run's with its labels.
 
     Args:
         run: `run_request`'s dict.
-        labeling: how the batch's images get their labels.
-        image: the image's path (absolute, as the labels file's table keys it).
+        labels: what decides the image's labels: the names given (or its labels file entry), or for automatic
+            labels `automatic_labels_request`'s dict (`batch.Labeling.asked`).
 
     Returns:
         `run` with `labels` added.
     """
-    if labeling.vocabulary is not None:
-        labels = automatic_labels_request(labeling.vocabulary_name, labeling.vocabulary, labeling.rule)
-    else:
-        labels = labeling.labels_of(image, Path())
     return _as_json({**run, "labels": labels})
 
 
@@ -109,12 +103,13 @@ UNRECORDED = "settings unrecorded"
 """The name `outdated_outputs` counts a record under that holds no request."""
 
 
-def outdated_outputs(records: dict[Path, Path], labeling: Labeling, run: dict) -> tuple[int, Counter]:
+def outdated_outputs(records: dict[Path, Path], labels_of: Callable[[Path], Any], run: dict
+                     ) -> tuple[int, Counter]:
     """Of the images whose outputs are done, those whose records were made with other settings.
 
     Args:
         records: image (absolute path) -> its JSON record, for every done image.
-        labeling: how this run's images get their labels.
+        labels_of: what decides an image's labels in this run (`batch.Labeling.asked`).
         run: this run's `run_request`.
 
     Returns:
@@ -126,7 +121,7 @@ def outdated_outputs(records: dict[Path, Path], labeling: Labeling, run: dict) -
             recorded = json.loads(record.read_text())
         except (OSError, ValueError):
             continue
-        changed = changed_settings(recorded, image_request(run, labeling, image))
+        changed = changed_settings(recorded, image_request(run, labels_of(image)))
         if changed is None or changed:
             images += 1
             settings.update(changed or [UNRECORDED])

@@ -83,8 +83,8 @@ def refuse_outdated_outputs(records: dict[Path, Path], labeling: Labeling, reque
     images, with --overwrite and another --out as the ways on."""
     from ..provenance import UNRECORDED, outdated_outputs
 
-    images, settings = outdated_outputs({image.absolute(): record for image, record in records.items()}, labeling,
-                                        request)
+    images, settings = outdated_outputs({image.absolute(): record for image, record in records.items()},
+                                        labeling.asked, request)
     if images:
         differing = ", ".join(f"{name if name == UNRECORDED else setting(name)} for {count}"
                               for name, count in settings.most_common())
