@@ -82,6 +82,20 @@ def wildseg_in_subprocess(*arguments, cwd: Path, env: Optional[dict] = None,
                   [name for name in imported.split(",") if name])
 
 
+@pytest.fixture
+def unreachable_hub(monkeypatch):
+    """The Hugging Face hub at an address where nothing listens (127.0.0.1:9), online, its retries without waits."""
+    import huggingface_hub.constants
+    import huggingface_hub.utils._http
+
+    unreachable = "http://127.0.0.1:9"
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", unreachable)
+    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
+                        unreachable + "/{repo_id}/resolve/{revision}/{filename}")
+    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda seconds: None)
+
+
 NO_SKIPS = "WILDSEG_NO_SKIPS"
 """Set (as CI, which installs every extra and has the data, sets it), a skipped test fails, but one marked gpu
 where no CUDA GPU is."""

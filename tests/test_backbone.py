@@ -136,18 +136,9 @@ def test_weights_that_cannot_be_downloaded_name_the_cause_and_the_fix(tmp_path, 
     assert said == message
 
 
-def test_an_unreachable_hub_is_one_clean_line(tmp_path, monkeypatch, capfd):
+def test_an_unreachable_hub_is_one_clean_line(tmp_path, unreachable_hub, capfd):
     """The hub's retries (logged twice each once open_clip's logging.info() has set up the root logger) and
     open_clip's ERROR line stay unsaid by the command; the error names the server, the cause and every fix."""
-    import huggingface_hub.constants
-    import huggingface_hub.utils._http
-
-    unreachable = "http://127.0.0.1:9"
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", unreachable)
-    monkeypatch.setattr(huggingface_hub.constants, "HUGGINGFACE_CO_URL_TEMPLATE",
-                        unreachable + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(huggingface_hub.utils._http.time, "sleep", lambda seconds: None)
     started = time.monotonic()
     said = command_error(["segment", photo_file(tmp_path), "-l", "cat", "--model", "ViT-B-16", "--device", "cpu",
                           "--cache-dir", str(tmp_path), "-q"], capfd)

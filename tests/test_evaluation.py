@@ -1,6 +1,7 @@
 """`wildseg eval`: protocols, synonym scoring, accumulation, saved predictions, reports, end to end."""
 
 import json
+from collections import Counter
 from types import SimpleNamespace
 
 import numpy as np
@@ -448,12 +449,12 @@ def test_clearclips_zero_padding_is_a_deviation_only_where_a_window_was_cut_shor
     100 x 2000 panorama becomes 102 x 2048 (the long side caps the scale): its windows are 102 pixels high."""
     published = dense_protocol("clearclip", "voc", SimpleNamespace(background_class=0))
     settings = {"dense": {"window": 448, "short_side": 448, "long_side": 2048, "patch_size": 16}}
-    assert padding_deviations(published, settings, {(375, 500), (500, 333)}) == []
-    assert padding_deviations(published, settings, {(375, 500), (100, 2000), (2000, 100)}) == [
-        "clearclip zero-pads a window whose side the image edge cuts to no multiple of the 16-pixel patches (2 images "
-        "of this run); wildseg drops the remainder, as NACLIP and SCLIP do"]
+    assert padding_deviations(published, settings, Counter({(375, 500): 3, (500, 333): 1})) == []
+    assert padding_deviations(published, settings, Counter({(375, 500): 4, (100, 2000): 50, (2000, 100): 2})) == [
+        "clearclip zero-pads a window whose side the image edge cuts to no multiple of the 16-pixel patches (52 "
+        "images of this run); wildseg drops the remainder, as NACLIP and SCLIP do"], "images counted, not sizes"
     sclip = dense_protocol("sclip", "voc", SimpleNamespace(background_class=0))
-    assert padding_deviations(sclip, settings, {(100, 2000)}) == []
+    assert padding_deviations(sclip, settings, Counter({(100, 2000): 1})) == []
     assert published["deviations"] == [], "nothing is listed before a run shows it"
 
 

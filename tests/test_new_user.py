@@ -3,6 +3,7 @@ given wrongly, a labels file that misses images, what a run says it wrote, an of
 skipped. The mistakes that need no model run the command line in a subprocess, and show that it answered before the
 model libraries were imported (torch, open_clip): before any model load."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -88,6 +89,34 @@ def test_a_folder_done_with_other_settings_is_refused_before_the_model_loads_and
     assert resumed.exit_code == 0 and "0 done, 2 skipped (done before)" in resumed.stdout
 
 
+def test_equal_settings_written_otherwise_are_a_plain_resume(photos, tmp_path, tiny_checkpoint):
+    """A vocabulary file named relatively then absolutely, a default given explicitly, a labels file entry reached
+    through `..`: the same masks, so the images are skipped, not refused; a changed vocabulary or rule is named."""
+    vocabulary = tmp_path / "things.txt"
+    vocabulary.write_text("cat\nsofa\nwindow\n")
+    out = tmp_path / "out"
+    given = ["segment", photos, "--labels", "auto", "--vocab", "things.txt", "--out", out, "--tta", "none",
+             *tiny_cli_args(tiny_checkpoint)]
+    with contextlib.chdir(tmp_path):
+        first = run(*given, "--auto-min-area", 0, "--auto-min-score", 0)
+    assert first.exit_code == 0, first.output
+    again = [*given[:5], vocabulary, *given[6:], "--auto-min-area", 0, "--auto-min-score", 0]
+    code, lines, imported = before_loading(*again, cwd=photos)
+    assert code == 0 and imported == [], lines
+    code, lines, _ = before_loading(*again[:-1], "0.2", cwd=photos)
+    assert code == 2 and "(--auto-min-score for 2)" in lines[0], lines
+    vocabulary.write_text("cat\nsofa\n")
+    code, lines, _ = before_loading(*again, cwd=photos)
+    assert code == 2 and "(--vocab for 2)" in lines[0], lines
+
+    listed = tmp_path / "lists" / "labels.csv"
+    listed.parent.mkdir()
+    listed.write_text("../photos/p0.png,cat\n../photos/p1.png,sofa\n")
+    code, lines, _ = before_loading("segment", photos, "--labels-file", listed, "--out", tmp_path / "listed",
+                                    "--pretrained", "no-such-tag", cwd=tmp_path)
+    assert not any("no entry" in line for line in lines), "entries through .. are the images' own"
+
+
 def test_a_record_without_its_settings_is_not_taken_as_done_with_these(photos, tmp_path, tiny_checkpoint):
     """A record of a wildseg that did not write its request cannot be compared: it is refused, not resumed."""
     out = tmp_path / "out"
@@ -119,10 +148,10 @@ def test_labels_given_twice_or_spread_over_arguments_or_by_other_separators_are_
     assert code == 2 and imported == [] and lines == [
         "wildseg: error: both --labels and --labels-file were given: keep --labels for the same labels in every "
         "image, or --labels-file for each image's own"]
-    code, lines, imported = before_loading("segment", photos / "p0.png", "--labels", "cat", "sofa", cwd=tmp_path)
+    code, lines, imported = before_loading("segment", photos / "p0.png", "--labels", "dog", "horse", cwd=tmp_path)
     assert code == 2 and imported == [] and lines == [
-        'wildseg: error: image not found: sofa; if it is a label, several labels go in one quoted, comma-separated '
-        'argument: --labels "cat,sofa"']
+        "wildseg: error: image not found: horse; if 'horse' is a label, several labels go in one quoted, "
+        'comma-separated argument: --labels "dog,horse"']
     code, lines, _ = before_loading("segment", photos / "missing.png", "--labels", "cat;sofa", cwd=tmp_path)
     assert lines[0] == ("wildseg: warning: label 'cat;sofa' holds ';': it stays one label, as only commas separate "
                         "labels (write ';' as commas for several)")
@@ -163,6 +192,9 @@ def test_a_run_says_every_file_it_wrote_and_no_rate_of_nothing_and_names_an_empt
     again = run(*given)
     assert again.exit_code == 0 and "0 done, 1 skipped (done before)" in again.stdout
     assert "images/s" not in again.stdout, "nothing was segmented: there is no rate"
+    plain = run(*given[:8], *given[10:], "--overwrite")
+    assert f"wrote {out / 'p0.png'}, p0_overlay.jpg, p0.json" in " ".join(plain.stdout.split()), (
+        "the heat maps of the earlier run are not said to be written by this one")
     (photos / "empty.png").write_bytes(b"")
     batch = run("segment", photos, "--labels", "cat", "--out", tmp_path / "batch", "--tta", "none",
                 *tiny_cli_args(tiny_checkpoint))
@@ -171,18 +203,29 @@ def test_a_run_says_every_file_it_wrote_and_no_rate_of_nothing_and_names_an_empt
     assert "2 done" in batch.stdout and "images/s" in batch.stdout
 
 
-def test_offline_without_the_weights_says_at_once_what_it_fetches_and_in_one_line_why_it_cannot(
+def test_without_the_weights_a_download_is_said_at_once_and_its_failure_in_one_line(
         photos, tmp_path):
     """With HF_HUB_OFFLINE=1 set, the line advises neither setting it nor the network (offline on purpose)."""
     empty = {"HF_HOME": str(tmp_path / "hf"), "XDG_CACHE_HOME": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1"}
     code, lines, _ = before_loading("segment", photos / "p0.png", "--labels", "cat", "--out", tmp_path / "out",
                                     cwd=tmp_path, env=empty)
-    assert code == 2 and len(lines) == 2, lines
-    assert lines[0] == (f"wildseg: downloading the openai weights of ViT-B-16 into {tmp_path / 'hf' / 'hub'} or "
-                        "~/.cache/clip (once)")
-    assert lines[1] == ("wildseg: error: could not get the 'openai' weights of ViT-B-16: they are not in the download "
+    assert code == 2 and len(lines) == 1, "nothing is announced that offline mode forbids"
+    assert lines[0] == ("wildseg: error: could not get the 'openai' weights of ViT-B-16: they are not in the download "
                         "cache, and HF_HUB_OFFLINE=1 forbids downloading them (unset it); point --cache-dir at a copy "
                         f"of the cache ({tmp_path / 'hf' / 'hub'} or ~/.cache/clip) or pass --checkpoint FILE")
+
+
+def test_a_download_is_said_at_once_on_a_pipe_and_its_failure_in_one_line(photos, tmp_path, unreachable_hub):
+    """An unreachable hub (its retries without their waits): first the line saying what is downloaded where, then
+    the one-line error."""
+    result = run("segment", photos / "p0.png", "--labels", "cat", "--out", tmp_path / "out", "--device", "cpu",
+                 "--cache-dir", tmp_path / "cache")
+    lines = result.stderr.splitlines()
+    assert result.exit_code == 2 and len(lines) == 2, result.stderr
+    assert lines[0] == f"wildseg: downloading the openai weights of ViT-B-16 into {tmp_path / 'cache'} (once)"
+    assert lines[1] == (f"wildseg: error: could not get the 'openai' weights of ViT-B-16: 127.0.0.1:9 could not be "
+                        f"reached and they are not in the download cache; connect to the network, check that "
+                        f"--cache-dir {tmp_path / 'cache'} holds them, or pass --checkpoint FILE")
 
 
 def test_a_skipped_test_says_what_is_missing_and_what_it_would_test(tmp_path):

@@ -10,11 +10,12 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional, Union
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional
 
 from .choices import DEFAULT_VOCABULARY
 from .errors import WildsegError, WildsegWarning, failure_reason, first_line, setting
 from .labels import clean_labels
+from .inputs import table_key
 
 if TYPE_CHECKING:
     from .autolabels import AutoLabelRule
@@ -65,19 +66,21 @@ class Labeling:
         """The given labels of an image (a path relative to `folder`)."""
         if self.names is not None:
             return self.names
-        key = (folder / image).absolute()
+        key = table_key(folder / image)
         if key not in self.table:
             raise WildsegError(f"no labels for this image in {self.labels_file}")
         return self.table[key]
 
-    def asked(self, image: Path) -> Union[list[str], dict]:
-        """What decides the labels of an image (absolute path) for its request (`provenance.image_request`): its
-        given labels, or the automatic labels' vocabulary and rule."""
+    def asked(self, image: Path) -> dict:
+        """What decides the labels of an image (absolute path) for its request (`provenance.image_request`): the
+        labels given, its labels file entry, or the automatic labels' vocabulary and rule."""
         from .provenance import automatic_labels_request
 
         if self.vocabulary is not None:
             return automatic_labels_request(self.vocabulary_name, self.vocabulary, self.rule)
-        return self.labels_of(image, Path())
+        if self.names is not None:
+            return {"labels": self.names}
+        return {"labels_file": self.labels_of(image, Path())}
 
     def segment(self, segmenter: Segmenter, images: Iterable[Path], folder: Path, workers: int,
                 refine_workers: Optional[int]) -> Iterator[BatchItem]:

@@ -155,7 +155,7 @@ class DemoSession:
             names = clean_labels(labels, on_notice)
             segmenter.prepare_labels(names, on_progress=_reporter(progress, "embedding labels"))
             result = segmenter.segment(load_image(path), names, on_progress=_reporter(progress, "test-time views"))
-            auto_record, asked = None, names
+            auto_record, asked = None, {"labels": names}
         paths = output_paths(Path(label_slug(Path(name).stem)), self._request_folder(),
                              heatmap_labels=result.labels)
         save_outputs(BatchItem(name, result, auto_labels=auto_record), paths, segmenter,

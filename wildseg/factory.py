@@ -80,7 +80,8 @@ def loading_message(options: dict) -> str:
 
 def weights_to_fetch(options: dict) -> Optional[str]:
     """When the model of `options` must download its weights before it loads: a line saying which and where to
-    (a download takes minutes, so a command says it at once); None when they are local or cached."""
+    (a download takes minutes, so a command says it at once); None when they are local or cached, or when
+    offline mode (HF_HUB_OFFLINE) forbids downloading them."""
     import open_clip
 
     from .backbone import register_model_config
@@ -94,6 +95,8 @@ def weights_to_fetch(options: dict) -> Optional[str]:
         register_model_config(options["model_config"])
     if model not in open_clip.list_models() or tag not in open_clip.list_pretrained_tags_by_model(model):
         return None
-    if weights_cached(model, tag, cache_dir):
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE or weights_cached(model, tag, cache_dir):
         return None
     return f"downloading the {tag} weights of {model} into {cache_dir or default_cache_hint()} (once)"

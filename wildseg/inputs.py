@@ -49,14 +49,16 @@ def has_image_suffix(path: Path) -> bool:
 
 
 def expand_inputs(
-    arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None
+    arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None, labels: Optional[str] = None
 ) -> list[InputImage]:
     """Images named by `arguments`, in order, each once, with output stems that do not collide.
 
     A folder contributes its files with an image extension (any letter case; with `recursive`, those of its
     sub-folders too); a glob pattern its matches; `@FILE` the paths listed in FILE, one per line; anything
     else is an image path (any extension; it fails on its own if it is not an image). Folders and
-    patterns skip what lies under `exclude` (the output folder); a folder inside it is refused.
+    patterns skip what lies under `exclude` (the output folder); a folder inside it is refused. A missing input
+    that looks like a label (no extension, no folder) is answered with how to give it beside `labels`, the labels
+    given.
     """
     found: list[InputImage] = []
     loose: list[Path] = []
@@ -82,8 +84,9 @@ def expand_inputs(
         elif Path(argument).exists():
             loose.append(Path(argument))
         elif not Path(argument).suffix and os.sep not in argument and "/" not in argument:
-            raise WildsegError(f"image not found: {argument}; if it is a label, several labels go in one quoted, "
-                               f'comma-separated argument: {setting("labels")} "cat,{argument}"')
+            together = ",".join([*([labels] if labels else []), argument])
+            raise WildsegError(f"image not found: {argument}; if {argument!r} is a label, several labels go in one "
+                               f'quoted, comma-separated argument: {setting("labels")} "{together}"')
         else:
             raise WildsegError(f"image not found: {argument} (check the path)")
     if loose:
@@ -140,10 +143,15 @@ def _without_repeats(images: list[InputImage]) -> list[InputImage]:
     return list(by_path.values())
 
 
+def table_key(image: Path) -> Path:
+    """How a labels file's table keys an image: its absolute path with `..` and `.` resolved (links are kept)."""
+    return Path(os.path.normpath(Path(image).absolute()))
+
+
 def read_labels_file(path: Path) -> dict[Path, list[str]]:
     """Per-image labels from a JSON object {image: "a,b" or ["a", "b"]} or a CSV whose rows are
     `image,label,label,...` (a cell may hold several comma-separated labels; a header row `image,labels` is
-    skipped). Relative image paths are taken from the labels file's folder; keys are absolute paths."""
+    skipped). Relative image paths are taken from the labels file's folder; keys are `table_key`s."""
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:
@@ -155,7 +163,7 @@ def read_labels_file(path: Path) -> dict[Path, list[str]]:
     labels = {}
     for image, names in entries:
         names = [name.strip() for cell in names for name in cell.split(",") if name.strip()]
-        labels[(path.parent / image).absolute()] = names
+        labels[table_key(path.parent / image)] = names
     if not labels:
         raise WildsegError(f"{setting('labels_file')} {path} gives no image: write one `image,label,...` row per image")
     return labels

@@ -15,6 +15,7 @@ from dataclasses import fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from .choices import AUTO_MIN_SCORES, VOCABULARIES
 from .config import SegmenterConfig, applies
 from .errors import WildsegError, setting
 
@@ -66,24 +67,30 @@ def run_request(options: dict) -> dict:
     return _as_json(request)
 
 
-def image_request(run: dict, labels) -> dict:
-    """The request of one image: the run's with its labels.
+def image_request(run: dict, labels: dict) -> dict:
+    """The request of one image: the run's with what decides its labels.
 
     Args:
         run: `run_request`'s dict.
-        labels: what decides the image's labels: the names given (or its labels file entry), or for automatic
-            labels `automatic_labels_request`'s dict (`batch.Labeling.asked`).
+        labels: `labels` (the names given), `labels_file` (the image's entry in a labels file), or the automatic
+            labels' settings (`automatic_labels_request`), as `batch.Labeling.asked` gives them.
 
     Returns:
-        `run` with `labels` added.
+        `run` with those added; an automatic rule's minimum score left to its default is the method's
+        (`choices.AUTO_MIN_SCORES`).
     """
-    return _as_json({**run, "labels": labels})
+    request = {**run, **labels}
+    if "auto_min_score" in request and request["auto_min_score"] is None:
+        request["auto_min_score"] = AUTO_MIN_SCORES[run["method"]]
+    return _as_json(request)
 
 
 def automatic_labels_request(name: str, vocabulary: list[ClassName], rule: AutoLabelRule) -> dict:
-    """What decides automatic labels: the vocabulary (its name and classes with their prompts) and the rule."""
-    return {"vocabulary": name, "classes": [list(entry.prompts) for entry in vocabulary],
-            "min_area": rule.min_area, "min_score": rule.min_score}
+    """What decides automatic labels: the vocabulary (a built-in one's name, and the classes with their prompts,
+    which alone say what a vocabulary file holds wherever it lies) and the rule's minimum area and score."""
+    return {"vocab": {"name": name if name in VOCABULARIES else None,
+                      "classes": [list(entry.prompts) for entry in vocabulary]},
+            "auto_min_area": rule.min_area, "auto_min_score": rule.min_score}
 
 
 def changed_settings(record: dict, request: dict) -> Optional[list[str]]:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Optional
 
 from ..errors import WildsegError, first_line, setting
+from ..inputs import table_key
 
 if TYPE_CHECKING:
     from ..batch import Labeling
@@ -67,7 +68,7 @@ def unlisted_images(images: list[Path], labeling: Labeling, skip: bool) -> set[P
     few of them and how many there are."""
     if labeling.table is None:
         return set()
-    unlisted = [image for image in images if image.absolute() not in labeling.table]
+    unlisted = [image for image in images if table_key(image) not in labeling.table]
     if unlisted and not skip:
         named = ", ".join(str(image) for image in unlisted[:SHOWN_IMAGES])
         more = f" and {len(unlisted) - SHOWN_IMAGES} more" if len(unlisted) > SHOWN_IMAGES else ""

@@ -108,7 +108,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     cluster = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
     from ..inputs import expand_inputs, in_shard, parse_shard
 
-    images = expand_inputs(inputs, recursive, exclude=out_dir)
+    images = expand_inputs(inputs, recursive, exclude=out_dir, labels=labels if labels != AUTO else None)
     if not images:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
     if shard is not None:
@@ -155,7 +155,8 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
         if len(jobs) == 1 and run.done == 1:
             paths = next(iter(jobs.values()))
             report.print(summary_table(run.last_classes))
-            report.print(f"wrote {', '.join(written_names(paths))}", soft_wrap=True, markup=False, highlight=False)
+            report.print(f"wrote {', '.join(written_names(paths, heatmaps))}", soft_wrap=True, markup=False,
+                         highlight=False)
         report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
         if summary_path is not None:
             write_json(summary_path, run.as_dict(), "the summary")
@@ -231,11 +232,11 @@ def account(run: BatchSummary, progress: Progress, task, outcome) -> None:
     advance(progress, task)
 
 
-def written_names(paths: dict[str, Path]) -> list[str]:
-    """What one image's run wrote: its mask's path, then the names of the files beside it (the scores and heat maps
-    among them, also those of labels found automatically), the record last."""
+def written_names(paths: dict[str, Path], heatmaps: bool) -> list[str]:
+    """What one image's run wrote: its mask's path, then the names of the files beside it (the scores, and the heat
+    maps when they were asked for, also those of labels found automatically), the record last."""
     mask, record = paths["mask"], paths["record"]
-    heatmaps = sorted(mask.parent.glob(f"{glob.escape(mask.stem)}_heatmap_*.jpg"))
+    heatmaps = sorted(mask.parent.glob(f"{glob.escape(mask.stem)}_heatmap_*.jpg")) if heatmaps else []
     others = dict.fromkeys(path for path in [*paths.values(), *heatmaps] if path not in (mask, record))
     return [str(mask), *(path.name for path in others if path.is_file()), record.name]
 

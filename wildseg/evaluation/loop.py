@@ -2,7 +2,7 @@
 matrix against their ground truth."""
 
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
@@ -43,8 +43,8 @@ class Evaluation:
     reused: int = 0
     failed: list[dict] = field(default_factory=list)
     timings_s: dict[str, float] = field(default_factory=dict)
-    image_sizes: set[tuple[int, int]] = field(default_factory=set)
-    """(height, width) of the images scored."""
+    image_sizes: Counter = field(default_factory=Counter)
+    """How many images of each (height, width) were scored."""
 
     def add(self, other: "Evaluation") -> None:
         """Count another part of the run (a Ray worker's chunk): confusion, counts, failures, stage seconds."""
@@ -52,7 +52,7 @@ class Evaluation:
         self.evaluated += other.evaluated
         self.reused += other.reused
         self.failed.extend(other.failed)
-        self.image_sizes |= other.image_sizes
+        self.image_sizes.update(other.image_sizes)
         for stage, seconds in other.timings_s.items():
             _add_time(self.timings_s, stage, seconds)
 
@@ -88,7 +88,7 @@ def evaluate(
         evaluation.confusion += confusion_matrix(prediction, truth, classes, dataset.ignore_index)
         evaluation.evaluated += 1
         evaluation.reused += outcome == "reused"
-        evaluation.image_sizes.add(tuple(truth.shape[:2]))
+        evaluation.image_sizes[tuple(truth.shape[:2])] += 1
         on_image(image_id, outcome)
 
     def fail(image_id: str, reason: str) -> None:

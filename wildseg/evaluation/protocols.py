@@ -8,7 +8,7 @@ every given option, class list or protocol that departs from the published run i
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Mapping, Optional
 
 from .. import methods
 from ..choices import DEFAULT_ATTENTION, DEFAULT_BG_THRESHOLD, DEFAULT_DENSE_BG_THRESHOLD, DEFAULT_TEMPLATES
@@ -135,7 +135,7 @@ def normalization_deviations(published: dict, segmenter_settings: dict) -> list[
             f"{_constants(official['std'])}"]
 
 
-def padding_deviations(published: dict, segmenter_settings: dict, image_sizes: Iterable[tuple[int, int]]
+def padding_deviations(published: dict, segmenter_settings: dict, image_sizes: Mapping[tuple[int, int], int]
                        ) -> list[str]:
     """The deviation of a run whose official code zero-pads windows (`window_padding` "zero", ClearCLIP's) where one
     of its images had a window the image edge cut to a side that is no multiple of the patch size: wildseg drops
@@ -144,7 +144,7 @@ def padding_deviations(published: dict, segmenter_settings: dict, image_sizes: I
     Args:
         published: the protocol followed (`dense_protocol`).
         segmenter_settings: the run's `Segmenter.settings()` (window, sides, patch size).
-        image_sizes: (height, width) of the images the run scored.
+        image_sizes: how many images of each (height, width) the run scored.
 
     Returns:
         One line with the number of such images, or nothing when there were none.
@@ -153,9 +153,9 @@ def padding_deviations(published: dict, segmenter_settings: dict, image_sizes: I
     window, patch = dense["window"], dense["patch_size"]
     if published["window_padding"] != "zero" or not window:
         return []
-    padded = sum(any(side < window and side % patch for side in model_image_size(*size, dense["short_side"],
-                                                                                  dense["long_side"]))
-                 for size in image_sizes)
+    padded = sum(count for size, count in image_sizes.items()
+                 if any(side < window and side % patch
+                        for side in model_image_size(*size, dense["short_side"], dense["long_side"])))
     if not padded:
         return []
     return [f"{published['follows']} zero-pads a window whose side the image edge cuts to no multiple of the "
