@@ -82,6 +82,15 @@ def wildseg_in_subprocess(*arguments, cwd: Path, env: Optional[dict] = None,
                   [name for name in imported.split(",") if name])
 
 
+def record_count(out: Path) -> int:
+    """JSON records in `out` so far, as a test watching a running command counts them: 0 while the folder comes and
+    goes (the command probes that it is writable by making it, writing a file and removing both)."""
+    try:
+        return len(list(out.rglob("*.json")))
+    except FileNotFoundError:
+        return 0
+
+
 @pytest.fixture
 def unreachable_hub(monkeypatch):
     """The Hugging Face hub at an address where nothing listens (127.0.0.1:9), online, its retries without waits."""

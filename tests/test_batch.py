@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import TINY_MODEL, raises_worded, tiny_cli_args, tiny_segmenter
+from conftest import TINY_MODEL, raises_worded, record_count, tiny_cli_args, tiny_segmenter
 from PIL import Image
 
 from wildseg import errors, pipeline, streaming
@@ -307,7 +307,7 @@ def start_run(folder, out, checkpoint, *extra):
 
 def wait_for_records(out: Path, count: int, process, timeout=120.0) -> None:
     deadline = time.monotonic() + timeout
-    while len(list(out.rglob("*.json"))) < count:
+    while record_count(out) < count:
         assert process.poll() is None, "the run ended before it could be interrupted"
         assert time.monotonic() < deadline
         time.sleep(0.05)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import TINY_MODEL, shared_dataset, tiny_cli_args
+from conftest import TINY_MODEL, record_count, shared_dataset, tiny_cli_args
 from PIL import Image
 
 from wildseg.cli import main
@@ -83,7 +83,7 @@ def test_a_killed_worker_loses_and_repeats_no_image_and_the_outputs_are_one_proc
     out, summary = tmp_path / "ray", tmp_path / "summary.json"
     run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(list(out.glob("*.json"))) >= 2, run, "two images were done")
+    wait_for(lambda: record_count(out) >= 2, run, "two images were done")
     before = worker_pids()
     assert len(before) == 2, "one actor per CPU of the 2-CPU cluster"
     written = {path.name: path.stat().st_ino for path in out.glob("*.json")}
@@ -104,7 +104,7 @@ def test_ctrl_c_stops_the_workers_and_the_summary_counts_what_they_wrote(ray_add
     out, summary = tmp_path / "out", tmp_path / "summary.json"
     run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(list(out.glob("*.json"))) >= 2, run, "two images were done")
+    wait_for(lambda: record_count(out) >= 2, run, "two images were done")
     run.send_signal(signal.SIGINT)
     _, errors = run.communicate(timeout=180)
     assert run.returncode == 130 and "Traceback" not in errors, errors
