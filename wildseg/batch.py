@@ -8,7 +8,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterable, Iterator, Optional
 
@@ -74,13 +74,19 @@ class Labeling:
     def asked(self, image: Path) -> dict:
         """What decides the labels of an image (absolute path) for its request (`provenance.image_request`): the
         labels given, its labels file entry, or the automatic labels' vocabulary and rule."""
-        from .provenance import automatic_labels_request
-
         if self.vocabulary is not None:
-            return automatic_labels_request(self.vocabulary_name, self.vocabulary, self.rule)
+            return self.automatic_request
         if self.names is not None:
             return {"labels": self.names}
         return {"labels_file": self.labels_of(image, Path())}
+
+    @cached_property
+    def automatic_request(self) -> dict:
+        """The automatic labels' vocabulary and rule as a request holds them (`provenance.automatic_labels_request`),
+        made once for every image."""
+        from .provenance import automatic_labels_request
+
+        return automatic_labels_request(self.vocabulary_name, self.vocabulary, self.rule)
 
     def segment(self, segmenter: Segmenter, images: Iterable[Path], folder: Path, workers: int,
                 refine_workers: Optional[int]) -> Iterator[BatchItem]:

@@ -19,6 +19,16 @@ def setting(name: str) -> str:
     return f"\u2039{name}\u203a"
 
 
+def checkpoint_not_found(path) -> "WildsegError":
+    """The error for a --checkpoint that names no file (said before the model loads and by the loader)."""
+    return WildsegError(f"checkpoint not found: {path} (check the path given to {setting('checkpoint')})")
+
+
+def model_config_not_a_file(path) -> "WildsegError":
+    """The error for a --model-config that names no file."""
+    return WildsegError(f"the {setting('model_config')} {path} is not a file: give an open_clip model config JSON")
+
+
 def word_settings(text: str, spell: Callable[[str], str]) -> str:
     """`text` with each setting marked by `setting` written by `spell` (e.g. as a command-line flag)."""
     return SETTING_MARK.sub(lambda match: spell(match.group(1)), text)

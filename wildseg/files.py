@@ -9,7 +9,8 @@ from typing import Callable
 from .errors import WildsegError, first_line
 
 TEMPORARY_SUFFIX = ".part"
-"""The suffix of a file being written (`.NAME.XXXX.part` beside NAME); one left behind was cut off mid-write."""
+"""The suffix of a file being written (`.NAME.<random letters>.part` beside NAME); one left behind was cut off
+mid-write."""
 
 
 def process_umask() -> int:

@@ -247,16 +247,22 @@ def heatmap_paths(paths: dict[str, Path], labels: Sequence[str]) -> dict[str, Pa
             for index in range(1, len(labels))}
 
 
-def is_done(paths: dict[str, Path]) -> bool:
-    """An image is done when its JSON record (written last) is readable and its mask exists, and so do the
-    scores and heat maps among `paths` (none unless `output_paths` was asked for them)."""
+def done_record(paths: dict[str, Path]) -> Optional[dict]:
+    """The JSON record of an image that is done, else None: done when its record (written last) is readable and its
+    mask exists, and so do the scores and heat maps among `paths` (none unless `output_paths` was asked for them)."""
     try:
         record = json.loads(paths["record"].read_text())
     except (OSError, ValueError):
-        return False
+        return None
     extras = [path for key, path in paths.items() if key not in BASIC_OUTPUTS]
-    return (isinstance(record, dict) and "labels" in record and paths["mask"].is_file()
+    done = (isinstance(record, dict) and "labels" in record and paths["mask"].is_file()
             and all(path.is_file() for path in extras))
+    return record if done else None
+
+
+def is_done(paths: dict[str, Path]) -> bool:
+    """Whether an image is done (`done_record`)."""
+    return done_record(paths) is not None
 
 
 def remove_stale_temporaries(paths) -> None:

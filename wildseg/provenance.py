@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from .choices import AUTO_MIN_SCORES, VOCABULARIES
 from .config import SegmenterConfig, applies
-from .errors import WildsegError, setting
+from .errors import checkpoint_not_found, model_config_not_a_file
 
 if TYPE_CHECKING:
     from .autolabels import AutoLabelRule
@@ -48,13 +48,12 @@ def run_request(options: dict) -> dict:
     checkpoint, model_config = options.get("checkpoint"), options.get("model_config")
     if checkpoint is not None:
         if not Path(checkpoint).is_file():
-            raise WildsegError(f"checkpoint not found: {checkpoint} (check the path given to {setting('checkpoint')})")
+            raise checkpoint_not_found(checkpoint)
         request["pretrained"] = None
         request["checkpoint"] = file_identity(Path(checkpoint))
     if model_config is not None:
         if not Path(model_config).is_file():
-            raise WildsegError(f"the {setting('model_config')} {model_config} is not a file: give an open_clip model "
-                               "config JSON")
+            raise model_config_not_a_file(model_config)
         request["model_config"] = file_digest(Path(model_config))
     request["templates"] = list(config.template_set.templates)
     for item in fields(SegmenterConfig):
@@ -110,12 +109,12 @@ UNRECORDED = "settings unrecorded"
 """The name `outdated_outputs` counts a record under that holds no request."""
 
 
-def outdated_outputs(records: dict[Path, Path], labels_of: Callable[[Path], Any], run: dict
+def outdated_outputs(records: dict[Path, dict], labels_of: Callable[[Path], Any], run: dict
                      ) -> tuple[int, Counter]:
     """Of the images whose outputs are done, those whose records were made with other settings.
 
     Args:
-        records: image (absolute path) -> its JSON record, for every done image.
+        records: image (absolute path) -> its JSON record as read (`outputs.done_record`), for every done image.
         labels_of: what decides an image's labels in this run (`batch.Labeling.asked`).
         run: this run's `run_request`.
 
@@ -124,11 +123,7 @@ def outdated_outputs(records: dict[Path, Path], labels_of: Callable[[Path], Any]
     """
     images, settings = 0, Counter()
     for image, record in records.items():
-        try:
-            recorded = json.loads(record.read_text())
-        except (OSError, ValueError):
-            continue
-        changed = changed_settings(recorded, image_request(run, labels_of(image)))
+        changed = changed_settings(record, image_request(run, labels_of(image)))
         if changed is None or changed:
             images += 1
             settings.update(changed or [UNRECORDED])
@@ -148,9 +143,5 @@ def file_digest(path: Path) -> str:
 
 
 def _as_json(value):
-    """Tuples as lists, recursively, so that a request equals itself after a JSON round trip."""
-    if isinstance(value, dict):
-        return {key: _as_json(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_as_json(item) for item in value]
-    return value
+    """`value` as it reads back from JSON (tuples become lists), so that a request equals its recorded copy."""
+    return json.loads(json.dumps(value))

@@ -12,7 +12,7 @@ from typing import Optional
 import open_clip
 import torch
 
-from ..errors import WildsegError, first_line, setting
+from ..errors import WildsegError, checkpoint_not_found, first_line, setting
 from .clip_internals import build_model_from_openai_state_dict, config_towers, load_state_dict
 
 OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -33,7 +33,7 @@ def model_from_checkpoint(model_name: str, path: Path) -> tuple[torch.nn.Module,
     if path.is_dir():
         raise WildsegError(f"{setting('checkpoint')} {path} is a folder: pass the weights file inside it")
     if not path.is_file():
-        raise WildsegError(f"checkpoint not found: {path} (check the path given to {setting('checkpoint')})")
+        raise checkpoint_not_found(path)
     try:
         archive_model = (open_clip.load_openai_model(str(path), precision="fp32", device="cpu")
                          if _is_torchscript_archive(path) else None)

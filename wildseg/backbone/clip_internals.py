@@ -1,7 +1,8 @@
 """Everything wildseg reads or runs inside open_clip's models beyond open_clip's public functions.
 
 This is the one module to re-check at each open_clip release (written against open_clip_torch 3.x, which
-pyproject caps below 4): the private helpers of its VisionTransformer (`_embeds`, `_pool`), the attributes of its
+pyproject caps below 4): the private helpers of its VisionTransformer (`_embeds`, `_pool`) and of its hub
+downloads (`_get_safe_alternatives`), the attributes of its
 ResidualAttentionBlock (`ln_1`, `attn.in_proj_weight`, `ls_1`, `mlp`, ...), its state-dict helpers and its
 config classes. Methods (`wildseg.methods`) see a ViT only through `ClipTower`.
 """
@@ -13,10 +14,16 @@ import torch
 import torch.nn.functional as F
 from open_clip.factory import load_state_dict
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg, build_model_from_openai_state_dict
+from open_clip.pretrained import _get_safe_alternatives
 from open_clip.transformer import QuickGELU, ResidualAttentionBlock, VisionTransformer
 
-__all__ = ["ClipTower", "build_model_from_openai_state_dict", "config_towers", "load_state_dict", "set_activation",
-           "vision_config_problem", "vision_tower_problem"]
+__all__ = ["ClipTower", "build_model_from_openai_state_dict", "config_towers", "load_state_dict",
+           "safetensors_alternatives", "set_activation", "vision_config_problem", "vision_tower_problem"]
+
+
+def safetensors_alternatives(filename: str) -> list[str]:
+    """The names under which open_clip looks for a hub weights file in safetensors form before `filename`."""
+    return list(_get_safe_alternatives(filename))
 
 
 def set_activation(model: torch.nn.Module, activation: str) -> None:

@@ -58,7 +58,8 @@ def weights_cached(model_name: str, tag: str, cache_dir: Optional[Union[str, Pat
     """Whether open_clip would load the `tag` weights of `model_name` from its cache (or a local file) rather than
     download them: the Hugging Face hub's cache (safetensors or the named file) or open_clip's URL cache."""
     from huggingface_hub import try_to_load_from_cache
-    from open_clip.pretrained import _get_safe_alternatives
+
+    from .clip_internals import safetensors_alternatives
 
     config = open_clip.get_pretrained_cfg(model_name, tag)
     if not config or "file" in config:
@@ -68,7 +69,7 @@ def weights_cached(model_name: str, tag: str, cache_dir: Optional[Union[str, Pat
         model_id, filename = os.path.split(config["hf_hub"])
         filename = filename or "open_clip_pytorch_model.bin"
         return any(isinstance(try_to_load_from_cache(model_id, name, cache_dir=folder), str)
-                   for name in [*_get_safe_alternatives(filename), filename])
+                   for name in [*safetensors_alternatives(filename), filename])
     url_cache = Path(folder) if folder is not None else Path("~/.cache/clip").expanduser()
     return (url_cache / os.path.basename(config.get("url", ""))).is_file()
 

@@ -17,7 +17,7 @@ import open_clip
 import torch
 
 from ..choices import ACTIVATIONS, DEFAULT_TEMPLATES
-from ..errors import WildsegError, WildsegWarning, setting
+from ..errors import WildsegError, WildsegWarning, model_config_not_a_file, setting
 from ..templates import TemplateSet, resolve_templates
 from .checkpoints import model_from_checkpoint
 from .clip_internals import ClipTower, set_activation
@@ -251,5 +251,5 @@ def register_model_config(path: Union[str, Path]) -> None:
     """Make an open_clip model config file (JSON: embed_dim, vision_cfg, text_cfg) known by its file stem, as
     open_clip's `add_model_config` does, so that `load_backbone` can build it."""
     if not Path(path).is_file():
-        raise WildsegError(f"the {setting('model_config')} {path} is not a file: give an open_clip model config JSON")
+        raise model_config_not_a_file(path)
     open_clip.add_model_config(Path(path))

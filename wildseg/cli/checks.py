@@ -78,8 +78,8 @@ def unlisted_images(images: list[Path], labeling: Labeling, skip: bool) -> set[P
     return set(unlisted)
 
 
-def refuse_outdated_outputs(records: dict[Path, Path], labeling: Labeling, request: dict, out_dir: Path) -> None:
-    """Fail when images done before in `out_dir` (image -> its JSON record) were made with settings that differ
+def refuse_outdated_outputs(records: dict[Path, dict], labeling: Labeling, request: dict, out_dir: Path) -> None:
+    """Fail when images done before in `out_dir` (image -> its JSON record, read) were made with settings that differ
     from this run's `request` (`provenance.outdated_outputs`): naming each differing setting and for how many
     images, with --overwrite and another --out as the ways on."""
     from ..provenance import UNRECORDED, outdated_outputs

@@ -114,7 +114,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     if shard is not None:
         images = [image for image in images if in_shard(image, parse_shard(shard))]
     from ..files import write_json
-    from ..outputs import is_done, output_paths, remove_stale_temporaries  # OpenCV: once the inputs are found
+    from ..outputs import done_record, output_paths, remove_stale_temporaries  # OpenCV: once the inputs are found
     from ..provenance import run_request
 
     console = Console(stderr=True, quiet=quiet)
@@ -132,11 +132,12 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
         check_output_folder(summary_path.parent, [summary_path], "--summary")
     check_export_options(coco_path, yolo_folder, yolo_min_region)
     request = run_request(options)
-    done = [path for path, paths in jobs.items() if is_done(paths)]
+    done = {path: record for path, record in ((path, done_record(paths)) for path, paths in jobs.items())
+            if record is not None}
     if not overwrite:
-        refuse_outdated_outputs({path: jobs[path]["record"] for path in done}, labels_plan, request, out_dir)
+        refuse_outdated_outputs(done, labels_plan, request, out_dir)
     remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
-    todo = list(jobs) if overwrite else [path for path in jobs if path not in set(done)]
+    todo = list(jobs) if overwrite else [path for path in jobs if path not in done]
     run = BatchSummary(total=len(jobs) + len(unlisted), skipped=len(jobs) - len(todo), unlisted=len(unlisted))
     extras = {"save_scores": save_scores, "heatmaps": heatmaps}
     with Interrupts() as interrupts:
