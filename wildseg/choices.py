@@ -7,7 +7,8 @@ take their names and defaults from here.
 
 METHODS = {
     "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
-    "dense": "patch-text cosines of a training-free dense method (--attention: MaskCLIP, SCLIP, ClearCLIP, NACLIP)",
+    "dense": "patch-text maps of a training-free dense method (--attention: MaskCLIP, SCLIP, ClearCLIP, NACLIP, "
+             "SC-CLIP, RF-CLIP)",
 }
 DEFAULT_ATTENTION = "naclip"
 """The dense method used when none is named (`wildseg.methods`)."""
@@ -45,6 +46,14 @@ NORMALIZATIONS = {
 }
 """How the dense method normalises pixels (`methods.official_normalization`); the relevance method always uses the
 model's own constants, as Chefer et al.'s notebook does."""
+GLOBAL_CONTEXTS = {
+    "image": "the whole image's, from a pass of its own (RF-CLIP's rule on every data set but Cityscapes)",
+    "window": "each window's own class token (RF-CLIP's rule on Cityscapes)",
+}
+"""Where RF-CLIP's global vector comes from (`methods.rfclip`)."""
+RFCLIP_DEFAULTS = {"global_weight": 0.1, "prompt_shift": 0.03, "cluster_threshold": 0.1, "global_context": "image"}
+"""RF-CLIP's settings where none is given: those of its PASCAL VOC configuration (`methods/rfclip.json`), the one
+its evaluation script runs."""
 CRF_ITERATIONS = 5
 PAMR_ITERATIONS = 10
 VOCABULARIES = {"voc": "voc20", "coco": "coco_object", "ade": "ade20k"}

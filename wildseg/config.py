@@ -24,10 +24,12 @@ from .choices import (
     DENSE_LOGIT_SCALE,
     DENSE_SHORT_SIDE,
     DENSE_WINDOW,
+    GLOBAL_CONTEXTS,
     METHODS,
     MIN_WORKING_SIDE,
     NORMALIZATIONS,
     REFINEMENTS,
+    RFCLIP_DEFAULTS,
     TTA_POLICIES,
 )
 from .errors import WildsegError, setting
@@ -47,6 +49,7 @@ DEFAULTS = {
     "crf_backend": "auto",
     "pamr_iterations": PamrSettings.iterations,
     "pamr_dilations": PamrSettings.dilations,
+    **RFCLIP_DEFAULTS,
 }
 """What the settings that default to None mean (`stride`, `bg_threshold` and `background_words` depend on others)."""
 SCOPES = {
@@ -55,15 +58,19 @@ SCOPES = {
     "start_block": ("method", "relevance"),
     **{name: ("refine", "crf") for name in ("crf_iterations", "crf_backend")},
     **{name: ("refine", "pamr") for name in ("pamr_iterations", "pamr_dilations")},
+    **{name: ("attention", "rfclip") for name in RFCLIP_DEFAULTS},
 }
-"""The settings of one method or refinement: (setting that chooses it, the choice)."""
+"""The settings of one method, dense method or refinement: (setting that chooses it, the choice)."""
 
 
-def applies(name: str, method: str, refine: str) -> bool:
-    """Whether setting `name` is used by `method` with refinement `refine`."""
+def applies(name: str, method: str, refine: str, attention: Optional[str] = None) -> bool:
+    """Whether setting `name` is used by `method` (with dense method `attention`, default naclip) and refinement
+    `refine`."""
     if name not in SCOPES:
         return True
     chooser, choice = SCOPES[name]
+    if chooser == "attention":
+        return method == "dense" and (attention or DEFAULT_ATTENTION) == choice
     return method == choice if chooser == "method" else choice in refine
 
 
@@ -98,6 +105,11 @@ class SegmenterConfig:
         crf_backend: "auto" (torch on a GPU, pydensecrf on the CPU), "torch" or "pydensecrf".
         pamr_iterations: PAMR iterations (default 10).
         pamr_dilations: PAMR's neighbourhood dilations (default 1, 2, 4, 8, 12, 24).
+        global_weight: rfclip: the share of the global vector's label cosines in the map (default 0.1).
+        prompt_shift: rfclip: how far a cluster's label moves towards its best patches (default 0.03).
+        cluster_threshold: rfclip: the cosine distance at which label clusters are cut (default 0.1).
+        global_context: rfclip: the global vector of the whole image ("image", default) or of each window
+            ("window"; `methods.rfclip`).
     """
 
     method: str = "relevance"
@@ -121,6 +133,10 @@ class SegmenterConfig:
     crf_backend: Optional[str] = None
     pamr_iterations: Optional[int] = None
     pamr_dilations: Optional[tuple[int, ...]] = None
+    global_weight: Optional[float] = None
+    prompt_shift: Optional[float] = None
+    cluster_threshold: Optional[float] = None
+    global_context: Optional[str] = None
 
     def __post_init__(self):
         _choice("method", self.method, METHODS)
@@ -128,10 +144,9 @@ class SegmenterConfig:
         _choice("refine", self.refine, REFINEMENTS)
         for item in fields(self):
             value = getattr(self, item.name)
-            if value is not None and not applies(item.name, self.method, self.refine):
+            if value is not None and not applies(item.name, self.method, self.refine, self.attention):
                 chooser, choice = SCOPES[item.name]
-                choices = "dense" if choice == "dense" else "relevance" if chooser == "method" else (
-                    f"{choice} or pamr+crf")
+                choices = choice if chooser != "refine" else f"{choice} or pamr+crf"
                 raise WildsegError(f"{setting(item.name)} is an option of {setting(chooser)} {choices}: add that or "
                                    "leave it out")
         if self.attention is not None:
@@ -140,6 +155,14 @@ class SegmenterConfig:
             _choice("normalization", self.normalization, NORMALIZATIONS)
         if self.crf_backend is not None:
             _choice("crf_backend", self.crf_backend, CRF_BACKENDS)
+        if self.global_context is not None:
+            _choice("global_context", self.global_context, GLOBAL_CONTEXTS)
+        for name in ("global_weight", "prompt_shift"):
+            if getattr(self, name) is not None and not 0.0 <= getattr(self, name) <= 1.0:
+                raise WildsegError(f"{setting(name)} must lie in [0, 1], got {getattr(self, name)}")
+        if self.cluster_threshold is not None and not 0.0 <= self.cluster_threshold <= 2.0:
+            raise WildsegError(f"{setting('cluster_threshold')} must lie in [0, 2] (a cosine distance), got "
+                               f"{self.cluster_threshold}")
         _at_least("max_side", self.max_side, MIN_WORKING_SIDE, "pixels")
         _at_least("view_batch", self.view_batch, 1)
         _at_least("crf_iterations", self.crf_iterations, 1)
@@ -179,7 +202,8 @@ class SegmenterConfig:
         defaults = {name: value for name, value in (defaults or {}).items() if name in names}
         method = given.get("method", defaults.get("method", "relevance"))
         refine = given.get("refine", defaults.get("refine", "crf"))
-        usable = {name: value for name, value in defaults.items() if applies(name, method, refine)}
+        attention = given.get("attention", defaults.get("attention"))
+        usable = {name: value for name, value in defaults.items() if applies(name, method, refine, attention)}
         return cls(**{**usable, **given})
 
     def resolved(self, name: str) -> Any:

@@ -85,7 +85,7 @@ class DemoModels:
         key = self._key(method, attention, refine)
         if key not in self.segmenters:
             chosen = {"method": method, "attention": key[1], "refine": refine}
-            options = {**_used_by(self.options, method, refine), **chosen}
+            options = {**_used_by(self.options, method, refine, key[1]), **chosen}
             self.segmenters[key] = build_segmenter(options, backbone=self.backbone)
             self.requests[key] = run_request(options)
         return self.segmenters[key]
@@ -99,10 +99,10 @@ class DemoModels:
         return method, attention if method == "dense" else None, refine
 
 
-def _used_by(options: dict, method: str, refine: str) -> dict:
-    """The options that `method` and `refine` use: a command's value for another method or refinement (say
-    window when the page asks for relevance) is left out instead of refused."""
-    return {name: value for name, value in options.items() if applies(name, method, refine)}
+def _used_by(options: dict, method: str, refine: str, attention: str) -> dict:
+    """The options that `method` (with dense method `attention`) and `refine` use: a command's value for another
+    method or refinement (say window when the page asks for relevance) is left out instead of refused."""
+    return {name: value for name, value in options.items() if applies(name, method, refine, attention)}
 
 
 class DemoSession:

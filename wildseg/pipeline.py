@@ -13,7 +13,7 @@ softmax-scored with background words and PAMR-refined before scoring as NACLIP d
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
 import torch
@@ -168,16 +168,32 @@ class Pipeline:
         """Text embeddings of `queries(names)` with the configuration's templates (`Backbone.embed_labels`)."""
         return self.backbone.embed_labels(self.queries(names), self.config.template_set, cached, on_progress)
 
-    def view_mapper(self, text: torch.Tensor, half_precision: bool = True) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The method's maps (views x labels x rows x columns) of a batch of rendered views for the labels' `text`;
-        in fp16 on CUDA unless `half_precision` is False."""
+    def view_mapper(self, text: torch.Tensor, half_precision: bool = True) -> Callable[..., torch.Tensor]:
+        """The method's maps (views x labels x rows x columns) of a batch of rendered views for the labels' `text`
+        (and, for a method that `uses_image_context`, the views' contexts, `view_context`); in fp16 on CUDA unless
+        `half_precision` is False."""
         backbone = self.backbone
 
-        def map_views(batch: torch.Tensor) -> torch.Tensor:
+        def map_views(batch: torch.Tensor, *contexts) -> torch.Tensor:
             with backbone.autocast() if half_precision else contextlib.nullcontext():
-                return self.method.map_views(backbone.tower, batch, text.to(backbone.device), self.stages)
+                extra = {"contexts": contexts[0]} if contexts else {}
+                return self.method.map_views(backbone.tower, batch, text.to(backbone.device), self.stages, **extra)
 
         return map_views
+
+    def view_context(self, half_precision: bool = True) -> Optional[Callable[[torch.Tensor], Any]]:
+        """What the method needs of each whole image (`methods.base.Method.uses_image_context`) from its normalised
+        tensor, timed as the stage "forward", in fp16 on CUDA unless `half_precision` is False; None for a method
+        that needs nothing."""
+        if not self.method.uses_image_context:
+            return None
+        backbone = self.backbone
+
+        def context(image: torch.Tensor):
+            with backbone.autocast() if half_precision else contextlib.nullcontext(), self.stages.stage("forward"):
+                return self.method.image_context(backbone.tower, image)
+
+        return context
 
     def merged_maps(self, source: np.ndarray, text: torch.Tensor, timings: dict[str, float],
                     on_progress: Callable[[int, int], None] = lambda done, total: None) -> torch.Tensor:
@@ -187,7 +203,8 @@ class Pipeline:
         views = self.plan(source)
         on_progress(0, len(views))
         maps = merge_views(self.normalized(source), views, self.view_mapper(text), self.view_batch,
-                           on_batch=lambda done: on_progress(done, len(views)), stages=self.stages)
+                           on_batch=lambda done: on_progress(done, len(views)), stages=self.stages,
+                           context=self.view_context())
         timings["maps_s"] = time.perf_counter() - clock
         return maps
 

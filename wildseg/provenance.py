@@ -57,7 +57,7 @@ def run_request(options: dict) -> dict:
         request["model_config"] = file_digest(Path(model_config))
     request["templates"] = list(config.template_set.templates)
     for item in fields(SegmenterConfig):
-        if item.name not in MASK_NEUTRAL and applies(item.name, config.method, config.refine):
+        if item.name not in MASK_NEUTRAL and applies(item.name, config.method, config.refine, config.attention):
             request[item.name] = config.resolved(item.name)
     request["bg_threshold"] = config.background_threshold
     if config.method == "dense":

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, ProgressCallback
+from .choices import RFCLIP_DEFAULTS
 from .config import SegmenterConfig
 from .errors import WildsegError, setting
 from .images import ImageInput
@@ -79,6 +80,8 @@ class Segmenter:
                 "long_side": config.resolved("long_side"), "logit_scale": config.resolved("logit_scale"),
                 "normalization": pipeline.normalization.in_pixel_units(), "patch_size": backbone.tower.patch_size,
                 "background_words": config.dense_background_words,
+                **({"rfclip": {name: config.resolved(name) for name in RFCLIP_DEFAULTS}}
+                   if config.resolved("attention") == "rfclip" else {}),
             } if dense else None,
             "tta": config.tta,
             "max_side": config.max_side,
@@ -200,10 +203,11 @@ class Segmenter:
         decoded, timings["decode_s"] = timed(pipeline.decode, image)
         text, timings["text_s"] = timed(partial(pipeline.embed, cached=False), names)
         clock = time.perf_counter()
-        per_label = [pipeline.view_mapper(text[row : row + 1], half_precision=False) for row in range(len(text))]
+        groups = [text] if pipeline.dense else [text[row : row + 1] for row in range(len(text))]
+        mappers = [pipeline.view_mapper(group, half_precision=False) for group in groups]
         maps = merge_views(pipeline.normalized(decoded.source), pipeline.plan(decoded.source),
-                           lambda view: torch.cat([map_label(view) for map_label in per_label], dim=1),
-                           batch_size=1, stages=pipeline.stages)
+                           lambda view, *contexts: torch.cat([mapper(view, *contexts) for mapper in mappers], dim=1),
+                           batch_size=1, stages=pipeline.stages, context=pipeline.view_context(half_precision=False))
         timings["maps_s"] = time.perf_counter() - clock
         probabilities, timings["pamr_s"] = pipeline.probabilities(maps, decoded, len(names))
         mask, probabilities, timings["crf_s"] = finish_segmentation(decoded.working, probabilities, pipeline.crf,

@@ -156,7 +156,7 @@ class BatchRun:
         stream records them)."""
         text, seconds = timed(self.embed, names)
         self.stream = ViewStream(self.pipeline.view_mapper(text), self.pipeline.view_batch,
-                                 stages=self.pipeline.stages)
+                                 stages=self.pipeline.stages, context=self.pipeline.view_context())
         self.stream_names = names
         return seconds
 

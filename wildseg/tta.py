@@ -25,7 +25,7 @@ The whole-image view squashes the image to a square; crops are square, so they k
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -175,17 +175,21 @@ class ViewStream:
     of whose views are done. A batch that runs out of CUDA memory is split in halves and `batch_size` lowered
     for the rest of the stream. `stages` times rendering and merging as the stage "tta_merge". `seconds[key]`
     is an image's share of the time its batches took (each batch's time split by views), for its record.
+    With `context` (image -> what a method needs of the whole image, `methods.base.Method.uses_image_context`),
+    each image's is computed once, before its first view is mapped, and `map_views` takes the views' as its
+    second argument (a list, one per view).
     """
 
     def __init__(
         self,
-        map_views: Callable[[torch.Tensor], torch.Tensor],
+        map_views: Callable[..., torch.Tensor],
         batch_size: int = 8,
         on_batch: Callable[[int], None] = lambda done: None,
         stages=NoStageTimes(),
+        context: Optional[Callable[[torch.Tensor], Any]] = None,
     ):
         self.map_views, self.batch_size, self.on_batch = map_views, batch_size, on_batch
-        self.stages = stages
+        self.stages, self.context = stages, context
         self.waiting: list[tuple[_Job, View]] = []
         self.views_done = 0
         self.seconds: dict[object, float] = {}
@@ -237,10 +241,17 @@ class ViewStream:
         try:
             with self.stages.stage("tta_merge"):
                 rendered = [render_view(job.image, view) for job, view in batch]
+            if self.context is not None:
+                for job, _ in batch:
+                    if job.context is None:
+                        job.context = self.context(job.image)
             maps = [None] * len(batch)
             for shape in dict.fromkeys(pixels.shape for pixels in rendered):
                 indices = [index for index, pixels in enumerate(rendered) if pixels.shape == shape]
-                for index, view_maps in zip(indices, self.map_views(torch.stack([rendered[i] for i in indices]))):
+                arguments = [torch.stack([rendered[i] for i in indices])]
+                if self.context is not None:
+                    arguments.append([batch[i][0].context for i in indices])
+                for index, view_maps in zip(indices, self.map_views(*arguments)):
                     maps[index] = view_maps
             return maps
         except torch.cuda.OutOfMemoryError:
@@ -252,21 +263,23 @@ class ViewStream:
 
 
 class _Job:
-    """An image in a ViewStream: its pixels, its accumulator, and how many of its views are still to map."""
+    """An image in a ViewStream: its pixels, its accumulator, how many of its views are still to map, and its
+    context (`ViewStream`'s `context`) once computed."""
 
     def __init__(self, key, image: torch.Tensor, views: int):
-        self.key, self.image, self.remaining, self.accumulator = key, image, views, None
+        self.key, self.image, self.remaining, self.accumulator, self.context = key, image, views, None, None
 
 
 def merge_views(
     image: torch.Tensor,
     views: list[View],
-    map_views: Callable[[torch.Tensor], torch.Tensor],
+    map_views: Callable[..., torch.Tensor],
     batch_size: int = 8,
     on_batch: Callable[[int], None] = lambda done: None,
     stages=NoStageTimes(),
+    context: Optional[Callable[[torch.Tensor], Any]] = None,
 ) -> torch.Tensor:
     """Average `map_views` over all views of one image (a ViewStream of a single image)."""
-    stream = ViewStream(map_views, batch_size, on_batch, stages)
+    stream = ViewStream(map_views, batch_size, on_batch, stages, context)
     finished = stream.add(None, image, views) + stream.flush()
     return finished[0][1]

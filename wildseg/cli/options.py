@@ -17,11 +17,13 @@ from ..choices import (
     DENSE_LOGIT_SCALE,
     DENSE_SHORT_SIDE,
     DENSE_WINDOW,
+    GLOBAL_CONTEXTS,
     METHODS,
     MIN_WORKING_SIDE,
     NORMALIZATIONS,
     PAMR_ITERATIONS,
     REFINEMENTS,
+    RFCLIP_DEFAULTS,
     TTA_POLICIES,
 )
 from ..errors import WildsegError
@@ -102,6 +104,18 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                      help="Dense method: pixel normalisation: official (the constants of the method's official "
                           "code), model (the model's own) [default: auto = official when the model's constants are "
                           "CLIP's, else model]."),
+        click.option("--global-weight", type=click.FloatRange(0.0, 1.0),
+                     help="RF-CLIP (--attention rfclip): share of the global vector's label cosines in the map "
+                          f"[default: {RFCLIP_DEFAULTS['global_weight']}]."),
+        click.option("--prompt-shift", type=click.FloatRange(0.0, 1.0),
+                     help="RF-CLIP: how far each label cluster's best label moves towards its best patches "
+                          f"[default: {RFCLIP_DEFAULTS['prompt_shift']}]."),
+        click.option("--cluster-threshold", type=click.FloatRange(0.0, 2.0),
+                     help="RF-CLIP: cosine distance at which the labels' clusters are cut "
+                          f"[default: {RFCLIP_DEFAULTS['cluster_threshold']}]."),
+        click.option("--global-context", type=click.Choice(list(GLOBAL_CONTEXTS)),
+                     help="RF-CLIP: the global vector of the whole image (a pass of its own) or of each window "
+                          f"[default: {RFCLIP_DEFAULTS['global_context']}]."),
         click.option("--tta", type=click.Choice(TTA_POLICIES),
                      help="Test-time augmentation views (see docs/segment.md) [default: default]."),
         click.option("--refine", type=click.Choice(list(REFINEMENTS)),

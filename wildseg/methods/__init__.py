@@ -43,6 +43,8 @@ REGISTRY = {entry.name: entry for entry in (
     MethodEntry("naclip", DENSE, "k-k attention with a Gaussian neighbourhood", "Hajimiri, Ben Ayed & Dolz, WACV 2025"),
     MethodEntry("scclip", DENSE, "anomalous tokens fixed, mid-layer similarities aggregate and attend, levels fused",
                 "Bai et al., arXiv 2411.15869"),
+    MethodEntry("rfclip", DENSE, "sink tokens denoised, guides enhance, key-key attention of all blocks decodes, "
+                "prompts clustered and adjusted, global semantics mixed", "Li et al., AAAI 2026, arXiv 2511.16170"),
 )}
 """Every method wildseg offers, by name."""
 

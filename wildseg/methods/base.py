@@ -38,6 +38,11 @@ class Method(ABC):
         if problem is not None:
             raise WildsegError(f"model {model_name} is {problem}: wildseg's methods need one such as ViT-B-16")
 
+    uses_image_context = False
+    """Whether the method needs something of the whole image beside its views (RF-CLIP's global vector): then its
+    `image_context(tower, image)` computes it once per image, from the normalised image the views are cut from
+    (3 x height x width), and its `map_views` takes each view's as `contexts`."""
+
     @abstractmethod
     def map_views(self, tower: ClipTower, views: torch.Tensor, text: torch.Tensor, stages=NoStageTimes()
                   ) -> torch.Tensor:
