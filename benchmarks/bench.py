@@ -117,7 +117,7 @@ def segment(segmenter: Segmenter, path_name: str, images: list[Path], labels: li
         for image, result in results:
             stages.seconds["decode"] += result.timings["decode_s"]
             stages.seconds["text"] += result.timings.get("text_s", 0.0)
-            stages.seconds["refine"] += result.timings["crf_s"]
+            stages.seconds["refine"] += result.timings.get("crf_s", 0.0)
             write = partial(timed_write, image.stem, out, result, write_seconds)
             if path_name == "fast":
                 writer.submit(image, write)
