@@ -3,7 +3,9 @@
 Coarse maps are derived from ground truth the way a ViT-B/16 sees an image (`coarse_maps.py`: class
 one-hot averaged over a 14 x 14 patch grid, Gaussian blur of 1 cell, Gaussian noise 0.1 with seed = image
 index, bilinear upsampling), then refined by each option (PAMR with the paper's dilations and with NACLIP's
-(8, 16)); mIoU and pixel accuracy are printed per option.
+(8, 16); the region vote over scikit-image's SLIC and Felzenszwalb superpixels, alone and around PAMR and the
+CRF, in `--refine`'s order); mIoU, pixel accuracy and seconds per image (superpixels included) are printed per
+option.
 
     python benchmarks/refinement_study.py --camvid data/camvid --nyuv2 data/nyuv2 --limit 50
 
@@ -14,6 +16,7 @@ import argparse
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from coarse_maps import coarse_probabilities, pamr_on_arrays
 from rich.console import Console
@@ -23,6 +26,7 @@ from rich.table import Table
 from wildseg.datasets import folder_dataset
 from wildseg.metrics import confusion_matrix, mean_iou, pixel_accuracy
 from wildseg.refinement.crf import dense_crf
+from wildseg.refinement.regions import region_vote, superpixels
 from wildseg.refinement.settings import CrfSettings, PamrSettings
 
 IGNORED_VALUES = {"camvid": 11, "nyuv2": 0}
@@ -34,7 +38,18 @@ REFINEMENTS = {
     "pamr": lambda image, probabilities: pamr_on_arrays(image, probabilities),
     "pamr (8, 16)": lambda image, probabilities: pamr_on_arrays(image, probabilities, NACLIP_PAMR),
     "pamr+crf": lambda image, probabilities: dense_crf(image, pamr_on_arrays(image, probabilities), CrfSettings()),
+    "regions (slic)": lambda image, probabilities: voted(image, probabilities, "slic"),
+    "regions (felzenszwalb)": lambda image, probabilities: voted(image, probabilities, "felzenszwalb"),
+    "pamr+regions (slic)": lambda image, probabilities: voted(image, pamr_on_arrays(image, probabilities), "slic"),
+    "regions (slic)+crf": lambda image, probabilities: dense_crf(image, voted(image, probabilities, "slic"),
+                                                                CrfSettings()),
 }
+
+
+def voted(image: np.ndarray, probabilities: np.ndarray, method: str) -> np.ndarray:
+    """The region vote of `probabilities` over the image's superpixels (`wildseg.refinement.regions`)."""
+    regions = torch.from_numpy(superpixels(image, method))
+    return region_vote(torch.from_numpy(probabilities), regions).numpy()
 
 
 def study(root: Path, ignore_index: int, limit: int) -> dict[str, tuple[float, float, float]]:

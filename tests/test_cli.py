@@ -165,7 +165,8 @@ def test_an_input_folder_that_is_the_output_folder_is_named_as_the_cause(tmp_pat
 def test_invalid_settings_are_refused(tiny_checkpoint):
     with raises_worded("--start-block 5 is outside the model's 3 blocks: use -3..2"):
         tiny_segmenter(tiny_checkpoint, start_block=5)
-    with raises_worded("unknown --refine 'magic': use one of crf, pamr, pamr\\+crf, none"):
+    with raises_worded("unknown --refine 'magic': use one of crf, pamr, pamr\\+crf, regions, pamr\\+regions, "
+                       "regions\\+crf, pamr\\+regions\\+crf, none"):
         SegmenterConfig(refine="magic")
 
 

@@ -14,7 +14,15 @@ DEFAULT_ATTENTION = "naclip"
 """The dense method used when none is named (`wildseg.methods`)."""
 TTA_POLICIES = ("none", "default", "heavy")
 """Test-time view policies (`tta.POLICIES`)."""
-REFINEMENTS = ("crf", "pamr", "pamr+crf", "none")
+REFINEMENTS = ("crf", "pamr", "pamr+crf", "regions", "pamr+regions", "regions+crf", "pamr+regions+crf", "none")
+"""Refinements, applied in the order named: PAMR, then the region vote, then the dense CRF."""
+SUPERPIXELS = {
+    "slic": "scikit-image SLIC superpixels of the working image (about 250 regions, compactness 10)",
+    "felzenszwalb": "scikit-image Felzenszwalb graph segments of the working image (scale 100, sigma 0.8, min size 50)",
+}
+"""The region sources that need no files (`refinement.regions.superpixels`); any other is a folder of region maps."""
+DEFAULT_REGIONS = "slic"
+"""The region source of `--refine regions` where none is given (`refinement.regions`)."""
 CRF_BACKENDS = {
     "auto": "torch when the model is on a GPU, pydensecrf on the CPU",
     "torch": "wildseg.refinement.crf.mean_field_crf on the model's device, the images of a model step in one batch",

@@ -23,6 +23,7 @@ from .choices import (
     DEFAULT_TEMPLATES,
     DENSE_LOGIT_SCALE,
     DENSE_SHORT_SIDE,
+    DEFAULT_REGIONS,
     DENSE_WINDOW,
     GLOBAL_CONTEXTS,
     METHODS,
@@ -30,6 +31,7 @@ from .choices import (
     NORMALIZATIONS,
     REFINEMENTS,
     RFCLIP_DEFAULTS,
+    SUPERPIXELS,
     TTA_POLICIES,
 )
 from .errors import WildsegError, setting
@@ -49,6 +51,7 @@ DEFAULTS = {
     "crf_backend": "auto",
     "pamr_iterations": PamrSettings.iterations,
     "pamr_dilations": PamrSettings.dilations,
+    "regions": DEFAULT_REGIONS,
     **RFCLIP_DEFAULTS,
 }
 """What the settings that default to None mean (`stride`, `bg_threshold` and `background_words` depend on others)."""
@@ -58,6 +61,7 @@ SCOPES = {
     "start_block": ("method", "relevance"),
     **{name: ("refine", "crf") for name in ("crf_iterations", "crf_backend")},
     **{name: ("refine", "pamr") for name in ("pamr_iterations", "pamr_dilations")},
+    "regions": ("refine", "regions"),
     **{name: ("attention", "rfclip") for name in RFCLIP_DEFAULTS},
 }
 """The settings of one method, dense method or refinement: (setting that chooses it, the choice)."""
@@ -105,6 +109,8 @@ class SegmenterConfig:
         crf_backend: "auto" (torch on a GPU, pydensecrf on the CPU), "torch" or "pydensecrf".
         pamr_iterations: PAMR iterations (default 10).
         pamr_dilations: PAMR's neighbourhood dilations (default 1, 2, 4, 8, 12, 24).
+        regions: the region source of the region vote: "slic" (default), "felzenszwalb" or a folder of region maps
+            (`refinement.regions`).
         global_weight: rfclip: the share of the global vector's label cosines in the map (default 0.1).
         prompt_shift: rfclip: how far a cluster's label moves towards its best patches (default 0.03).
         cluster_threshold: rfclip: the cosine distance at which label clusters are cut (default 0.1).
@@ -133,6 +139,7 @@ class SegmenterConfig:
     crf_backend: Optional[str] = None
     pamr_iterations: Optional[int] = None
     pamr_dilations: Optional[tuple[int, ...]] = None
+    regions: Optional[str] = None
     global_weight: Optional[float] = None
     prompt_shift: Optional[float] = None
     cluster_threshold: Optional[float] = None
@@ -146,7 +153,8 @@ class SegmenterConfig:
             value = getattr(self, item.name)
             if value is not None and not applies(item.name, self.method, self.refine, self.attention):
                 chooser, choice = SCOPES[item.name]
-                choices = choice if chooser != "refine" else f"{choice} or pamr+crf"
+                choices = choice if chooser != "refine" else " or ".join(
+                    refinement for refinement in REFINEMENTS if choice in refinement.split("+"))
                 raise WildsegError(f"{setting(item.name)} is an option of {setting(chooser)} {choices}: add that or "
                                    "leave it out")
         if self.attention is not None:
@@ -163,6 +171,9 @@ class SegmenterConfig:
         if self.cluster_threshold is not None and not 0.0 <= self.cluster_threshold <= 2.0:
             raise WildsegError(f"{setting('cluster_threshold')} must lie in [0, 2] (a cosine distance), got "
                                f"{self.cluster_threshold}")
+        if self.regions is not None and self.regions not in SUPERPIXELS and not Path(self.regions).is_dir():
+            raise WildsegError(f"{setting('regions')} {self.regions}: no such folder; give {' or '.join(SUPERPIXELS)}, "
+                               "or a folder of <image stem>.npz (key instance_mask) or .png region maps")
         _at_least("max_side", self.max_side, MIN_WORKING_SIDE, "pixels")
         _at_least("view_batch", self.view_batch, 1)
         _at_least("crf_iterations", self.crf_iterations, 1)

@@ -12,6 +12,7 @@ softmax-scored with background words and PAMR-refined before scoring as NACLIP d
 
 import contextlib
 import time
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, Union
 
@@ -29,6 +30,7 @@ from .methods.base import Method
 from .pseudolabels import dense_scores, label_scores, scores_to_probabilities
 from .refinement.crf import dense_crf, mean_field_crf
 from .refinement.pamr import pamr
+from .refinement.regions import RegionSource, image_regions, region_vote
 from .refinement.settings import CrfSettings
 from .resolution import downscale, resize_for_model, upsample_argmax, working_size
 from .result import SegmentationResult
@@ -45,11 +47,13 @@ CRF_BATCH_VALUES = 2**25
 @dataclass
 class Decoded:
     """An image as displayed (`rgb`), at working resolution (`working`), and as the model's views are cut from it
-    (`source`: the working image for the relevance method, the image resized for the dense method)."""
+    (`source`: the working image for the relevance method, the image resized for the dense method), and with the
+    region vote its regions at working resolution (`refinement.regions.image_regions`)."""
 
     rgb: np.ndarray
     working: np.ndarray
     source: np.ndarray
+    regions: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,7 @@ class Pipeline:
         self.view_batch = config.view_batch or DEFAULT_VIEW_BATCH[backbone.device.type]
         self.crf: Optional[CrfSettings] = config.crf if "crf" in config.refine else None
         self.pamr = config.pamr if "pamr" in config.refine else None
+        self.regions = RegionSource(config.resolved("regions")) if "regions" in config.refine else None
         self.normalization = pixel_normalization(backbone, config)
 
     def decode(self, image: Union[ImageInput, Decoded]) -> Decoded:
@@ -131,10 +136,14 @@ class Pipeline:
             return image
         rgb = load_image(image)
         working = downscale(rgb, working_size(*rgb.shape[:2], self.config.max_side))
+        regions = None
+        if self.regions is not None:
+            stem = Path(image).stem if isinstance(image, (str, Path)) else None
+            regions = image_regions(self.regions, stem, rgb, working)
         if not self.dense:
-            return Decoded(rgb, working, working)
+            return Decoded(rgb, working, working, regions)
         return Decoded(rgb, working, resize_for_model(rgb, self.config.resolved("short_side"),
-                                                      self.config.resolved("long_side")))
+                                                      self.config.resolved("long_side")), regions)
 
     def normalized(self, rgb: np.ndarray) -> torch.Tensor:
         """The image as a normalised float tensor (3 x H x W) on the model's device: (pixel - mean) / std in float32,
@@ -232,7 +241,15 @@ class Pipeline:
         if not self.dense and self.pamr is not None:
             pixels = torch.from_numpy(decoded.working).to(probabilities.device).permute(2, 0, 1).float()
             probabilities, pamr_s = self.run_pamr(pixels, probabilities)
-        return probabilities, pamr_s
+        return self.voted(probabilities, decoded), pamr_s
+
+    def voted(self, probabilities: torch.Tensor, decoded: Decoded) -> torch.Tensor:
+        """The probabilities (classes x working resolution) after the region vote where `refine` asks for it
+        (`refinement.regions.region_vote`), timed as the stage "refine"."""
+        if decoded.regions is None:
+            return probabilities
+        with self.stages.stage("refine"):
+            return region_vote(probabilities, torch.from_numpy(decoded.regions).to(probabilities.device))
 
     def dense_maps_at_working(self, maps: torch.Tensor, decoded: Decoded) -> tuple[torch.Tensor, float]:
         """The dense method's merged cosines (at the resized image's size) bilinearly resized to working resolution
@@ -247,7 +264,8 @@ class Pipeline:
     def query_probabilities(self, maps: torch.Tensor, decoded: Decoded) -> np.ndarray:
         """softmax(logit scale x cosine) over the queries at working resolution, after PAMR where asked."""
         cosines, _ = self.dense_maps_at_working(maps, decoded)
-        return torch.softmax(self.config.resolved("logit_scale") * cosines, dim=0).cpu().numpy()
+        probabilities = torch.softmax(self.config.resolved("logit_scale") * cosines, dim=0)
+        return self.voted(probabilities, decoded).cpu().numpy()
 
     def run_pamr(self, guide: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, float]:
         """PAMR of `maps` on `guide`, timed (synchronised on CUDA)."""

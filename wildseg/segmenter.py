@@ -89,6 +89,7 @@ class Segmenter:
             "temperature": config.temperature,
             "refine": config.refine,
             "pamr": vars(pipeline.pamr) if pipeline.pamr is not None else None,
+            "regions": pipeline.regions.identity() if pipeline.regions is not None else None,
             "crf": {**vars(pipeline.crf), "backend": pipeline.crf_backend} if pipeline.crf is not None else None,
         }
 

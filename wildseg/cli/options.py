@@ -119,8 +119,14 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
         click.option("--tta", type=click.Choice(TTA_POLICIES),
                      help="Test-time augmentation views (see docs/segment.md) [default: default]."),
         click.option("--refine", type=click.Choice(list(REFINEMENTS)),
-                     help="Refinement of the pseudo-labels: dense CRF, PAMR (on the model's device), both "
-                          "[default: crf]."),
+                     help="Refinement of the pseudo-labels, applied in the order named: PAMR (on the model's "
+                          "device), the region vote (each region takes its mean probabilities, --regions), the "
+                          "dense CRF [default: crf]."),
+        click.option("--regions",
+                     help="With --refine regions: where the regions come from: slic or felzenszwalb (scikit-image "
+                          "superpixels of the image) or a folder of region maps named by the image's stem "
+                          "(<stem>.npz with key instance_mask, as CorrCLIP releases them, or <stem>.png of region "
+                          "ids, 0 unsegmented) [default: slic]."),
         click.option("--crf-iters", "crf_iterations", type=click.IntRange(min=1),
                      help=f"Mean-field iterations of the dense CRF [default: {CRF_ITERATIONS}]."),
         click.option("--crf-backend", type=click.Choice(list(CRF_BACKENDS)),
