@@ -7,6 +7,7 @@ import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 import numpy as np
@@ -20,6 +21,7 @@ from wildseg import Segmenter, SegmenterConfig
 from wildseg.backbone import load_backbone
 from wildseg.cli.app import flag
 from wildseg.errors import WildsegError
+from wildseg.evaluation import dense_protocol
 from wildseg.metrics import confusion_matrix
 
 TINY_MODEL = "wildseg-tiny-vit"
@@ -219,6 +221,25 @@ def shared_dataset(name: str) -> Path:
         pytest.skip(f"needs {REAL_DATA[name]} in {root}, which is absent: set WILDSEG_TEST_DATA to the folder "
                     f"holding {name}/ (docs/development.md)")
     return root
+
+
+ORACLE_IMAGES = {"voc_2007_000123": ("voc2012", "JPEGImages/2007_000123.jpg"),
+                 "camvid_0001TP_008550": ("camvid", "images/0001TP_008550.png")}
+"""The real images the SC-CLIP, RF-CLIP and CorrCLIP oracles ran on, by their key prefix: (data set, file)."""
+
+
+def oracle_image_file(key: str) -> Path:
+    """The file of an oracle image (`ORACLE_IMAGES`)."""
+    dataset, name = ORACLE_IMAGES[key]
+    return shared_dataset(dataset) / name
+
+
+def dense_protocol_segmenter(backbone, attention: str, dataset: str) -> Segmenter:
+    """A Segmenter of the dense method `attention` under its published protocol for `dataset` (voc: background is
+    class 0), without background words, as the official code queries."""
+    options = dense_protocol(attention, dataset, SimpleNamespace(background_class=0 if dataset == "voc" else None))
+    return Segmenter(backbone, SegmenterConfig.from_options(
+        {"method": "dense", "attention": attention, "background_words": ()}, options["options"]))
 
 
 @pytest.fixture(scope="session")

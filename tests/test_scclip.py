@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
-from conftest import ORACLE_MODEL, oracle_file, shared_dataset
+from conftest import (ORACLE_IMAGES, ORACLE_MODEL, dense_protocol_segmenter, oracle_file, oracle_image_file,
+                      shared_dataset)
 from PIL import Image
 
 from wildseg import Segmenter, SegmenterConfig
@@ -28,8 +29,6 @@ from wildseg.methods import scclip
 
 L12_MODEL = "wildseg-tiny-l12-openai"
 """The oracles' 12-layer tiny CLIP (tests/configs): OpenAI's architecture, QuickGELU, 12 image blocks of width 128."""
-IMAGES = {"voc_2007_000123": ("voc2012", "JPEGImages/2007_000123.jpg"),
-          "camvid_0001TP_008550": ("camvid", "images/0001TP_008550.png")}
 
 
 @pytest.fixture(scope="module")
@@ -50,30 +49,23 @@ def l12_backbone(l12_checkpoint):
 
 
 def protocol_segmenter(backbone, dataset: str) -> Segmenter:
-    options = dense_protocol("scclip", dataset, SimpleNamespace(background_class=0 if dataset == "voc" else None))
-    return Segmenter(backbone, SegmenterConfig.from_options(
-        {"method": "dense", "attention": "scclip", "background_words": ()}, options["options"]))
-
-
-def image_file(key: str):
-    dataset, name = IMAGES[key]
-    return shared_dataset(dataset) / name
+    return dense_protocol_segmenter(backbone, "scclip", dataset)
 
 
 def windows_of(segmenter: Segmenter, key: str) -> tuple[torch.Tensor, list[tuple[int, int, int, int]]]:
     """The image's normalised windows as wildseg plans them, and their boxes as [y1, y2, x1, x2]."""
     pipeline = segmenter.pipeline
-    source = pipeline.decode(image_file(key)).source
+    source = pipeline.decode(oracle_image_file(key)).source
     image = pipeline.normalized(source)[None]
     boxes = [(view.box[1], view.box[3], view.box[0], view.box[2]) for view in pipeline.plan(source)]
     return torch.cat([image[:, :, top:bottom, left:right] for top, bottom, left, right in boxes]), boxes
 
 
-@pytest.mark.parametrize("key", IMAGES)
+@pytest.mark.parametrize("key", ORACLE_IMAGES)
 def test_the_windows_outliers_and_features_are_the_official_codes(l12_backbone, key):
     oracle = np.load(oracle_file("scclip_voc21.npz"))
     segmenter = protocol_segmenter(l12_backbone, "voc")
-    assert (segmenter.pipeline.decode(image_file(key)).source == oracle[f"{key}_input_u8_rgb"]).all()
+    assert (segmenter.pipeline.decode(oracle_image_file(key)).source == oracle[f"{key}_input_u8_rgb"]).all()
     windows, boxes = windows_of(segmenter, key)
     assert np.array_equal(np.array(boxes), oracle[f"{key}_windows"]), "224/112 windows placed as mmseg places them"
     tower = ClipTower(l12_backbone.model)
@@ -143,7 +135,7 @@ def test_each_stage_of_a_window_is_the_official_codes(l12_backbone):
 
 
 @pytest.mark.parametrize("dataset, oracle_name", [("voc", "scclip_voc21.npz"), ("voc20", "scclip_voc20.npz")])
-@pytest.mark.parametrize("key", IMAGES)
+@pytest.mark.parametrize("key", ORACLE_IMAGES)
 def test_the_whole_pipeline_reproduces_the_official_scores_and_label_maps(l12_backbone, dataset, oracle_name, key):
     """VOC21: softmax(50 x cosine), class maxima, the area rule (0.1), the 0.15 threshold; VOC20: scale 40, plain
     argmax. Scores as the official code returns them (not renormalised) to 1e-5 of their maximum."""
@@ -151,7 +143,7 @@ def test_the_whole_pipeline_reproduces_the_official_scores_and_label_maps(l12_ba
     words, owners = oracle["query_words"].tolist(), oracle["query_idx"]
     classes = int(owners.max()) + 1
     segmenter = protocol_segmenter(l12_backbone, dataset)
-    probabilities = segmenter.query_probabilities(image_file(key), words)
+    probabilities = segmenter.query_probabilities(oracle_image_file(key), words)
     grouped = np.stack([probabilities[owners == index].max(axis=0) for index in range(classes)])
     published = dense_protocol("scclip", dataset, SimpleNamespace(background_class=0 if dataset == "voc" else None))
     if published["area_threshold"] is not None:

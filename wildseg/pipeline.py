@@ -12,8 +12,8 @@ softmax-scored with background words and PAMR-refined before scoring as NACLIP d
 
 import contextlib
 import time
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Union
 
 import numpy as np
@@ -183,9 +183,9 @@ class Pipeline:
         `half_precision` is False."""
         backbone = self.backbone
 
-        def map_views(batch: torch.Tensor, *contexts) -> torch.Tensor:
+        def map_views(batch: torch.Tensor, contexts: Optional[list] = None) -> torch.Tensor:
+            extra = {} if contexts is None else {"contexts": contexts}
             with backbone.autocast() if half_precision else contextlib.nullcontext():
-                extra = {"contexts": contexts[0]} if contexts else {}
                 return self.method.map_views(backbone.tower, batch, text.to(backbone.device), self.stages, **extra)
 
         return map_views

@@ -207,7 +207,7 @@ class Segmenter:
         groups = [text] if pipeline.dense else [text[row : row + 1] for row in range(len(text))]
         mappers = [pipeline.view_mapper(group, half_precision=False) for group in groups]
         maps = merge_views(pipeline.normalized(decoded.source), pipeline.plan(decoded.source),
-                           lambda view, *contexts: torch.cat([mapper(view, *contexts) for mapper in mappers], dim=1),
+                           lambda view, contexts=None: torch.cat([mapper(view, contexts) for mapper in mappers], dim=1),
                            batch_size=1, stages=pipeline.stages, context=pipeline.view_context(half_precision=False))
         timings["maps_s"] = time.perf_counter() - clock
         probabilities, timings["pamr_s"] = pipeline.probabilities(maps, decoded, len(names))
