@@ -250,3 +250,49 @@ def ray_address():
     context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+TINY_SAM2_SIDE = 256
+"""The input side of the tiny SAM 2 (SAM 2's own is 1024)."""
+
+
+def make_tiny_sam2(seed: int = 0):
+    """A tiny SAM 2 built by transformers' config classes (Hiera with 5 blocks, 256-pixel inputs), its weights
+    redrawn with `seed` (transformers' initialisation zeroes layers that make every point's mask alike; its prompt
+    encoder's random frequencies are a buffer, drawn from torch's seed): the model and its processor."""
+    transformers = pytest.importorskip("transformers", reason="SAM 2 region masks need the sam2 extra (transformers)")
+    side = TINY_SAM2_SIDE
+    backbone = transformers.Sam2HieraDetConfig(
+        hidden_size=16, blocks_per_stage=[1, 1, 2, 1], embed_dim_per_stage=[16, 32, 64, 128],
+        num_attention_heads_per_stage=[1, 1, 1, 1], image_size=[side, side], global_attention_blocks=[3],
+        window_size_per_stage=[4, 4, 4, 4], window_positional_embedding_background_size=[4, 4])
+    vision = transformers.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
+                                           backbone_feature_sizes=[[side // 4] * 2, [side // 8] * 2, [side // 16] * 2],
+                                           fpn_hidden_size=32)
+    config = transformers.Sam2Config(
+        vision_config=vision, prompt_encoder_config=transformers.Sam2PromptEncoderConfig(hidden_size=32, image_size=side),
+        mask_decoder_config=transformers.Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, iou_head_hidden_dim=32,
+                                                               num_attention_heads=2))
+    torch.manual_seed(seed)
+    model = transformers.Sam2Model(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            noise = torch.randn(parameter.shape, generator=generator)
+            if parameter.dim() > 1:
+                parameter.copy_(noise / parameter.shape[1] ** 0.5)
+            else:
+                parameter.copy_(noise * 0.1 + (1.0 if name.endswith("weight") else 0.0))
+    processor = transformers.Sam2Processor(
+        image_processor=transformers.Sam2ImageProcessor(size={"height": side, "width": side}), target_size=side)
+    return model, processor
+
+
+@pytest.fixture(scope="session")
+def tiny_sam2_folder(tmp_path_factory) -> Path:
+    """The tiny SAM 2 saved as transformers saves models (config, weights, processor), for `--sam2-model`."""
+    model, processor = make_tiny_sam2()
+    folder = tmp_path_factory.mktemp("sam2") / "tiny-sam2"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder

@@ -85,3 +85,21 @@ def test_ray_bench_runs_both_ways_and_reports_what_ray_adds(ray_address, tmp_pat
     assert [summaries[name]["done"] for name in ("one process", "ray")] == [4, 4], "each run did every image"
     assert {"ray_start_s", "segmenting_s"} <= set(summaries["ray"]["stages_s"]), "Ray's start-up is timed apart"
     assert re.fullmatch(r"[0-4]/4", result["identical_masks"]), "the masks of both runs are compared"
+
+
+def test_region_speed_times_every_region_source(tiny_sam2_folder, tmp_path):
+    """With a saved tiny SAM 2 on one CamVid frame: a row per source, and the superpixel counts are those of
+    scikit-image run here."""
+    from PIL import Image
+
+    from wildseg.refinement.regions import superpixels
+
+    report = tmp_path / "regions.json"
+    images = shared_dataset("camvid") / "images"
+    run_script(ROOT / "benchmarks" / "region_speed.py", "--images", images, "--limit", 1, "--sam2-model",
+               tiny_sam2_folder, "--json", report)
+    result = json.loads(report.read_text())
+    assert set(result["sources"]) == {"slic", "felzenszwalb", "sam2"} and result["size"] == "480 x 360"
+    first = np.array(Image.open(sorted(images.iterdir())[0]).convert("RGB"))
+    assert result["sources"]["slic"]["mean_regions"] == len(np.unique(superpixels(first, "slic")))
+    assert all(row["seconds_per_image"] > 0 for row in result["sources"].values())

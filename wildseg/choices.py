@@ -23,6 +23,12 @@ SUPERPIXELS = {
 """The region sources that need no files (`refinement.regions.superpixels`); any other is a folder of region maps."""
 DEFAULT_REGIONS = "slic"
 """The region source of `--refine regions` where none is given (`refinement.regions`)."""
+REGION_MODELS = {
+    "sam2": "SAM 2 automatic masks of the image (CorrCLIP's online settings; the sam2 extra)",
+}
+"""The region sources that run a model (`refinement.automatic_masks`)."""
+DEFAULT_SAM2_MODEL = "facebook/sam2-hiera-large"
+"""SAM 2 Hiera-L, the checkpoint of CorrCLIP's online masks, by its Hugging Face Hub name (`backbone.sam2`)."""
 CRF_BACKENDS = {
     "auto": "torch when the model is on a GPU, pydensecrf on the CPU",
     "torch": "wildseg.refinement.crf.mean_field_crf on the model's device, the images of a model step in one batch",

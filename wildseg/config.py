@@ -6,6 +6,7 @@ a setting has in effect. Errors name the settings as this class does (`errors.se
 them as its flags.
 """
 
+import importlib.util
 from dataclasses import dataclass, fields
 from functools import cached_property
 from pathlib import Path
@@ -24,18 +25,20 @@ from .choices import (
     DENSE_LOGIT_SCALE,
     DENSE_SHORT_SIDE,
     DEFAULT_REGIONS,
+    DEFAULT_SAM2_MODEL,
     DENSE_WINDOW,
     GLOBAL_CONTEXTS,
     METHODS,
     MIN_WORKING_SIDE,
     NORMALIZATIONS,
     REFINEMENTS,
+    REGION_MODELS,
     RFCLIP_DEFAULTS,
     SUPERPIXELS,
     TTA_POLICIES,
 )
 from .errors import WildsegError, setting
-from .refinement.settings import CrfSettings, PamrSettings
+from .refinement.settings import CrfSettings, MaskGeneration, PamrSettings
 from .templates import TemplateSet, check_templates, resolve_templates
 
 DENSE_LONG_SIDE = 2048
@@ -52,6 +55,8 @@ DEFAULTS = {
     "pamr_iterations": PamrSettings.iterations,
     "pamr_dilations": PamrSettings.dilations,
     "regions": DEFAULT_REGIONS,
+    "sam2_model": DEFAULT_SAM2_MODEL,
+    "sam2_points": MaskGeneration.points_per_side,
     **RFCLIP_DEFAULTS,
 }
 """What the settings that default to None mean (`stride`, `bg_threshold` and `background_words` depend on others)."""
@@ -62,19 +67,44 @@ SCOPES = {
     **{name: ("refine", "crf") for name in ("crf_iterations", "crf_backend")},
     **{name: ("refine", "pamr") for name in ("pamr_iterations", "pamr_dilations")},
     "regions": ("refine", "regions"),
+    **{name: ("regions", "sam2") for name in ("sam2_model", "sam2_points")},
     **{name: ("attention", "rfclip") for name in RFCLIP_DEFAULTS},
 }
-"""The settings of one method, dense method or refinement: (setting that chooses it, the choice)."""
+"""The settings of one method, dense method, refinement or region source: (setting that chooses it, the choice).
+The regions are also CorrCLIP's, whatever the refinement (`REGION_METHODS`)."""
+REGION_METHODS = ("corrclip",)
+"""The dense methods that need regions of every image (`refinement.regions`)."""
 
 
-def applies(name: str, method: str, refine: str, attention: Optional[str] = None) -> bool:
-    """Whether setting `name` is used by `method` (with dense method `attention`, default naclip) and refinement
-    `refine`."""
+def dense_shorthand(method: str, attention: Optional[str]) -> tuple[str, Optional[str]]:
+    """(method, attention) with a dense method named as the method (`method="corrclip"`) read as `method="dense",
+    attention="corrclip"`; other values as they are."""
+    if method not in methods.names(methods.DENSE):
+        return method, attention
+    if attention not in (None, method):
+        raise WildsegError(f"{setting('method')} {method} is the dense method {method}: leave {setting('attention')} "
+                           f"out, or give {setting('method')} dense {setting('attention')} {attention}")
+    return "dense", method
+
+
+def uses_regions(method: str, refine: str, attention: Optional[str] = None) -> bool:
+    """Whether images need regions: for the region vote of `refine`, or for a dense method that needs them."""
+    return "regions" in refine.split("+") or (method == "dense" and attention in REGION_METHODS)
+
+
+def applies(name: str, method: str, refine: str, attention: Optional[str] = None, regions: Optional[str] = None
+            ) -> bool:
+    """Whether setting `name` is used by `method` (with dense method `attention`, default naclip), refinement
+    `refine` and region source `regions` (default slic)."""
     if name not in SCOPES:
         return True
     chooser, choice = SCOPES[name]
     if chooser == "attention":
         return method == "dense" and (attention or DEFAULT_ATTENTION) == choice
+    if name == "regions":
+        return uses_regions(method, refine, attention)
+    if chooser == "regions":
+        return uses_regions(method, refine, attention) and (regions or DEFAULT_REGIONS) == choice
     return method == choice if chooser == "method" else choice in refine
 
 
@@ -84,7 +114,7 @@ class SegmenterConfig:
 
     Args:
         method: "relevance" (Chefer et al. relevance, Zabari & Hoshen's method) or "dense" (patch-text cosines of a
-            method of the dense family, `attention`).
+            method of the dense family, `attention`); a dense method's name is short for "dense" with that attention.
         attention: dense: the method (`wildseg.methods.names("dense")`), default "naclip".
         tta: test-time views, "none", "default" or "heavy" (`tta.POLICIES`).
         refine: "crf", "pamr", "pamr+crf" (PAMR first) or "none".
@@ -109,8 +139,11 @@ class SegmenterConfig:
         crf_backend: "auto" (torch on a GPU, pydensecrf on the CPU), "torch" or "pydensecrf".
         pamr_iterations: PAMR iterations (default 10).
         pamr_dilations: PAMR's neighbourhood dilations (default 1, 2, 4, 8, 12, 24).
-        regions: the region source of the region vote: "slic" (default), "felzenszwalb" or a folder of region maps
-            (`refinement.regions`).
+        regions: the region source of the region vote and of CorrCLIP: "slic" (default), "felzenszwalb", "sam2"
+            (SAM 2's automatic masks, `refinement.automatic_masks`) or a folder of region maps (`refinement.regions`).
+        sam2_model: regions sam2: the SAM 2 model, a Hugging Face Hub name (default facebook/sam2-hiera-large) or a
+            folder saved by transformers (`backbone.sam2.load_sam2`).
+        sam2_points: regions sam2: prompt points per side of the image (default 8, CorrCLIP's).
         global_weight: rfclip: the share of the global vector's label cosines in the map (default 0.1).
         prompt_shift: rfclip: how far a cluster's label moves towards its best patches (default 0.03).
         cluster_threshold: rfclip: the cosine distance at which label clusters are cut (default 0.1).
@@ -140,21 +173,28 @@ class SegmenterConfig:
     pamr_iterations: Optional[int] = None
     pamr_dilations: Optional[tuple[int, ...]] = None
     regions: Optional[str] = None
+    sam2_model: Optional[str] = None
+    sam2_points: Optional[int] = None
     global_weight: Optional[float] = None
     prompt_shift: Optional[float] = None
     cluster_threshold: Optional[float] = None
     global_context: Optional[str] = None
 
     def __post_init__(self):
+        method, attention = dense_shorthand(self.method, self.attention)
+        object.__setattr__(self, "method", method)
+        object.__setattr__(self, "attention", attention)
         _choice("method", self.method, METHODS)
         _choice("tta", self.tta, TTA_POLICIES)
         _choice("refine", self.refine, REFINEMENTS)
         for item in fields(self):
             value = getattr(self, item.name)
-            if value is not None and not applies(item.name, self.method, self.refine, self.attention):
+            if value is not None and not applies(item.name, self.method, self.refine, self.attention, self.regions):
                 chooser, choice = SCOPES[item.name]
                 choices = choice if chooser != "refine" else " or ".join(
                     refinement for refinement in REFINEMENTS if choice in refinement.split("+"))
+                if item.name == "regions":
+                    choices += f" (or of {setting('method')} {' or '.join(REGION_METHODS)})"
                 raise WildsegError(f"{setting(item.name)} is an option of {setting(chooser)} {choices}: add that or "
                                    "leave it out")
         if self.attention is not None:
@@ -171,9 +211,13 @@ class SegmenterConfig:
         if self.cluster_threshold is not None and not 0.0 <= self.cluster_threshold <= 2.0:
             raise WildsegError(f"{setting('cluster_threshold')} must lie in [0, 2] (a cosine distance), got "
                                f"{self.cluster_threshold}")
-        if self.regions is not None and self.regions not in SUPERPIXELS and not Path(self.regions).is_dir():
-            raise WildsegError(f"{setting('regions')} {self.regions}: no such folder; give {' or '.join(SUPERPIXELS)}, "
+        sources = (*SUPERPIXELS, *REGION_MODELS)
+        if self.regions is not None and self.regions not in sources and not Path(self.regions).is_dir():
+            raise WildsegError(f"{setting('regions')} {self.regions}: no such folder; give {' or '.join(sources)}, "
                                "or a folder of <image stem>.npz (key instance_mask) or .png region maps")
+        _at_least("sam2_points", self.sam2_points, 1)
+        if self.uses_regions and self.resolved("regions") in REGION_MODELS:
+            _check_sam2(self.resolved("sam2_model"))
         _at_least("max_side", self.max_side, MIN_WORKING_SIDE, "pixels")
         _at_least("view_batch", self.view_batch, 1)
         _at_least("crf_iterations", self.crf_iterations, 1)
@@ -211,10 +255,12 @@ class SegmenterConfig:
         names = {item.name for item in fields(cls)}
         given = {name: value for name, value in options.items() if value is not None and name in names}
         defaults = {name: value for name, value in (defaults or {}).items() if name in names}
-        method = given.get("method", defaults.get("method", "relevance"))
+        method, attention = dense_shorthand(given.get("method", defaults.get("method", "relevance")),
+                                            given.get("attention", defaults.get("attention")))
         refine = given.get("refine", defaults.get("refine", "crf"))
-        attention = given.get("attention", defaults.get("attention"))
-        usable = {name: value for name, value in defaults.items() if applies(name, method, refine, attention)}
+        regions = given.get("regions", defaults.get("regions"))
+        usable = {name: value for name, value in defaults.items()
+                  if applies(name, method, refine, attention, regions)}
         return cls(**{**usable, **given})
 
     def resolved(self, name: str) -> Any:
@@ -259,6 +305,16 @@ class SegmenterConfig:
         return CrfSettings(iterations=self.resolved("crf_iterations"))
 
     @property
+    def uses_regions(self) -> bool:
+        """Whether images need regions (the region vote, or a method such as CorrCLIP)."""
+        return uses_regions(self.method, self.refine, self.resolved("attention"))
+
+    @property
+    def mask_generation(self) -> MaskGeneration:
+        """How SAM 2's automatic masks are made: `sam2_points` points per side, CorrCLIP's other settings."""
+        return MaskGeneration(points_per_side=self.resolved("sam2_points"))
+
+    @property
     def pamr(self) -> PamrSettings:
         """PAMR's parameters: `pamr_iterations` and `pamr_dilations`."""
         return PamrSettings(iterations=self.resolved("pamr_iterations"),
@@ -267,6 +323,17 @@ class SegmenterConfig:
     def given(self) -> dict:
         """The settings given, those left to their defaults (None) omitted."""
         return {item.name: getattr(self, item.name) for item in fields(self) if getattr(self, item.name) is not None}
+
+
+def _check_sam2(model: str) -> None:
+    """Refuse SAM 2 region masks without transformers, or with a model path (not a Hub name, owner/name) that
+    names no folder."""
+    if importlib.util.find_spec("transformers") is None:
+        raise WildsegError(f"{setting('regions')} sam2 needs transformers: pip install 'wildseg[sam2]'")
+    looks_like_path = model.startswith((".", "/", "~")) or model.count("/") > 1 or "\\" in model
+    if looks_like_path and not Path(model).expanduser().is_dir():
+        raise WildsegError(f"{setting('sam2_model')} {model}: no such folder; give a Hugging Face Hub name such as "
+                           f"{DEFAULT_SAM2_MODEL} or a folder saved by transformers")
 
 
 def _choice(name: str, value, choices) -> None:

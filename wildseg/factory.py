@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
+from .choices import REGION_MODELS
 from .config import SegmenterConfig
 from .templates import TEMPLATE_SETS
 
@@ -30,13 +31,17 @@ PATH_OPTIONS = ("checkpoint", "model_config", "cache_dir", "text_cache", "templa
 def absolute_paths(options: dict) -> dict:
     """The option values with every relative path made absolute, as the command line passes them on, so that its
     records name the files wherever the model loads (a Ray worker starts elsewhere); a built-in template set's
-    name, a switched-off text cache and options not given are left as they are."""
+    name, a switched-off text cache and options not given are left as they are; a region folder and a SAM 2 folder
+    are made absolute (a region source or Hub name is not a path)."""
     resolved = dict(options)
     for name in PATH_OPTIONS:
         value = resolved.get(name)
         if value is None or isinstance(value, bool) or (name == "templates" and value in TEMPLATE_SETS):
             continue
         resolved[name] = Path(value).absolute()
+    for name in ("regions", "sam2_model"):
+        if resolved.get(name) is not None and Path(resolved[name]).is_dir():
+            resolved[name] = str(Path(resolved[name]).absolute())
     return resolved
 
 
@@ -50,12 +55,19 @@ def build_segmenter(options: dict, defaults: Optional[dict] = None, backbone: Op
         backbone: a loaded model to use instead of loading the one the options name.
 
     Returns:
-        The Segmenter; its configuration is checked before any model loads.
+        The Segmenter; its configuration is checked before any model loads, and SAM 2 (for `regions` sam2) loads
+        before CLIP, so that its problems are said first.
     """
     config = SegmenterConfig.from_options(options, defaults)
-    from .backbone import load_backbone, register_model_config  # torch and open_clip: once the options are checked
+    from .backbone import load_backbone, register_model_config, resolve_device  # once the options are checked
     from .segmenter import Segmenter
 
+    sam2 = None
+    if config.uses_regions and config.resolved("regions") in REGION_MODELS:
+        from .backbone.sam2 import load_sam2
+
+        device = backbone.device if backbone is not None else resolve_device(options.get("device") or "auto")
+        sam2 = load_sam2(config.resolved("sam2_model"), device)
     if backbone is None:
         if options.get("model_config") is not None:
             register_model_config(options["model_config"])
@@ -63,7 +75,7 @@ def build_segmenter(options: dict, defaults: Optional[dict] = None, backbone: Op
         if "model" in loading:
             loading["model_name"] = loading.pop("model")
         backbone = load_backbone(**loading)
-    return Segmenter(backbone, config)
+    return Segmenter(backbone, config, sam2=sam2)
 
 
 def loading_message(options: dict) -> str:

@@ -114,10 +114,12 @@ class Pipeline:
         config: what to do with it.
         method: the configuration's method, checked against the backbone.
         stages: a `timing.StageTimes` to time the stages (benchmarks/bench.py does), or none.
+        sam2: the loaded SAM 2 of region source sam2 (`backbone.sam2.load_sam2`).
     """
 
-    def __init__(self, backbone: Backbone, config: SegmenterConfig, method: Method, stages=NoStageTimes()):
-        self.backbone, self.config, self.method, self.stages = backbone, config, method, stages
+    def __init__(self, backbone: Backbone, config: SegmenterConfig, method: Method, stages=NoStageTimes(),
+                 sam2=None):
+        self.backbone, self.config, self.method, self.stages, self.sam2 = backbone, config, method, stages, sam2
         self.dense = method.family == "dense"
         backend = config.resolved("crf_backend")
         if backend == "auto":
@@ -126,7 +128,8 @@ class Pipeline:
         self.view_batch = config.view_batch or DEFAULT_VIEW_BATCH[backbone.device.type]
         self.crf: Optional[CrfSettings] = config.crf if "crf" in config.refine else None
         self.pamr = config.pamr if "pamr" in config.refine else None
-        self.regions = RegionSource(config.resolved("regions")) if "regions" in config.refine else None
+        self.regions = RegionSource(config.resolved("regions")) if config.uses_regions else None
+        self.voting = "regions" in config.refine.split("+")
         self.normalization = pixel_normalization(backbone, config)
 
     def decode(self, image: Union[ImageInput, Decoded]) -> Decoded:
@@ -139,7 +142,7 @@ class Pipeline:
         regions = None
         if self.regions is not None:
             stem = Path(image).stem if isinstance(image, (str, Path)) else None
-            regions = image_regions(self.regions, stem, rgb, working)
+            regions = image_regions(self.regions, stem, rgb, working, self.sam2, self.config.mask_generation)
         if not self.dense:
             return Decoded(rgb, working, working, regions)
         return Decoded(rgb, working, resize_for_model(rgb, self.config.resolved("short_side"),
@@ -246,7 +249,7 @@ class Pipeline:
     def voted(self, probabilities: torch.Tensor, decoded: Decoded) -> torch.Tensor:
         """The probabilities (classes x working resolution) after the region vote where `refine` asks for it
         (`refinement.regions.region_vote`), timed as the stage "refine"."""
-        if decoded.regions is None:
+        if decoded.regions is None or not self.voting:
             return probabilities
         with self.stages.stage("refine"):
             return region_vote(probabilities, torch.from_numpy(decoded.regions).to(probabilities.device))

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, ProgressCallback
-from .choices import RFCLIP_DEFAULTS
+from .choices import REGION_MODELS, RFCLIP_DEFAULTS
 from .config import SegmenterConfig
 from .errors import WildsegError, setting
 from .images import ImageInput
@@ -44,9 +44,14 @@ class Segmenter:
         backbone: the loaded model (`load_backbone`), shared with other Segmenters as it is.
         config: what to do with it (`SegmenterConfig`), checked against the model here.
         stages: a `timing.StageTimes` to time the pipeline's stages (benchmarks do), or none.
+        sam2: the SAM 2 of `regions="sam2"` (`backbone.sam2.load_sam2`), loaded apart as the backbone is.
     """
 
-    def __init__(self, backbone: Backbone, config: SegmenterConfig = SegmenterConfig(), stages=NoStageTimes()):
+    def __init__(self, backbone: Backbone, config: SegmenterConfig = SegmenterConfig(), stages=NoStageTimes(),
+                 sam2=None):
+        if config.uses_regions and config.resolved("regions") in REGION_MODELS and sam2 is None:
+            raise WildsegError(f"{setting('regions')} sam2 needs the SAM 2 model: load it with "
+                               "wildseg.backbone.sam2.load_sam2 and give it as sam2=")
         method = load_method(config.method_name).build(config)
         method.check(backbone.tower, backbone.model_name)
         window, patch = config.resolved("window"), backbone.tower.patch_size
@@ -54,7 +59,7 @@ class Segmenter:
             raise WildsegError(f"{setting('window')} {window} is not a multiple of {backbone.model_name}'s "
                                f"{patch}-pixel patches")
         self.backbone, self.config, self.method = backbone, config, method
-        self.pipeline = Pipeline(backbone, config, method, stages)
+        self.pipeline = Pipeline(backbone, config, method, stages, sam2 if config.uses_regions else None)
         self.refine_pool = RefinePool()
         weakref.finalize(self, self.refine_pool.close)
 
@@ -90,6 +95,7 @@ class Segmenter:
             "refine": config.refine,
             "pamr": vars(pipeline.pamr) if pipeline.pamr is not None else None,
             "regions": pipeline.regions.identity() if pipeline.regions is not None else None,
+            "sam2": {"model": pipeline.sam2.name, **vars(config.mask_generation)} if pipeline.sam2 is not None else None,
             "crf": {**vars(pipeline.crf), "backend": pipeline.crf_backend} if pipeline.crf is not None else None,
         }
 

@@ -12,6 +12,7 @@ from ..choices import (
     CRF_ITERATIONS,
     DEFAULT_ATTENTION,
     DEFAULT_MAX_SIDE,
+    DEFAULT_SAM2_MODEL,
     DEFAULT_START_BLOCK,
     DEFAULT_TEMPLATES,
     DENSE_LOGIT_SCALE,
@@ -86,9 +87,11 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                      help="MLP activation: auto follows the weights (QuickGELU for OpenAI's), else gelu or quickgelu."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
                      help="auto = CUDA when available (fp16), else CPU (fp32)."),
-        click.option("--method", type=click.Choice(list(METHODS)), default="relevance", show_default=True,
+        click.option("--method", type=click.Choice([*METHODS, *DENSE_METHODS]), default="relevance",
+                     show_default=True,
                      help="relevance: Chefer et al. relevance (Zabari & Hoshen); dense: patch tokens of a "
-                          "training-free dense method (--attention)."),
+                          "training-free dense method (--attention); a dense method's name (corrclip, naclip, ...) "
+                          "is short for dense with that --attention."),
         click.option("--attention", type=click.Choice(DENSE_METHODS),
                      help=f"Dense method: which one ({', '.join(DENSE_METHODS)}) [default: {DEFAULT_ATTENTION}]."),
         click.option("--window", type=click.IntRange(min=0),
@@ -123,10 +126,16 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                           "device), the region vote (each region takes its mean probabilities, --regions), the "
                           "dense CRF [default: crf]."),
         click.option("--regions",
-                     help="With --refine regions: where the regions come from: slic or felzenszwalb (scikit-image "
-                          "superpixels of the image) or a folder of region maps named by the image's stem "
-                          "(<stem>.npz with key instance_mask, as CorrCLIP releases them, or <stem>.png of region "
-                          "ids, 0 unsegmented) [default: slic]."),
+                     help="With --refine regions or --method corrclip: where the regions come from: slic or "
+                          "felzenszwalb (scikit-image superpixels of the image), sam2 (SAM 2's automatic masks, the "
+                          "sam2 extra), or a folder of region maps named by the image's stem (<stem>.npz with key "
+                          "instance_mask, as CorrCLIP releases them, or <stem>.png of region ids, 0 unsegmented) "
+                          "[default: slic]."),
+        click.option("--sam2-model",
+                     help=f"With --regions sam2: the SAM 2 model, a Hugging Face Hub name or a folder saved by "
+                          f"transformers [default: {DEFAULT_SAM2_MODEL}]."),
+        click.option("--sam2-points", type=click.IntRange(min=1),
+                     help="With --regions sam2: prompt points per side of the image [default: 8, CorrCLIP's]."),
         click.option("--crf-iters", "crf_iterations", type=click.IntRange(min=1),
                      help=f"Mean-field iterations of the dense CRF [default: {CRF_ITERATIONS}]."),
         click.option("--crf-backend", type=click.Choice(list(CRF_BACKENDS)),
@@ -169,11 +178,16 @@ SEGMENT_OPTIONS = segmenter_options(
 
 
 def segmenter_values(arguments: dict) -> dict:
-    """The segmenter options of a command as `factory.build_segmenter` takes them: `--no-text-cache` becomes
-    `text_cache` False, and paths are absolute (`factory.absolute_paths`)."""
+    """The segmenter options of a command as `factory.build_segmenter` takes them: a dense method named by
+    `--method` becomes `--method dense --attention NAME`, `--no-text-cache` becomes `text_cache` False, and paths are
+    absolute (`factory.absolute_paths`)."""
     from ..factory import absolute_paths
 
+    from ..config import dense_shorthand
+
     values = dict(arguments)
+    if values.get("method") is not None:
+        values["method"], values["attention"] = dense_shorthand(values["method"], values.get("attention"))
     if values.pop("no_text_cache", None):
         if values.get("text_cache") is not None:
             raise WildsegError("--text-cache names the cache folder and --no-text-cache turns the cache off: give one")

@@ -6,6 +6,8 @@ A region source gives, per image, an integer map of regions at the image's resol
 
 - `slic`, `felzenszwalb`: scikit-image's superpixels of the working image (SLIC, Achanta et al., TPAMI 2012;
   Felzenszwalb & Huttenlocher, IJCV 2004), which need no weights;
+- `sam2`: SAM 2's automatic masks of the image, painted into one map as CorrCLIP paints them
+  (`automatic_masks`);
 - a folder of maps named by the image's stem: `<stem>.npz` with key `instance_mask` (CorrCLIP's released format,
   the smallest value meaning "unsegmented") or `<stem>.png` of region ids (0 unsegmented, as SAM-style mask
   painting leaves it).
@@ -20,11 +22,13 @@ from typing import Optional
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from skimage.segmentation import felzenszwalb, slic
 
-from ..choices import SUPERPIXELS
+from ..choices import REGION_MODELS, SUPERPIXELS
 from ..errors import WildsegError
+from .settings import MaskGeneration
 
 SLIC_SEGMENTS, SLIC_COMPACTNESS = 250, 10.0
 FELZENSZWALB_SCALE, FELZENSZWALB_SIGMA, FELZENSZWALB_MIN_SIZE = 100.0, 0.8, 50
@@ -34,18 +38,18 @@ UNSEGMENTED = -1
 
 @dataclass(frozen=True)
 class RegionSource:
-    """Where an image's regions come from: a `choices.SUPERPIXELS` name, or a folder of region maps (checked to
-    exist by `SegmenterConfig`)."""
+    """Where an image's regions come from: a `choices.SUPERPIXELS` or `choices.REGION_MODELS` name, or a folder of
+    region maps (checked to exist by `SegmenterConfig`)."""
 
     name: str
 
     @property
     def folder(self) -> Optional[Path]:
-        """The folder of region maps, or None for superpixels."""
-        return None if self.name in SUPERPIXELS else Path(self.name)
+        """The folder of region maps, or None for superpixels and models."""
+        return None if self.name in SUPERPIXELS or self.name in REGION_MODELS else Path(self.name)
 
     def identity(self) -> str:
-        """The source as records name it: the superpixel method, or the folder's absolute path."""
+        """The source as records name it: the superpixel method or model, or the folder's absolute path."""
         return self.name if self.folder is None else str(self.folder.resolve())
 
 
@@ -92,27 +96,51 @@ def region_file(folder: Path, stem: str) -> np.ndarray:
     return np.where(ids == unsegmented, UNSEGMENTED, ids)
 
 
-def image_regions(source: RegionSource, stem: Optional[str], rgb: np.ndarray, working: np.ndarray) -> np.ndarray:
+def image_regions(source: RegionSource, stem: Optional[str], rgb: np.ndarray, working: np.ndarray,
+                  sam2=None, generation: MaskGeneration = MaskGeneration()) -> np.ndarray:
     """An image's regions at working resolution (h x w, int64, UNSEGMENTED where none).
 
     Args:
         source: where they come from.
-        stem: the image file's stem (None for an image given as pixels: then only superpixels can be had).
-        rgb: the image as displayed (a region file must have its size).
+        stem: the image file's stem (None for an image given as pixels: then no folder's map can be found).
+        rgb: the image as displayed (a region file must have its size; SAM 2 sees it).
         working: the image at working resolution (superpixels are made of it).
+        sam2: the loaded SAM 2 of source `sam2` (`backbone.sam2.load_sam2`).
+        generation: how SAM 2's masks are made.
     """
-    if source.folder is None:
+    if source.name in SUPERPIXELS:
         return superpixels(working, source.name)
-    if stem is None:
-        raise WildsegError("region maps from a folder are found by the image's file name: give image files")
-    ids = region_file(source.folder, stem)
-    if ids.shape != rgb.shape[:2]:
-        raise WildsegError(f"the region map of {stem} is {ids.shape[1]} x {ids.shape[0]}, the image "
-                           f"{rgb.shape[1]} x {rgb.shape[0]}: give maps at the image's resolution")
-    if ids.shape == working.shape[:2]:
-        return ids
-    resized = Image.fromarray(ids.astype(np.int32), mode="I").resize(working.shape[1::-1], Image.NEAREST)
-    return np.asarray(resized).astype(np.int64)
+    if source.folder is None:
+        from .automatic_masks import automatic_masks, painted_regions
+
+        painted = painted_regions(automatic_masks(sam2, rgb, generation), rgb.shape[:2])
+        ids = np.where(painted == 0, UNSEGMENTED, painted)
+    else:
+        if stem is None:
+            raise WildsegError("region maps from a folder are found by the image's file name: give image files")
+        ids = region_file(source.folder, stem)
+        if ids.shape != rgb.shape[:2]:
+            raise WildsegError(f"the region map of {stem} is {ids.shape[1]} x {ids.shape[0]}, the image "
+                               f"{rgb.shape[1]} x {rgb.shape[0]}: give maps at the image's resolution")
+    return resized_regions(ids, working.shape[:2])
+
+
+def resized_regions(regions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A region map resized by nearest neighbour as torch's `nearest` samples (source index floor(i * in / out),
+    computed in float32, as CorrCLIP resizes its masks).
+
+    Args:
+        regions: h x w ids.
+        shape: the (height, width) wanted.
+
+    Returns:
+        The resized ids (int64); the map itself when it has that shape.
+    """
+    if regions.shape == tuple(shape):
+        return regions
+    resized = F.interpolate(torch.from_numpy(regions.astype(np.float32))[None, None], size=tuple(shape),
+                            mode="nearest")
+    return resized[0, 0].numpy().astype(np.int64)
 
 
 def region_vote(probabilities: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:

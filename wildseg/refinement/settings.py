@@ -28,3 +28,17 @@ class PamrSettings:
     """Dilations of the 3 x 3 neighbourhood; each adds its 8 off-centre pixels to the neighbours."""
     sharpness: float = 0.1
     """lambda: scales the local standard deviation that normalises colour differences (smaller = sharper)."""
+
+
+@dataclass(frozen=True)
+class MaskGeneration:
+    """How automatic masks are made: CorrCLIP's online settings (`SAM2AutomaticMaskGenerator(points_per_side=8,
+    pred_iou_thresh=0.4, stability_score_thresh=0.4, multimask_output=False)`, the rest Meta's defaults)."""
+
+    points_per_side: int = 8
+    pred_iou_threshold: float = 0.4
+    stability_threshold: float = 0.4
+    stability_offset: float = 1.0
+    mask_threshold: float = 0.0
+    box_nms_threshold: float = 0.7
+    points_per_batch: int = 64
