@@ -191,10 +191,10 @@ def test_any_error_of_one_image_fails_that_image_only(tiny_checkpoint, tmp_path,
             raise torch.cuda.OutOfMemoryError("CUDA out of memory")
         return real_pamr(pixels, probabilities, settings)
 
-    def crf_failing_at_width_64(working, probabilities, crf, full_size):
+    def crf_failing_at_width_64(working, probabilities, crf, full_size, majority=None):
         if working.shape[1] == 64:
             raise RuntimeError("the CRF failed")
-        return real_finish(working, probabilities, crf, full_size)
+        return real_finish(working, probabilities, crf, full_size, majority)
 
     real_pamr, real_finish = pipeline.pamr, streaming.finish_segmentation
     monkeypatch.setattr(pipeline, "pamr", pamr_out_of_memory_at_width_56)

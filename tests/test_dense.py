@@ -11,14 +11,15 @@ from conftest import raises_worded, tiny_segmenter
 
 from wildseg import methods
 from wildseg.backbone.clip_internals import ClipTower
-from wildseg.config import SegmenterConfig
+from wildseg.config import REGION_METHODS, SegmenterConfig
 from wildseg.methods.base import LastBlockMethod
 from wildseg.methods.naclip import NEIGHBOURHOOD_STD
 from wildseg.pseudolabels import dense_scores
 from wildseg.tta import merge_views, plan_windows, window_spans
 
 DENSE_METHODS = {name: methods.load_method(name).build(SegmenterConfig(method="dense", attention=name))
-                 for name in methods.names(methods.DENSE)}
+                 for name in methods.names(methods.DENSE) if name not in REGION_METHODS}
+"""The dense methods that need no second model (CorrCLIP's DINO: tests/test_corrclip.py)."""
 
 
 @pytest.fixture(scope="module")

@@ -536,7 +536,7 @@ def test_compare_runs_each_method_under_its_own_protocol_and_tabulates_miou(synt
 
 @pytest.mark.parametrize("options, message", [
     (["--compare", "naclip,qk"], "--compare takes relevance, vanilla, maskclip, sclip, clearclip, naclip, scclip, "
-                                 "rfclip, comma-separated; got 'naclip,qk'"),
+                                 "rfclip, corrclip, comma-separated; got 'naclip,qk'"),
     (["--compare", "naclip", "--method", "dense"], "--compare names the methods itself"),
     (["--compare", "relevance,naclip", "--window", "32"], "--window is an option of --method dense"),
 ])

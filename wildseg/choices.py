@@ -8,7 +8,7 @@ take their names and defaults from here.
 METHODS = {
     "relevance": "Chefer et al. relevance of each label in CLIP's attention (Zabari & Hoshen's method)",
     "dense": "patch-text maps of a training-free dense method (--attention: MaskCLIP, SCLIP, ClearCLIP, NACLIP, "
-             "SC-CLIP, RF-CLIP)",
+             "SC-CLIP, RF-CLIP, CorrCLIP)",
 }
 DEFAULT_ATTENTION = "naclip"
 """The dense method used when none is named (`wildseg.methods`)."""
@@ -27,6 +27,8 @@ REGION_MODELS = {
     "sam2": "SAM 2 automatic masks of the image (CorrCLIP's online settings; the sam2 extra)",
 }
 """The region sources that run a model (`refinement.automatic_masks`)."""
+DEFAULT_DINO_MODEL = "vit_base_patch8_224.dino"
+"""DINO ViT-B/8 by timm's name: CorrCLIP's proxy backbone (`backbone.dino`)."""
 DEFAULT_SAM2_MODEL = "facebook/sam2-hiera-large"
 """SAM 2 Hiera-L, the checkpoint of CorrCLIP's online masks, by its Hugging Face Hub name (`backbone.sam2`)."""
 CRF_BACKENDS = {

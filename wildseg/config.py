@@ -17,6 +17,7 @@ from .choices import (
     CRF_BACKENDS,
     DEFAULT_ATTENTION,
     DEFAULT_BG_THRESHOLD,
+    DEFAULT_DINO_MODEL,
     DEFAULT_DENSE_BG_THRESHOLD,
     DEFAULT_MAX_SIDE,
     DEFAULT_START_BLOCK,
@@ -57,6 +58,7 @@ DEFAULTS = {
     "regions": DEFAULT_REGIONS,
     "sam2_model": DEFAULT_SAM2_MODEL,
     "sam2_points": MaskGeneration.points_per_side,
+    "dino_model": DEFAULT_DINO_MODEL,
     **RFCLIP_DEFAULTS,
 }
 """What the settings that default to None mean (`stride`, `bg_threshold` and `background_words` depend on others)."""
@@ -69,9 +71,12 @@ SCOPES = {
     "regions": ("refine", "regions"),
     **{name: ("regions", "sam2") for name in ("sam2_model", "sam2_points")},
     **{name: ("attention", "rfclip") for name in RFCLIP_DEFAULTS},
+    **{name: ("attention", "corrclip") for name in ("dino_model", "dino_checkpoint")},
 }
 """The settings of one method, dense method, refinement or region source: (setting that chooses it, the choice).
 The regions are also CorrCLIP's, whatever the refinement (`REGION_METHODS`)."""
+METHOD_DEFAULTS = {"corrclip": {"window": 336, "stride": 112}}
+"""Dense methods whose own windows differ from wildseg's defaults: CorrCLIP slides 336-pixel windows every 112."""
 REGION_METHODS = ("corrclip",)
 """The dense methods that need regions of every image (`refinement.regions`)."""
 
@@ -144,6 +149,9 @@ class SegmenterConfig:
         sam2_model: regions sam2: the SAM 2 model, a Hugging Face Hub name (default facebook/sam2-hiera-large) or a
             folder saved by transformers (`backbone.sam2.load_sam2`).
         sam2_points: regions sam2: prompt points per side of the image (default 8, CorrCLIP's).
+        dino_model: corrclip: the DINO model by timm's name (default vit_base_patch8_224.dino, DINO ViT-B/8;
+            vit_small_patch8_224.dino is ViT-S/8; `backbone.dino.load_dino`).
+        dino_checkpoint: corrclip: a local DINO state dict instead of timm's hub weights.
         global_weight: rfclip: the share of the global vector's label cosines in the map (default 0.1).
         prompt_shift: rfclip: how far a cluster's label moves towards its best patches (default 0.03).
         cluster_threshold: rfclip: the cosine distance at which label clusters are cut (default 0.1).
@@ -175,6 +183,8 @@ class SegmenterConfig:
     regions: Optional[str] = None
     sam2_model: Optional[str] = None
     sam2_points: Optional[int] = None
+    dino_model: Optional[str] = None
+    dino_checkpoint: Optional[Path] = None
     global_weight: Optional[float] = None
     prompt_shift: Optional[float] = None
     cluster_threshold: Optional[float] = None
@@ -216,6 +226,9 @@ class SegmenterConfig:
             raise WildsegError(f"{setting('regions')} {self.regions}: no such folder; give {' or '.join(sources)}, "
                                "or a folder of <image stem>.npz (key instance_mask) or .png region maps")
         _at_least("sam2_points", self.sam2_points, 1)
+        if self.dino_checkpoint is not None and not Path(self.dino_checkpoint).is_file():
+            raise WildsegError(f"{setting('dino_checkpoint')} {self.dino_checkpoint}: no such file; give a DINO state "
+                               "dict, or leave it out for timm's weights")
         if self.uses_regions and self.resolved("regions") in REGION_MODELS:
             _check_sam2(self.resolved("sam2_model"))
         _at_least("max_side", self.max_side, MIN_WORKING_SIDE, "pixels")
@@ -264,9 +277,13 @@ class SegmenterConfig:
         return cls(**{**usable, **given})
 
     def resolved(self, name: str) -> Any:
-        """The value setting `name` has in effect: as given, else its default."""
+        """The value setting `name` has in effect: as given, else the dense method's own default
+        (`METHOD_DEFAULTS`), else the default."""
         value = getattr(self, name)
-        return DEFAULTS.get(name) if value is None else value
+        if value is not None:
+            return value
+        own = METHOD_DEFAULTS.get(self.attention, {}) if self.method == "dense" else {}
+        return own.get(name, DEFAULTS.get(name))
 
     @property
     def method_name(self) -> str:
@@ -283,7 +300,10 @@ class SegmenterConfig:
     @property
     def window_stride(self) -> int:
         """The dense method's window stride in effect: as given, else half the window."""
-        return self.stride if self.stride is not None else self.resolved("window") // 2
+        if self.stride is not None:
+            return self.stride
+        own = METHOD_DEFAULTS.get(self.attention, {}) if self.method == "dense" else {}
+        return own.get("stride", self.resolved("window") // 2)
 
     @property
     def dense_background_words(self) -> tuple[str, ...]:

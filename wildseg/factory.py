@@ -24,7 +24,7 @@ BACKBONE_OPTIONS = ("model", "pretrained", "checkpoint", "cache_dir", "activatio
 """The options of `load_backbone` (`model` is its `model_name`)."""
 
 
-PATH_OPTIONS = ("checkpoint", "model_config", "cache_dir", "text_cache", "templates")
+PATH_OPTIONS = ("checkpoint", "model_config", "cache_dir", "text_cache", "templates", "dino_checkpoint")
 """The options that may name files."""
 
 
@@ -68,6 +68,12 @@ def build_segmenter(options: dict, defaults: Optional[dict] = None, backbone: Op
 
         device = backbone.device if backbone is not None else resolve_device(options.get("device") or "auto")
         sam2 = load_sam2(config.resolved("sam2_model"), device)
+    dino = None
+    if config.method_name == "corrclip":
+        from .backbone.dino import load_dino
+
+        device = backbone.device if backbone is not None else resolve_device(options.get("device") or "auto")
+        dino = load_dino(config.resolved("dino_model"), config.dino_checkpoint, device)
     if backbone is None:
         if options.get("model_config") is not None:
             register_model_config(options["model_config"])
@@ -75,7 +81,7 @@ def build_segmenter(options: dict, defaults: Optional[dict] = None, backbone: Op
         if "model" in loading:
             loading["model_name"] = loading.pop("model")
         backbone = load_backbone(**loading)
-    return Segmenter(backbone, config, sam2=sam2)
+    return Segmenter(backbone, config, sam2=sam2, dino=dino)
 
 
 def loading_message(options: dict) -> str:

@@ -30,7 +30,8 @@ from .methods.base import Method
 from .pseudolabels import dense_scores, label_scores, scores_to_probabilities
 from .refinement.crf import dense_crf, mean_field_crf
 from .refinement.pamr import pamr
-from .refinement.regions import RegionSource, image_regions, region_vote
+from .methods.corrclip import majority_labels
+from .refinement.regions import RegionSource, image_regions, region_vote, resized_regions
 from .refinement.settings import CrfSettings
 from .resolution import downscale, resize_for_model, upsample_argmax, working_size
 from .result import SegmentationResult
@@ -132,16 +133,17 @@ class Pipeline:
         self.voting = "regions" in config.refine.split("+")
         self.normalization = pixel_normalization(backbone, config)
 
-    def decode(self, image: Union[ImageInput, Decoded]) -> Decoded:
+    def decode(self, image: Union[ImageInput, Decoded], stem: Optional[str] = None) -> Decoded:
         """The image as displayed (RGB uint8), at working resolution, and as the model's views are cut from it; an
-        image already decoded (`Decoded`) is used as it is."""
+        image already decoded (`Decoded`) is used as it is. `stem` names an image given as pixels, whose region map
+        a folder holds under that name (a file's own stem otherwise)."""
         if isinstance(image, Decoded):
             return image
         rgb = load_image(image)
         working = downscale(rgb, working_size(*rgb.shape[:2], self.config.max_side))
         regions = None
         if self.regions is not None:
-            stem = Path(image).stem if isinstance(image, (str, Path)) else None
+            stem = Path(image).stem if isinstance(image, (str, Path)) else stem
             regions = image_regions(self.regions, stem, rgb, working, self.sam2, self.config.mask_generation)
         if not self.dense:
             return Decoded(rgb, working, working, regions)
@@ -207,14 +209,27 @@ class Pipeline:
 
         return context
 
-    def merged_maps(self, source: np.ndarray, text: torch.Tensor, timings: dict[str, float],
+    def view_tensor(self, decoded: Decoded) -> torch.Tensor:
+        """The tensor the views are cut from: the normalised image (`normalized`), and for a method that
+        `uses_regions` (CorrCLIP) a fourth channel of region ids, the regions resized by nearest neighbour."""
+        pixels = self.normalized(decoded.source)
+        if not self.method.uses_regions:
+            return pixels
+        regions = resized_regions(decoded.regions, decoded.source.shape[:2])
+        return torch.cat([pixels, torch.from_numpy(regions).to(pixels)[None]])
+
+    def majority(self, decoded: Decoded) -> Optional[np.ndarray]:
+        """The regions whose majority label the mask takes (a method that `uses_regions`), else None."""
+        return decoded.regions if self.method.uses_regions else None
+
+    def merged_maps(self, decoded: Decoded, text: torch.Tensor, timings: dict[str, float],
                     on_progress: Callable[[int, int], None] = lambda done, total: None) -> torch.Tensor:
         """Maps for the `text` embeddings (labels x h x w) merged over all views of the image they are cut from;
         their seconds go to `timings["maps_s"]`."""
         clock = time.perf_counter()
-        views = self.plan(source)
+        views = self.plan(decoded.source)
         on_progress(0, len(views))
-        maps = merge_views(self.normalized(source), views, self.view_mapper(text), self.view_batch,
+        maps = merge_views(self.view_tensor(decoded), views, self.view_mapper(text), self.view_batch,
                            on_batch=lambda done: on_progress(done, len(views)), stages=self.stages,
                            context=self.view_context())
         timings["maps_s"] = time.perf_counter() - clock
@@ -330,13 +345,14 @@ class Pipeline:
         probabilities, timings["pamr_s"] = self.probabilities(maps, decoded, len(names))
         (probabilities,), device_crf_s = self.device_crf([decoded.working], [probabilities])
         mask, probabilities, crf_s = finish_segmentation(decoded.working, probabilities, self.cpu_crf,
-                                                         decoded.rgb.shape[:2])
+                                                         decoded.rgb.shape[:2], self.majority(decoded))
         timings["crf_s"] = device_crf_s + crf_s
         return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, self.ran(timings))
 
 
 def finish_segmentation(working: np.ndarray, probabilities: Union[np.ndarray, torch.Tensor],
-                        crf: Optional[CrfSettings], full_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, float]:
+                        crf: Optional[CrfSettings], full_size: tuple[int, int], majority: Optional[np.ndarray] = None
+                        ) -> tuple[np.ndarray, np.ndarray, float]:
     """The last step of an image, in this process or a refinement worker's.
 
     Args:
@@ -344,6 +360,8 @@ def finish_segmentation(working: np.ndarray, probabilities: Union[np.ndarray, to
         probabilities: its class probabilities (an array, or a tensor on any device).
         crf: pydensecrf's dense CRF settings, or None for no CRF here.
         full_size: the image's (height, width) as displayed.
+        majority: region ids (at working resolution) whose regions each take their majority label in the mask
+            (CorrCLIP's map correction, `methods.corrclip.majority_labels`), or None.
 
     Returns:
         The full-size mask (made where the probabilities are), the probabilities as an array, and the seconds taken.
@@ -352,6 +370,8 @@ def finish_segmentation(working: np.ndarray, probabilities: Union[np.ndarray, to
     if crf is not None:
         probabilities = dense_crf(working, as_array(probabilities), crf)
     mask = upsample_argmax(probabilities, *full_size)
+    if majority is not None:
+        mask = majority_labels(mask, resized_regions(majority, full_size))
     return mask, as_array(probabilities), time.perf_counter() - clock
 
 

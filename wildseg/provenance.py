@@ -59,6 +59,8 @@ def run_request(options: dict) -> dict:
     for item in fields(SegmenterConfig):
         if item.name not in MASK_NEUTRAL and applies(item.name, config.method, config.refine, config.attention):
             request[item.name] = config.resolved(item.name)
+    if request.get("dino_checkpoint") is not None:
+        request["dino_checkpoint"] = file_identity(Path(request["dino_checkpoint"]))
     request["bg_threshold"] = config.background_threshold
     if config.method == "dense":
         request["stride"] = config.window_stride

@@ -45,14 +45,16 @@ class Segmenter:
         config: what to do with it (`SegmenterConfig`), checked against the model here.
         stages: a `timing.StageTimes` to time the pipeline's stages (benchmarks do), or none.
         sam2: the SAM 2 of `regions="sam2"` (`backbone.sam2.load_sam2`), loaded apart as the backbone is.
+        dino: the DINO of CorrCLIP (`backbone.dino.load_dino`), likewise.
     """
 
     def __init__(self, backbone: Backbone, config: SegmenterConfig = SegmenterConfig(), stages=NoStageTimes(),
-                 sam2=None):
+                 sam2=None, dino=None):
         if config.uses_regions and config.resolved("regions") in REGION_MODELS and sam2 is None:
             raise WildsegError(f"{setting('regions')} sam2 needs the SAM 2 model: load it with "
                                "wildseg.backbone.sam2.load_sam2 and give it as sam2=")
-        method = load_method(config.method_name).build(config)
+        models = {"dino": dino} if config.method_name == "corrclip" else {}
+        method = load_method(config.method_name).build(config, **models)
         method.check(backbone.tower, backbone.model_name)
         window, patch = config.resolved("window"), backbone.tower.patch_size
         if method.family == "dense" and window % patch:
@@ -87,6 +89,9 @@ class Segmenter:
                 "background_words": config.dense_background_words,
                 **({"rfclip": {name: config.resolved(name) for name in RFCLIP_DEFAULTS}}
                    if config.resolved("attention") == "rfclip" else {}),
+                **({"corrclip": {"dino_model": config.resolved("dino_model"),
+                                 "dino_checkpoint": str(config.dino_checkpoint) if config.dino_checkpoint else None}}
+                   if config.resolved("attention") == "corrclip" else {}),
             } if dense else None,
             "tta": config.tta,
             "max_side": config.max_side,
@@ -124,7 +129,7 @@ class Segmenter:
         names = checked_labels(labels)
         decoded, timings["decode_s"] = timed(pipeline.decode, image)
         text, timings["text_s"] = timed(pipeline.embed, names)
-        maps = pipeline.merged_maps(decoded.source, text, timings, on_progress)
+        maps = pipeline.merged_maps(decoded, text, timings, on_progress)
         return pipeline.finish(maps, names, decoded, timings)
 
     def segment_many(self, images: Iterable[Any], labels: LabelsOf, decode_workers: int = 2,
@@ -167,7 +172,7 @@ class Segmenter:
         pipeline = self.pipeline
         names = checked_labels(labels)
         decoded = pipeline.decode(image)
-        maps = pipeline.merged_maps(decoded.source, pipeline.embed(names), {})
+        maps = pipeline.merged_maps(decoded, pipeline.embed(names), {})
         return pipeline.unrefined_scores(maps, decoded, len(names)).cpu().numpy()
 
     def label_scores_many(self, images: Iterable[Any], labels: LabelsOf, decode_workers: int = 2,
@@ -189,7 +194,7 @@ class Segmenter:
         self._require_dense()
         pipeline = self.pipeline
         decoded = pipeline.decode(image)
-        maps = pipeline.merged_maps(decoded.source, self.backbone.embed_labels(queries, self.config.template_set), {})
+        maps = pipeline.merged_maps(decoded, self.backbone.embed_labels(queries, self.config.template_set), {})
         return pipeline.query_probabilities(maps, decoded)
 
     def query_probabilities_many(self, images: Iterable[Any], queries: Callable[[Any], list[str]],
@@ -212,13 +217,13 @@ class Segmenter:
         clock = time.perf_counter()
         groups = [text] if pipeline.dense else [text[row : row + 1] for row in range(len(text))]
         mappers = [pipeline.view_mapper(group, half_precision=False) for group in groups]
-        maps = merge_views(pipeline.normalized(decoded.source), pipeline.plan(decoded.source),
+        maps = merge_views(pipeline.view_tensor(decoded), pipeline.plan(decoded.source),
                            lambda view, contexts=None: torch.cat([mapper(view, contexts) for mapper in mappers], dim=1),
                            batch_size=1, stages=pipeline.stages, context=pipeline.view_context(half_precision=False))
         timings["maps_s"] = time.perf_counter() - clock
         probabilities, timings["pamr_s"] = pipeline.probabilities(maps, decoded, len(names))
         mask, probabilities, timings["crf_s"] = finish_segmentation(decoded.working, probabilities, pipeline.crf,
-                                                                    decoded.rgb.shape[:2])
+                                                                    decoded.rgb.shape[:2], pipeline.majority(decoded))
         return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, pipeline.ran(timings))
 
     def prepare_labels(self, labels: Iterable[str], on_progress: Optional[ProgressCallback] = None) -> None:

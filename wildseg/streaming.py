@@ -14,6 +14,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, Thr
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
@@ -102,7 +103,7 @@ class BatchRun:
                  refiner: Optional[RefinePool] = None, refine_workers: int = 0,
                  read: Optional[Callable[[Any], ImageInput]] = None):
         self.pipeline, self.labels_of = pipeline, labels_of
-        self.decode = pipeline.decode if read is None else (lambda key: pipeline.decode(read(key)))
+        self.decode = pipeline.decode if read is None else (lambda key: pipeline.decode(read(key), Path(str(key)).stem))
         self.decoder = ThreadPoolExecutor(max(1, decode_workers), thread_name_prefix="wildseg-decode")
         self.prefetch = 2 * max(1, decode_workers)
         self.refiner = refiner
@@ -130,7 +131,7 @@ class BatchRun:
                 timings["text_s"] = self.open_stream(names)
             key = next(self.keys)
             self.pending[key] = Pending(source, names, image, timings)
-            yield from self.map(partial(self.stream.add, key, self.pipeline.normalized(image.source),
+            yield from self.map(partial(self.stream.add, key, self.pipeline.view_tensor(image),
                                         self.pipeline.plan(image.source)))
             yield from self.collect(block=len(self.refining) >= self.max_refining)
         yield from self.drain_stream()
@@ -212,11 +213,12 @@ class BatchRun:
             try:
                 if self.executor is None:
                     future.set_result(finish_segmentation(item.decoded.working, item_probabilities,
-                                                          pipeline.cpu_crf, item.decoded.rgb.shape[:2]))
+                                                          pipeline.cpu_crf, item.decoded.rgb.shape[:2],
+                                                          pipeline.majority(item.decoded)))
                 else:
                     future = self.executor.submit(finish_segmentation, item.decoded.working,
                                                   as_array(item_probabilities), pipeline.cpu_crf,
-                                                  item.decoded.rgb.shape[:2])
+                                                  item.decoded.rgb.shape[:2], pipeline.majority(item.decoded))
             except Exception as error:  # the image fails in `collect`, with the reason
                 future.set_exception(error)
             self.refining[future] = item
@@ -257,7 +259,7 @@ class QueryRun(BatchRun):
             except torch.cuda.OutOfMemoryError:
                 yield BatchItem(item.source, error=OUT_OF_MEMORY_AFTER.format("probabilities"))
                 continue
-            yield BatchItem(item.source, result=probabilities)
+            yield BatchItem(item.source, result=probabilities, decoded=item.decoded)
 
 
 class ScoreRun(BatchRun):

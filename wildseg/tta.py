@@ -135,11 +135,15 @@ def plan_windows(height: int, width: int, window: int, stride: int, policy: str 
 
 def render_view(image: torch.Tensor, view: View) -> torch.Tensor:
     """The view's pixels (channels x height x width) from an image tensor (channels x H x W): the crop, resized
-    (antialiased) to the view's size unless that is its own, mirrored if the view is."""
+    (antialiased) to the view's size unless that is its own, mirrored if the view is. Channels after the third are
+    region ids (`methods.base.Method.uses_regions`), resized by nearest neighbour."""
     left, top, right, bottom = view.box
     crop = image[:, top:bottom, left:right]
     if view.size is not None and view.size != tuple(crop.shape[-2:]):
-        crop = F.interpolate(crop[None], size=view.size, mode="bilinear", align_corners=False, antialias=True)[0]
+        resized = F.interpolate(crop[None, :3], size=view.size, mode="bilinear", align_corners=False, antialias=True)
+        if crop.shape[0] > 3:
+            resized = torch.cat([resized, F.interpolate(crop[None, 3:], size=view.size, mode="nearest")], dim=1)
+        crop = resized[0]
     return crop.flip(-1) if view.mirrored else crop
 
 

@@ -94,6 +94,11 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
                           "is short for dense with that --attention."),
         click.option("--attention", type=click.Choice(DENSE_METHODS),
                      help=f"Dense method: which one ({', '.join(DENSE_METHODS)}) [default: {DEFAULT_ATTENTION}]."),
+        click.option("--dino-model",
+                     help="CorrCLIP: its DINO by timm's name (vit_small_patch8_224.dino for ViT-S/8) "
+                          "[default: vit_base_patch8_224.dino, DINO ViT-B/8]."),
+        click.option("--dino-checkpoint", type=click.Path(path_type=Path),
+                     help="CorrCLIP: local DINO weights (a state dict in DINO's or timm's key names)."),
         click.option("--window", type=click.IntRange(min=0),
                      help="Dense method: sliding-window side in pixels, 0 for the whole image in one pass "
                           f"[default: {DENSE_WINDOW}]."),

@@ -10,11 +10,14 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Protocol
 import numpy as np
 import torch
 
+from ..config import REGION_METHODS
 from ..datasets import SegmentationDataset
 from ..datasets.base import Sample
 from ..errors import WildsegError, first_line
 from ..images import ImageInput
+from ..methods.corrclip import majority_labels
 from ..metrics import confusion_matrix
+from ..refinement.regions import resized_regions
 from .predictions import PredictionStore
 from .scoring import PROTOCOLS, Query, build_query, candidate_classes, class_prediction, dense_class_prediction
 
@@ -124,7 +127,7 @@ def evaluate(
             fail(item.source, item.error)
             continue
         try:
-            prediction = _prediction(segmenter, dataset, item.result, query, sample.truth.shape, area_threshold,
+            prediction = _prediction(segmenter, dataset, item, query, sample.truth.shape, area_threshold,
                                      evaluation.timings_s)
             if store:
                 store.save(item.source, prediction)
@@ -165,13 +168,18 @@ def _finished_read(image_id: str, future: Future, timings: dict[str, float]
     return image_id, sample, reason
 
 
-def _prediction(segmenter: SegmenterLike, dataset: SegmentationDataset, result, query: Query,
+def _prediction(segmenter: SegmenterLike, dataset: SegmentationDataset, item, query: Query,
                 shape: tuple[int, int], area_threshold: Optional[float], timings: dict[str, float]) -> np.ndarray:
-    """An image's predicted classes from what the segmenter gave: the dense method's query probabilities, or a
-    SegmentationResult whose stage seconds add up in `timings`."""
+    """An image's predicted classes from what the segmenter gave (the item's `result`): the dense method's query
+    probabilities, each region taking its majority class where the method reads regions (CorrCLIP's map correction,
+    from the item's `decoded` regions), or a SegmentationResult whose stage seconds add up in `timings`."""
+    result = item.result
     if segmenter.config.method == "dense":
-        return dense_class_prediction(result, query, shape, segmenter.config.background_threshold, area_threshold,
-                                      dataset.background_class)
+        prediction = dense_class_prediction(result, query, shape, segmenter.config.background_threshold,
+                                            area_threshold, dataset.background_class)
+        if getattr(segmenter.config, "method_name", None) in REGION_METHODS and item.decoded is not None:
+            prediction = majority_labels(prediction, resized_regions(item.decoded.regions, shape))
+        return prediction
     for stage, seconds in result.timings.items():
         _add_time(timings, stage, seconds)
     return class_prediction(result.scores, query, shape)

@@ -45,6 +45,8 @@ REGISTRY = {entry.name: entry for entry in (
                 "Bai et al., arXiv 2411.15869"),
     MethodEntry("rfclip", DENSE, "sink tokens denoised, guides enhance, key-key attention of all blocks decodes, "
                 "prompts clustered and adjusted, global semantics mixed", "Li et al., AAAI 2026, arXiv 2511.16170"),
+    MethodEntry("corrclip", DENSE, "patch correlations scoped to regions and valued by DINO, region class tokens, "
+                "each region's majority label", "Zhang et al., ICCV 2025, arXiv 2411.10086"),
 )}
 """Every method wildseg offers, by name."""
 

@@ -38,6 +38,10 @@ class Method(ABC):
         if problem is not None:
             raise WildsegError(f"model {model_name} is {problem}: wildseg's methods need one such as ViT-B-16")
 
+    uses_regions = False
+    """Whether the method reads the image's regions (CorrCLIP): then its views carry region ids as a fourth
+    channel (`pipeline.Pipeline.view_tensor`) and the mask takes each region's majority label."""
+
     uses_image_context = False
     """Whether the method needs something of the whole image beside its views (RF-CLIP's global vector): then its
     `image_context(tower, image)` computes it once per image, from the normalised image the views are cut from
