@@ -100,7 +100,8 @@ class Segmenter:
             "refine": config.refine,
             "pamr": vars(pipeline.pamr) if pipeline.pamr is not None else None,
             "regions": pipeline.regions.identity() if pipeline.regions is not None else None,
-            "sam2": {"model": pipeline.sam2.name, **vars(config.mask_generation)} if pipeline.sam2 is not None else None,
+            "sam2": ({"model": pipeline.sam2.name, **vars(config.mask_generation)}
+                     if pipeline.sam2 is not None else None),
             "crf": {**vars(pipeline.crf), "backend": pipeline.crf_backend} if pipeline.crf is not None else None,
         }
 

@@ -163,7 +163,8 @@ def dino_input(window: torch.Tensor) -> torch.Tensor:
     def channels(values):
         return torch.tensor(values, device=window.device)[:, None, None]
 
-    return (window.float() * channels(CLIP_STD) + channels(CLIP_MEAN) - channels(IMAGENET_MEAN)) / channels(IMAGENET_STD)
+    pixels = window.float() * channels(CLIP_STD) + channels(CLIP_MEAN)
+    return (pixels - channels(IMAGENET_MEAN)) / channels(IMAGENET_STD)
 
 
 def majority_labels(mask: np.ndarray, regions: np.ndarray) -> np.ndarray:
