@@ -269,8 +269,9 @@ def make_tiny_sam2(seed: int = 0):
     vision = transformers.Sam2VisionConfig(backbone_config=backbone, backbone_channel_list=[128, 64, 32, 16],
                                            backbone_feature_sizes=[[side // 4] * 2, [side // 8] * 2, [side // 16] * 2],
                                            fpn_hidden_size=32)
+    prompts = transformers.Sam2PromptEncoderConfig(hidden_size=32, image_size=side)
     config = transformers.Sam2Config(
-        vision_config=vision, prompt_encoder_config=transformers.Sam2PromptEncoderConfig(hidden_size=32, image_size=side),
+        vision_config=vision, prompt_encoder_config=prompts,
         mask_decoder_config=transformers.Sam2MaskDecoderConfig(hidden_size=32, mlp_dim=64, iou_head_hidden_dim=32,
                                                                num_attention_heads=2))
     torch.manual_seed(seed)

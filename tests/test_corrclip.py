@@ -211,3 +211,22 @@ def test_corrclip_protocols_carry_the_published_table():
     assert numbers == {"voc": 74.8, "voc20": 88.8, "context": 44.2, "context59": 48.8, "coco-object": 43.7,
                        "coco-stuff": 31.6, "cityscapes": 49.4, "ade20k": 26.9}
     assert round(sum(numbers.values()) / 8, 1) == 51.0
+
+
+def test_eval_names_region_sources_other_than_the_released_masks_as_deviations(tmp_path):
+    """CorrCLIP's numbers are with its released masks: a folder is the published run, superpixels or SAM 2 made
+    online are deviations of the report."""
+    from wildseg.evaluation.protocols import run_protocol
+
+    from wildseg.datasets.classes import ClassName
+
+    dataset = SimpleNamespace(background_class=0, name="voc",
+                              classes=[ClassName(str(index), (str(index),), index == 0) for index in range(21)],
+                              with_classes=lambda classes: SimpleNamespace(classes=classes))
+
+    def deviations(regions):
+        options = {"method": "dense", "attention": "corrclip", "regions": regions}
+        return run_protocol(options, "voc", dataset, None, "open").published["deviations"]
+    assert deviations(str(tmp_path)) == []
+    assert deviations(None) == [f"regions slic instead of {methods.published_protocols('corrclip')['region_masks']}"]
+    assert deviations("sam2")[0].startswith("regions sam2 instead of CorrCLIP's released SAM 2 masks")

@@ -11,7 +11,13 @@ from pathlib import Path
 from typing import Iterable, Mapping, Optional
 
 from .. import methods
-from ..choices import DEFAULT_ATTENTION, DEFAULT_BG_THRESHOLD, DEFAULT_DENSE_BG_THRESHOLD, DEFAULT_TEMPLATES
+from ..choices import (
+    DEFAULT_ATTENTION,
+    DEFAULT_BG_THRESHOLD,
+    DEFAULT_DENSE_BG_THRESHOLD,
+    DEFAULT_REGIONS,
+    DEFAULT_TEMPLATES,
+)
 from ..datasets import SegmentationDataset
 from ..datasets.classes import ClassName, published_class_prompts
 from ..errors import WildsegError, setting
@@ -107,6 +113,10 @@ def run_protocol(options: dict, dataset_key: str, dataset: SegmentationDataset, 
         dataset = with_published_class_list(dataset, published["class_list"])
     if protocol != "open":
         deviations.append("the label-given protocol instead of the published open-vocabulary one")
+    region_masks = methods.published_protocols(published["follows"]).get("region_masks")
+    regions = options.get("regions")
+    if region_masks is not None and (regions is None or not Path(regions).is_dir()):
+        deviations.append(f"regions {regions or DEFAULT_REGIONS} instead of {region_masks}")
     expected = {"stride": (published["options"].get("window", 0) // 2) or None, "templates": DEFAULT_TEMPLATES,
                 **published["options"]}
     for name, value in options.items():
