@@ -18,7 +18,7 @@ from wildseg.backbone.dino import correlation_features, load_dino
 from wildseg.evaluation import Query, dense_class_prediction, dense_protocol
 from wildseg import methods
 from wildseg.methods import corrclip
-from wildseg.refinement.regions import resized_regions
+from wildseg.refinement.regions import nearest_ids, resized_regions
 
 KEYS = ["voc_2007_000123", "camvid_0001TP_008550"]
 TINY_DINO = dict(embed_dim=64, depth=3, num_heads=2)
@@ -73,7 +73,7 @@ def test_the_regions_are_merged_and_scoped_as_the_official_code_does(oracle, tin
             features, grid = correlation_features(tiny_dino, dino_input[None])
         features = features[0]
         np.testing.assert_allclose(features.numpy(), oracle[f"{prefix}_dino_feats"], rtol=0, atol=1e-5)
-        on_grid = corrclip.nearest(window[3].long(), grid)
+        on_grid = nearest_ids(window[3].long(), grid)
         assert np.array_equal(on_grid.numpy(), oracle[f"{prefix}_mask_dino_grid"])
         merged = corrclip.merged_regions(features, on_grid)
         assert np.array_equal(merged.numpy(), oracle[f"{prefix}_merged_mask_dino_grid"])

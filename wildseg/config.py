@@ -229,7 +229,7 @@ class SegmenterConfig:
         if self.dino_checkpoint is not None and not Path(self.dino_checkpoint).is_file():
             raise WildsegError(f"{setting('dino_checkpoint')} {self.dino_checkpoint}: no such file; give a DINO state "
                                "dict, or leave it out for timm's weights")
-        if self.uses_regions and self.resolved("regions") in REGION_MODELS:
+        if self.uses_sam2:
             _check_sam2(self.resolved("sam2_model"))
         _at_least("max_side", self.max_side, MIN_WORKING_SIDE, "pixels")
         _at_least("view_batch", self.view_batch, 1)
@@ -328,6 +328,11 @@ class SegmenterConfig:
     def uses_regions(self) -> bool:
         """Whether images need regions (the region vote, or a method such as CorrCLIP)."""
         return uses_regions(self.method, self.refine, self.resolved("attention"))
+
+    @property
+    def uses_sam2(self) -> bool:
+        """Whether images need SAM 2's automatic masks (regions in use, from `sam2`)."""
+        return self.uses_regions and self.resolved("regions") in REGION_MODELS
 
     @property
     def mask_generation(self) -> MaskGeneration:

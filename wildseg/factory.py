@@ -12,7 +12,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Optional
 
-from .choices import REGION_MODELS
 from .config import SegmenterConfig
 from .templates import TEMPLATE_SETS
 
@@ -63,7 +62,7 @@ def build_segmenter(options: dict, defaults: Optional[dict] = None, backbone: Op
     from .segmenter import Segmenter
 
     sam2 = None
-    if config.uses_regions and config.resolved("regions") in REGION_MODELS:
+    if config.uses_sam2:
         from .backbone.sam2 import load_sam2
 
         device = backbone.device if backbone is not None else resolve_device(options.get("device") or "auto")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, ProgressCallback
-from .choices import REGION_MODELS, RFCLIP_DEFAULTS
+from .choices import RFCLIP_DEFAULTS
 from .config import SegmenterConfig
 from .errors import WildsegError, setting
 from .images import ImageInput
@@ -50,7 +50,7 @@ class Segmenter:
 
     def __init__(self, backbone: Backbone, config: SegmenterConfig = SegmenterConfig(), stages=NoStageTimes(),
                  sam2=None, dino=None):
-        if config.uses_regions and config.resolved("regions") in REGION_MODELS and sam2 is None:
+        if config.uses_sam2 and sam2 is None:
             raise WildsegError(f"{setting('regions')} sam2 needs the SAM 2 model: load it with "
                                "wildseg.backbone.sam2.load_sam2 and give it as sam2=")
         models = {"dino": dino} if config.method_name == "corrclip" else {}

@@ -32,6 +32,7 @@ from scipy.sparse.csgraph import connected_components
 from ..backbone.clip_internals import ClipTower
 from ..backbone.dino import IMAGENET_MEAN, IMAGENET_STD, correlation_features
 from ..errors import WildsegError, setting
+from ..refinement.regions import nearest_ids
 from ..timing import NoStageTimes
 from .base import DenseMethod
 
@@ -97,12 +98,6 @@ def scope_attention(features: torch.Tensor, merged: torch.Tensor) -> torch.Tenso
     return torch.softmax(TAU * similarity.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
-def nearest(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """An id map resized by torch's nearest neighbour (source index floor(i * in / out)), in float32 as the
-    official code resizes its masks."""
-    return F.interpolate(ids[None, None].float(), size=size, mode="nearest")[0, 0].to(ids.dtype)
-
-
 def masked_block(layer: torch.nn.Module, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """An open_clip residual block on batch-first tokens with an additive attention mask (tokens x tokens)."""
     normed = layer.ln_1(x)
@@ -126,7 +121,7 @@ def window_features(tower: ClipTower, window: torch.Tensor, attention: torch.Ten
         DINO patches x dim.
     """
     x, grid = tower.embed_windows(window[None])
-    clip_regions = nearest(merged, grid).flatten()
+    clip_regions = nearest_ids(merged, grid).flatten()
     region_ids = torch.unique(clip_regions)
     count, tokens = len(region_ids), x.shape[1]
     allowed = torch.zeros(count + tokens, count + tokens, dtype=torch.bool, device=x.device)
@@ -150,7 +145,7 @@ def window_features(tower: ClipTower, window: torch.Tensor, attention: torch.Ten
         values = F.interpolate(values, size=dino_grid, mode="bilinear", align_corners=False)[0].flatten(1).T
         streams.append(tower.visual.ln_post(last.attn.out_proj(attention.to(values.dtype) @ values)))
     semantic = masked_block(last, sequence, mask)[0, :count]
-    dino_regions = nearest(nearest(merged, grid), dino_grid).flatten()
+    dino_regions = nearest_ids(nearest_ids(merged, grid), dino_grid).flatten()
     positions = torch.searchsorted(region_ids, dino_regions.to(region_ids.device))
     streams.append(tower.visual.ln_post(semantic[positions]))
     feature = streams[0] + ALPHA * streams[1] + BETA * streams[2]
@@ -222,7 +217,7 @@ class CorrClip(DenseMethod):
             next(self.dino.parameters())))
         dino_features = dino_features[0].float()
         patch = pixels.shape[-1] // dino_grid[1]
-        merged = merged_regions(dino_features.cpu(), nearest(regions.cpu(), dino_grid))
+        merged = merged_regions(dino_features.cpu(), nearest_ids(regions.cpu(), dino_grid))
         attention = scope_attention(dino_features, merged.to(dino_features.device))
         feature = window_features(tower, pixels, attention, merged, dino_grid)
         if not any(padding):

@@ -138,9 +138,13 @@ def resized_regions(regions: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     """
     if regions.shape == tuple(shape):
         return regions
-    resized = F.interpolate(torch.from_numpy(regions.astype(np.float32))[None, None], size=tuple(shape),
-                            mode="nearest")
-    return resized[0, 0].numpy().astype(np.int64)
+    return nearest_ids(torch.from_numpy(regions), tuple(shape)).numpy()
+
+
+def nearest_ids(ids: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An id map tensor (h x w) resized by torch's nearest neighbour (source index floor(i * in / out)), in
+    float32 as CorrCLIP resizes its masks; its dtype kept."""
+    return F.interpolate(ids[None, None].float(), size=size, mode="nearest")[0, 0].to(ids.dtype)
 
 
 def region_vote(probabilities: torch.Tensor, regions: torch.Tensor) -> torch.Tensor:
