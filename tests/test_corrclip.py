@@ -164,7 +164,11 @@ def test_segment_with_corrclip_end_to_end(oracle, l12_backbone, small_dino_check
                                           regions):
     """`--method corrclip` with superpixels and with SAM 2's masks (tiny random SAM 2, random DINO ViT-S/8, the
     12-block tiny CLIP): exit 0, its windows and DINO recorded, and every region but the unsegmented one holds one
-    label (the map correction) where the mask is at the image's size."""
+    label (the map correction) where the mask is at the image's size; `--instances` writes a COCO file whose
+    annotations are those regions' pieces of each class (for SAM 2, none where no mask was painted). The labels
+    are none of the 26 background words (road and sky are), so that the random model gives them some regions."""
+    from pycocotools.coco import COCO
+
     from click.testing import CliRunner
     from PIL import Image
 
@@ -177,17 +181,29 @@ def test_segment_with_corrclip_end_to_end(oracle, l12_backbone, small_dino_check
     config = tmp_path / f"{ORACLE_L12}.json"
     config.write_text(str(oracle["clip_config_json"]))
     result = CliRunner().invoke(main, [
-        "segment", str(photo), "--labels", "road,sky", "--method", "corrclip", "--regions", regions,
+        "segment", str(photo), "--labels", "car,person", "--method", "corrclip", "--regions", regions,
         *(["--sam2-model", str(tiny_sam2_folder)] if regions == "sam2" else []), "--refine", "none",
         "--dino-model", "vit_small_patch8_224.dino", "--dino-checkpoint", str(small_dino_checkpoint),
         "--model", ORACLE_L12, "--model-config", str(config), "--checkpoint", str(l12_backbone.checkpoint),
-        "--device", "cpu", "--templates", "photo", "--out", str(tmp_path / "out"), "-q"])
+        "--device", "cpu", "--templates", "photo", "--out", str(tmp_path / "out"), "-q", "--instances",
+        "--coco", str(tmp_path / "objects.json")])
     assert result.exit_code == 0, result.output
     mask = np.array(Image.open(tmp_path / "out" / "0001TP_008550.png"))
     rgb = np.array(Image.open(photo).convert("RGB"))
     ids = (superpixels(rgb, "slic") if regions == "slic"
            else painted_regions(automatic_masks(load_sam2(tiny_sam2_folder), rgb), rgb.shape[:2]))
     assert all(len(np.unique(mask[ids == region])) == 1 for region in np.unique(ids)[1:])
+    painted = ids > 0 if regions == "sam2" else np.ones(ids.shape, dtype=bool)
+    pieces = {(int(region), int(label)) for region, label in zip(ids[painted & (mask > 0)], mask[painted & (mask > 0)])}
+    coco = COCO(str(tmp_path / "objects.json"))
+    record = json.loads((tmp_path / "out" / "0001TP_008550.json").read_text())
+    assert len(coco.anns) == len(record["instances"]) == len(pieces), "one annotation per object"
+    # Measured: SLIC gives objects; the tiny SAM 2 paints one mask over 80% of the frame, which the correction
+    # makes background, so its labelled pixels are all unpainted and there is no object.
+    assert (len(pieces) > 0) == (regions == "slic") and np.any(mask > 0)
+    for annotation, listed in zip(coco.anns.values(), record["instances"]):
+        region, label = listed["region"], listed["class_index"]
+        assert np.array_equal(coco.annToMask(annotation) == 1, (ids == region) & (mask == label))
     settings = json.loads((tmp_path / "out" / "0001TP_008550.json").read_text())["settings"]
     assert settings["dense"]["window"] == 336 and settings["dense"]["stride"] == 112
     assert settings["dense"]["corrclip"]["dino_model"] == "vit_small_patch8_224.dino"

@@ -1,5 +1,6 @@
 """Output folders as data sets: COCO files that pycocotools loads and decodes back to the masks, rebuilt on
-resume; YOLO polygons that cover real CamVid masks; `wildseg export` without the model."""
+resume; YOLO polygons that cover real CamVid masks; `wildseg export` without the model; per-object annotations
+(`--instances`) from regions."""
 
 import json
 from pathlib import Path
@@ -13,7 +14,11 @@ from PIL import Image
 from pycocotools.coco import COCO
 
 from wildseg.cli import main
-from wildseg.export import region_polygons, yolo_lines
+from wildseg.errors import WildsegError
+from wildseg.export import joined_polygon, region_polygons, yolo_lines
+from wildseg.instances import region_objects
+from wildseg.refinement.regions import UNSEGMENTED, superpixels
+from wildseg.result import SegmentationResult
 
 LABELS = ["road", "car", "sky", "building"]
 
@@ -29,8 +34,12 @@ def camvid_pictures(folder: Path, count: int, start: int = 0) -> list[Path]:
 
 
 def segment(*arguments, checkpoint):
-    result = CliRunner().invoke(main, ["segment", *map(str, arguments), "-l", ",".join(LABELS), "-q",
-                                       *map(str, tiny_cli_args(checkpoint)), "--tta", "none", "--crf-iters", "1"])
+    """`wildseg segment` with the tiny model, no TTA and one CRF iteration where the refinement has a CRF."""
+    arguments = [str(argument) for argument in arguments]
+    refine = arguments[arguments.index("--refine") + 1] if "--refine" in arguments else "crf"
+    crf = ["--crf-iters", "1"] if "crf" in refine else []
+    result = CliRunner().invoke(main, ["segment", *arguments, "-l", ",".join(LABELS), "-q",
+                                       *map(str, tiny_cli_args(checkpoint)), "--tta", "none", *crf])
     assert result.exit_code == 0, result.output
     return result
 
@@ -158,3 +167,153 @@ def test_export_usage_errors_are_one_line(arguments, message, tmp_path, monkeypa
     monkeypatch.chdir(tmp_path)
     result = CliRunner().invoke(main, arguments)
     assert result.exit_code == 2 and result.output == f"wildseg: error: {message}\n"
+
+
+GRID_ROWS, GRID_COLUMNS, UNSEGMENTED_ROWS = 3, 4, 6
+"""The region maps of `grid_regions`: a 3 x 4 grid of rectangles on 120 x 90 images, the top 6 rows unsegmented."""
+
+
+def grid_regions(folder: Path, pictures: list[Path]) -> list[tuple[int, int, int, int]]:
+    """Region maps (PNG, 0 unsegmented) of the pictures into `folder`, all the same grid; its cells (x, y, w, h)."""
+    folder.mkdir()
+    ids = np.zeros((90, 120), dtype=np.uint8)
+    cells = []
+    for row in range(GRID_ROWS):
+        for column in range(GRID_COLUMNS):
+            top, left = UNSEGMENTED_ROWS + row * 28, column * 30
+            ids[top : top + 28, left : left + 30] = len(cells) + 1
+            cells.append((left, top, 30, 28))
+    for picture in pictures:
+        Image.fromarray(ids).save(folder / f"{picture.stem}.png")
+    return cells
+
+
+def read_objects(out: Path, stem: str) -> tuple[np.ndarray, np.ndarray, dict, np.ndarray]:
+    """An image's mask, object map, record and scores (float16 as stored) in a segment output folder."""
+    record = json.loads((out / f"{stem}.json").read_text())
+    with np.load(out / f"{stem}_scores.npz") as stored:
+        scores = stored["scores"]
+    return (np.array(Image.open(out / f"{stem}.png")), np.array(Image.open(out / f"{stem}_instances.png")), record,
+            scores)
+
+
+def test_instances_are_the_given_regions_each_with_its_class_in_coco_and_yolo(tmp_path, tiny_checkpoint):
+    """With --refine regions each region takes one class, so the objects are exactly the regions that are not
+    background: COCO holds one annotation per such region, decoding to it, and YOLO one rectangle per region."""
+    pictures = camvid_pictures(tmp_path / "images", 2)
+    cells = grid_regions(tmp_path / "regions", pictures)
+    out, annotations, yolo = tmp_path / "out", tmp_path / "objects.json", tmp_path / "yolo"
+    # The tiny random model's relevance is weak: at the default threshold 0.4 every cell is background; at 0.2
+    # the two images hold 2 and 3 classes and background cells, so both objects and their absence are seen.
+    segment(tmp_path / "images", "-o", out, "--refine", "regions", "--regions", tmp_path / "regions",
+            "--bg-threshold", 0.2, "--instances", "--coco", annotations, "--yolo", yolo, "--save-scores",
+            checkpoint=tiny_checkpoint)
+    coco = COCO(str(annotations))
+    names = {index: coco.cats[index]["name"] for index in coco.cats}
+    for entry in coco.imgs.values():
+        stem = Path(entry["file_name"]).stem
+        mask, object_map, record, scores = read_objects(out, stem)
+        assert object_map.dtype == np.uint16 and not object_map[:UNSEGMENTED_ROWS].any(), "unsegmented: no object"
+        expected = []
+        for left, top, width, height in cells:
+            classes = np.unique(mask[top : top + height, left : left + width])
+            assert len(classes) == 1, "the region vote gives each region one class"
+            if classes[0]:
+                expected.append((int(classes[0]), (left, top, width, height)))
+        objects = coco.imgToAnns[entry["id"]]
+        assert len(objects) == len(record["instances"]) == len(expected) > 0, "one annotation per object"
+        assert sorted((record["labels"].index(names[found["category_id"]]), tuple(found["bbox"]))
+                      for found in objects) == sorted(expected)
+        for found, listed in zip(objects, record["instances"]):
+            left, top, width, height = (int(value) for value in found["bbox"])
+            cell = np.zeros(mask.shape, dtype=np.uint8)
+            cell[top : top + height, left : left + width] = 1
+            assert np.array_equal(coco.annToMask(found), cell) and np.array_equal(object_map == listed["id"], cell)
+            assert found["iscrowd"] == 0 and found["area"] == listed["area"] == width * height
+            assert names[found["category_id"]] == listed["label"] and listed["box"] == [left, top, width, height]
+            class_scores = scores[listed["class_index"]][top : top + height, left : left + width]
+            assert found["score"] == listed["score"] and abs(listed["score"] - class_scores.mean()) < 1e-3
+        lines = (yolo / "labels" / f"{stem}.txt").read_text().splitlines()
+        drawn = rasterised(lines, mask.shape, len(LABELS))
+        assert len(lines) == len(expected), "one YOLO line per object"
+        for index in range(1, len(record["labels"])):
+            assert np.array_equal(drawn[index - 1] == 1, np.isin(object_map, [listed["id"] for listed in
+                                  record["instances"] if listed["class_index"] == index]))
+
+
+def test_objects_of_superpixels_after_the_crf_partition_the_labelled_pixels(tmp_path, tiny_checkpoint):
+    """With SLIC regions then the CRF (which may split a region between classes), each (region, class) piece is one
+    object: the objects are disjoint, one class and one superpixel each, and together exactly the labelled pixels;
+    `wildseg export --instances` writes them."""
+    pictures = camvid_pictures(tmp_path / "images", 2, start=4)
+    out, annotations = tmp_path / "out", tmp_path / "objects.json"
+    segment(tmp_path / "images", "-o", out, "--refine", "regions+crf", "--regions", "slic", "--instances",
+            "--save-scores", checkpoint=tiny_checkpoint)
+    exported = CliRunner().invoke(main, ["export", str(out), "--coco", str(annotations), "--instances"])
+    assert exported.exit_code == 0, exported.output
+    coco = COCO(str(annotations))
+    for picture, entry in zip(pictures, sorted(coco.imgs.values(), key=lambda entry: entry["file_name"])):
+        mask, object_map, record, _ = read_objects(out, picture.stem)
+        regions = superpixels(np.array(Image.open(picture).convert("RGB")), "slic")
+        assert np.array_equal(object_map > 0, mask > 0), "SLIC covers every pixel: the objects are the labelled ones"
+        pieces = {(int(region), int(label)) for region, label in zip(regions[mask > 0], mask[mask > 0])}
+        assert len(coco.imgToAnns[entry["id"]]) == len(record["instances"]) == len(pieces)
+        for found, listed in zip(coco.imgToAnns[entry["id"]], record["instances"]):
+            pixels = coco.annToMask(found) == 1
+            assert np.array_equal(pixels, object_map == listed["id"])
+            assert set(np.unique(mask[pixels])) == {listed["class_index"]}
+            assert set(np.unique(regions[pixels])) == {listed["region"]}
+
+
+def test_a_region_split_between_classes_is_two_objects_scored_at_working_resolution():
+    """By hand: a 4 x 6 image whose scores are at 2 x 3 (each score pixel covers 2 x 2 image pixels)."""
+    regions = np.array([[0, 0, 0, 1, 1, 1]] * 4)
+    regions[:, 5] = UNSEGMENTED
+    mask = np.array([[1, 1, 2, 2, 2, 0],
+                     [1, 1, 2, 2, 2, 2],
+                     [1, 1, 1, 0, 0, 2],
+                     [1, 1, 1, 0, 0, 2]], dtype=np.uint8)
+    scores = np.zeros((3, 2, 3), dtype=np.float32)
+    scores[1] = [[0.9, 0.5, 0.1], [0.7, 0.3, 0.2]]
+    scores[2] = [[0.1, 0.6, 0.8], [0.2, 0.4, 0.7]]
+    found = region_objects(mask, regions, scores)
+    assert [(item.class_index, item.region, item.area, item.box) for item in found.objects] == [
+        (1, 0, 10, (0, 0, 3, 4)),  # class 1 first: region 0's ten pixels of class 1
+        (2, 0, 2, (2, 0, 1, 2)),  # region 0 also holds two pixels of class 2
+        (2, 1, 4, (3, 0, 2, 2)),  # region 1's class-2 pixels; its background and unsegmented column are none
+    ]
+    assert np.allclose([item.score for item in found.objects],
+                       [(4 * 0.9 + 4 * 0.7 + 2 * 0.3) / 10, 0.6, (2 * 0.6 + 2 * 0.8) / 4])
+    assert found.map.tolist() == [[1, 1, 2, 3, 3, 0], [1, 1, 2, 3, 3, 0], [1, 1, 1, 0, 0, 0], [1, 1, 1, 0, 0, 0]]
+    with pytest.raises(WildsegError, match="without regions|from regions"):
+        SegmentationResult(mask, scores, ["background", "a", "b"], np.zeros((4, 6, 3), np.uint8)).objects()
+
+
+def test_an_objects_pieces_join_into_one_polygon_that_draws_back_to_them():
+    pieces = np.zeros((40, 60), dtype=np.uint8)
+    pieces[5:15, 5:20] = 1
+    pieces[25:35, 40:55] = 1
+    pieces[2:6, 50:58] = 1
+    polygons = region_polygons(pieces == 1, min_pixels=1)
+    joined = joined_polygon(polygons)
+    assert len(polygons) == 3 and len(joined) == sum(len(polygon) for polygon in polygons) + 2 * 2
+    drawn = np.zeros_like(pieces)
+    cv2.fillPoly(drawn, [joined.astype(np.int32)], 1)
+    bridges = drawn & (1 - pieces)
+    assert np.array_equal(drawn & pieces, pieces), "every piece drawn whole"
+    assert 0 < bridges.sum() <= 2 * 45, "plus only the two one-pixel-wide bridges between nearest corners"
+
+
+def test_instances_need_regions_and_export_needs_a_run_with_them(tmp_path, tiny_checkpoint, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    camvid_pictures(Path("images"), 1)
+    refused = CliRunner().invoke(main, ["segment", "images", "-l", "car", "--instances", "--checkpoint", "none.pt"])
+    assert refused.exit_code == 2 and refused.output == (
+        "wildseg: error: --instances makes objects of regions: add --refine regions (and --regions SOURCE) or use "
+        "--method corrclip\n"), "said before the missing checkpoint"
+    segment("images", "-o", "out", checkpoint=tiny_checkpoint)
+    exported = CliRunner().invoke(main, ["export", "out", "--coco", "a.json", "--instances"])
+    assert exported.exit_code == 2 and exported.output == (
+        "wildseg: error: 1 of the 1 images have no objects (0001TP_008550 first): run wildseg segment on them again "
+        "with --instances, which redoes them\n")
+    assert not Path("a.json").exists()

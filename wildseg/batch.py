@@ -153,12 +153,14 @@ def warn_of_other_separators(name: str) -> None:
 
 def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, extras: dict[str, bool],
                  request: dict) -> list[dict]:
-    """Write one image's outputs (JSON last) with the `extras` asked for, its `request` (`provenance.image_request`)
+    """Write one image's outputs (JSON last) with the `extras` asked for (`save_scores`, `heatmaps`, `instances`: the
+    object map and the record's objects, `SegmentationResult.objects`), its `request` (`provenance.image_request`)
     and its automatic-label record if any; returns the record's class rows. A write that fails raises a
     WildsegError naming the folder."""
     from .outputs import write_outputs
 
     result = item.result
+    objects = result.objects() if extras.get("instances") else None
     record = {
         "image": str(item.source),
         "image_size": {"width": int(result.mask.shape[1]), "height": int(result.mask.shape[0])},
@@ -168,9 +170,12 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
         "request": request,
         "timings_s": result.timings,
         **({"auto_labels": item.auto_labels} if item.auto_labels is not None else {}),
+        **({} if objects is None else {"instances": [found.as_record(result.labels) for found in objects.objects]}),
     }
     try:
-        write_outputs(paths, *result.preview(), result.mask, result.labels, record, scores=result.scores, **extras)
+        write_outputs(paths, *result.preview(), result.mask, result.labels, record, scores=result.scores,
+                      save_scores=extras.get("save_scores", False), heatmaps=extras.get("heatmaps", False),
+                      object_map=None if objects is None else objects.map)
     except OSError as error:
         raise WildsegError(f"cannot write the outputs into {paths['record'].parent}: {first_line(error)}") from error
     return record["classes"]

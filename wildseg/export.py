@@ -9,6 +9,12 @@ probability over its pixels as `score`. YOLO: `labels/<name>.txt` with one line 
 connected region of a class (its outer contour by OpenCV, coordinates divided by the image's width and
 height; regions smaller than `min_region` of the image skipped; holes are filled, as the format has none),
 `images/<name>.<ext>` linked to the image where it is found, and `data.yaml` naming the classes.
+
+With `instances` (a run of `wildseg segment --instances`, whose records list their objects and whose
+`<name>_instances.png` maps them, `instances.region_objects`), both hold one annotation per object instead: COCO
+its mask, area, box, `iscrowd` 0 and the object's score; YOLO one line per object, the outer contours of its
+pieces joined into one polygon by zero-width bridges between their nearest corners (Ultralytics' own joining of
+multi-part COCO masks works the same way).
 """
 
 from __future__ import annotations
@@ -49,6 +55,20 @@ class SegmentedImage:
     def mask(self) -> np.ndarray:
         return read_label_image(self.mask_path)
 
+    @property
+    def object_map_path(self) -> Path:
+        """Where `wildseg segment --instances` put the image's object map: <name>_instances.png."""
+        return self.mask_path.with_name(f"{self.mask_path.stem}_instances.png")
+
+    def has_objects(self) -> bool:
+        """Whether the image was segmented with --instances: its record lists objects and their map exists."""
+        return isinstance(self.record.get("instances"), list) and self.object_map_path.is_file()
+
+    def objects(self) -> list[tuple[dict, np.ndarray]]:
+        """Each object of the record (class `label`, `score`, ...) with its mask (H x W bool) from the object map."""
+        object_map = read_label_image(self.object_map_path)
+        return [(found, object_map == found["id"]) for found in self.record["instances"]]
+
 
 def segmented_images(folder: Path) -> list[SegmentedImage]:
     """Every image `wildseg segment` finished in `folder` and its sub-folders (a JSON record with its labels and
@@ -78,15 +98,37 @@ def _record(path: Path) -> Optional[dict]:
     return None
 
 
+def check_objects(images: list[SegmentedImage]) -> None:
+    """A WildsegError when some of the images were segmented without --instances (so have no objects)."""
+    missing = [image for image in images if not image.has_objects()]
+    if missing:
+        raise WildsegError(f"{len(missing)} of the {len(images)} images have no objects ({missing[0].stem} first): "
+                           "run wildseg segment on them again with --instances, which redoes them")
+
+
 def categories(images: Iterable[SegmentedImage]) -> list[str]:
     """The labels of the images but background, in the order they first appear (a run's --labels order)."""
     return list(dict.fromkeys(label for image in images for label in image.record["labels"][1:]))
 
 
-def coco_dataset(images: list[SegmentedImage]) -> dict:
-    """The COCO instance-segmentation data set of the images (see the module's description)."""
+def class_masks(image: SegmentedImage, mask: np.ndarray) -> list[tuple[str, float, np.ndarray]]:
+    """Per class present in the image: its label, mean probability and mask."""
+    return [(label, float(image.record["classes"][index]["mean_score"]), mask == index)
+            for index, label in enumerate(image.record["labels"][1:], start=1) if np.any(mask == index)]
+
+
+def object_masks(image: SegmentedImage) -> list[tuple[str, float, np.ndarray]]:
+    """Per object of the image (`wildseg segment --instances`): its label, score and mask."""
+    return [(found["label"], float(found["score"]), pixels) for found, pixels in image.objects()]
+
+
+def coco_dataset(images: list[SegmentedImage], instances: bool = False) -> dict:
+    """The COCO instance-segmentation data set of the images (see the module's description): one annotation per
+    class present in an image, or with `instances` per object."""
     from pycocotools import mask as coco_mask
 
+    if instances:
+        check_objects(images)
     names = categories(images)
     category_ids = {name: index + 1 for index, name in enumerate(names)}
     entries, annotations = [], []
@@ -94,11 +136,8 @@ def coco_dataset(images: list[SegmentedImage]) -> dict:
         mask = image.mask()
         entries.append({"id": image_id, "file_name": image.file_name, "height": int(mask.shape[0]),
                         "width": int(mask.shape[1]), "wildseg_image": image.record["image"]})
-        for index, label in enumerate(image.record["labels"][1:], start=1):
-            region = mask == index
-            if not region.any():
-                continue
-            rle = coco_mask.encode(np.asfortranarray(region.astype(np.uint8)))
+        for label, score, pixels in object_masks(image) if instances else class_masks(image, mask):
+            rle = coco_mask.encode(np.asfortranarray(pixels.astype(np.uint8)))
             annotations.append({
                 "id": len(annotations) + 1,
                 "image_id": image_id,
@@ -107,7 +146,7 @@ def coco_dataset(images: list[SegmentedImage]) -> dict:
                 "area": int(coco_mask.area(rle)),
                 "bbox": [float(value) for value in coco_mask.toBbox(rle)],
                 "iscrowd": 0,
-                "score": float(image.record["classes"][index]["mean_score"]),
+                "score": score,
             })
     return {
         "info": {"description": "wildseg zero-shot segmentation", "version": "1.0"},
@@ -117,9 +156,10 @@ def coco_dataset(images: list[SegmentedImage]) -> dict:
     }
 
 
-def write_coco(folder: Path, path: Path) -> dict:
-    """Write the COCO file of the images done in `folder` to `path` atomically; returns the data set."""
-    dataset = coco_dataset(segmented_images(folder))
+def write_coco(folder: Path, path: Path, instances: bool = False) -> dict:
+    """Write the COCO file of the images done in `folder` to `path` atomically (per object with `instances`);
+    returns the data set."""
+    dataset = coco_dataset(segmented_images(folder), instances)
     write_json(path, dataset, "the COCO annotations")
     return dataset
 
@@ -142,28 +182,64 @@ def region_polygons(region: np.ndarray, min_pixels: int) -> list[np.ndarray]:
     return polygons
 
 
+def joined_polygon(polygons: list[np.ndarray]) -> np.ndarray:
+    """One polygon (n x 2) through all of `polygons` (largest first): each further one is entered from the corner
+    of the polygon so far nearest to it, walked round and left the same way, a zero-width bridge there and back."""
+    polygons = sorted(polygons, key=lambda polygon: -abs(cv2.contourArea(polygon.astype(np.float32))))
+    joined = polygons[0]
+    for polygon in polygons[1:]:
+        distances = np.square(joined[:, None, :] - polygon[None, :, :]).sum(axis=2)
+        start, entry = np.unravel_index(distances.argmin(), distances.shape)
+        walk = np.concatenate([polygon[entry:], polygon[: entry + 1]])
+        joined = np.concatenate([joined[: start + 1], walk, joined[start:]])
+    return joined
+
+
+def yolo_line(class_id: int, polygon: np.ndarray, width: int, height: int) -> str:
+    """A YOLO segmentation label line: `class x1 y1 x2 y2 ...`, coordinates divided by the image's size."""
+    points = polygon / (width, height)
+    return f"{class_id} " + " ".join(f"{value:.{COORDINATE_DECIMALS}f}" for value in points.ravel())
+
+
+def min_pixels(min_region: float, shape: tuple[int, int]) -> int:
+    """The least pixels a region of an image of `shape` covering `min_region` of it has (at least 1)."""
+    return max(1, int(np.ceil(min_region * shape[0] * shape[1])))
+
+
 def yolo_lines(mask: np.ndarray, labels: list[str], class_ids: dict[str, int], min_region: float) -> list[str]:
     """The YOLO label lines of a mask whose value i is `labels[i]`: `class x1 y1 ...` per region, normalised."""
     height, width = mask.shape
-    min_pixels = max(1, int(np.ceil(min_region * height * width)))
+    smallest = min_pixels(min_region, mask.shape)
+    return [yolo_line(class_ids[label], polygon, width, height)
+            for index, label in enumerate(labels[1:], start=1) for polygon in region_polygons(mask == index, smallest)]
+
+
+def object_lines(image: SegmentedImage, class_ids: dict[str, int], min_region: float) -> list[str]:
+    """The YOLO label lines of an image's objects: one per object, its pieces of at least `min_region` of the
+    image joined (`joined_polygon`); an object with no such piece has none."""
     lines = []
-    for index, label in enumerate(labels[1:], start=1):
-        for polygon in region_polygons(mask == index, min_pixels):
-            points = polygon / (width, height)
-            lines.append(f"{class_ids[label]} " + " ".join(f"{value:.{COORDINATE_DECIMALS}f}"
-                                                           for value in points.ravel()))
+    for found, pixels in image.objects():
+        polygons = region_polygons(pixels, min_pixels(min_region, pixels.shape))
+        if polygons:
+            lines.append(yolo_line(class_ids[found["label"]], joined_polygon(polygons), pixels.shape[1],
+                                   pixels.shape[0]))
     return lines
 
 
-def write_yolo(folder: Path, target: Path, min_region: float = MIN_REGION) -> tuple[int, int]:
-    """Write the YOLO data set of the images done in `folder` into `target` (see the module's description);
-    returns how many images, and how many of them could not be linked because their file is not found."""
+def write_yolo(folder: Path, target: Path, min_region: float = MIN_REGION, instances: bool = False
+               ) -> tuple[int, int]:
+    """Write the YOLO data set of the images done in `folder` into `target` (see the module's description; one
+    line per object with `instances`); returns how many images, and how many of them could not be linked because
+    their file is not found."""
     images = segmented_images(folder)
+    if instances:
+        check_objects(images)
     names = categories(images)
     class_ids = {name: index for index, name in enumerate(names)}
     unlinked = 0
     for image in images:
-        lines = yolo_lines(image.mask(), image.record["labels"], class_ids, min_region)
+        lines = (object_lines(image, class_ids, min_region) if instances
+                 else yolo_lines(image.mask(), image.record["labels"], class_ids, min_region))
         label_path = target / "labels" / image.stem.parent / f"{image.stem.name}.txt"
         write_atomically(label_path, lambda path: path.write_text("".join(f"{line}\n" for line in lines)))
         unlinked += not _link_image(Path(image.record["image"]), target / "images" / image.file_name)

@@ -208,10 +208,10 @@ def write_heatmaps(paths: dict[str, Path], image: np.ndarray, scores: np.ndarray
 
 
 def output_paths(stem: Path, out_dir: Path, *, scores: bool = False,
-                 heatmap_labels: Optional[Sequence[str]] = None) -> dict[str, Path]:
+                 heatmap_labels: Optional[Sequence[str]] = None, instances: bool = False) -> dict[str, Path]:
     """Where an image's outputs go: <stem>.png, <stem>_overlay.jpg and <stem>.json under `out_dir`; with
     `scores`, also 'scores': <stem>_scores.npz; with `heatmap_labels` (background first), also its
-    `heatmap_paths`.
+    `heatmap_paths`; with `instances`, also 'instances': <stem>_instances.png (`instances_path`).
 
     `stem` may hold sub-folders (mirroring where the image was found).
     """
@@ -225,6 +225,8 @@ def output_paths(stem: Path, out_dir: Path, *, scores: bool = False,
         paths["scores"] = scores_path(paths)
     if heatmap_labels is not None:
         paths.update(heatmap_paths(paths, heatmap_labels))
+    if instances:
+        paths["instances"] = instances_path(paths)
     return paths
 
 
@@ -237,6 +239,19 @@ def scores_path(paths: dict[str, Path]) -> Path:
     """Where the scores of an image whose outputs are `paths` (from `output_paths`) go: <stem>_scores.npz."""
     base = _stem_path(paths)
     return base.with_name(f"{base.name}_scores.npz")
+
+
+def instances_path(paths: dict[str, Path]) -> Path:
+    """Where the object map of an image whose outputs are `paths` goes: <stem>_instances.png, a 16-bit PNG whose
+    value i is the record's object i (`instances.ImageObjects`), 0 where there is none."""
+    base = _stem_path(paths)
+    return base.with_name(f"{base.name}_instances.png")
+
+
+def write_object_map(path: Path, object_map: np.ndarray) -> None:
+    """Write an object map (H x W uint16) as a 16-bit grey PNG, atomically."""
+    image = Image.fromarray(object_map.astype(np.uint16))
+    write_atomically(path, lambda temporary: image.save(temporary, format="PNG"))
 
 
 def heatmap_paths(paths: dict[str, Path], labels: Sequence[str]) -> dict[str, Path]:
@@ -286,15 +301,17 @@ def write_outputs(
     scores: Optional[np.ndarray] = None,
     save_scores: bool = False,
     heatmaps: bool = False,
+    object_map: Optional[np.ndarray] = None,
 ) -> None:
-    """Write mask, overlay, then on request scores and heat maps, and JSON record atomically; the JSON comes
-    last and so marks the image as done.
+    """Write mask, overlay, then on request scores, heat maps and the object map, and JSON record atomically; the
+    JSON comes last and so marks the image as done.
 
     The overlay and heat maps are drawn on the preview (the image at working resolution, for very large
-    images). `save_scores` writes `scores` (classes x h x w at working resolution) to <stem>_scores.npz and
-    `heatmaps` writes one heat map per label, both where `output_paths` puts them (whether or not `paths`
-    holds them). A record left by an earlier run is removed first, so a failure part-way never pairs it with
-    a new mask. A record with `timings_s` gains `write_s`: the seconds the files before it took.
+    images). `save_scores` writes `scores` (classes x h x w at working resolution) to <stem>_scores.npz,
+    `heatmaps` writes one heat map per label and `object_map` (full size, `instances.ImageObjects.map`) goes to
+    <stem>_instances.png, all where `output_paths` puts them (whether or not `paths` holds them). A record left by
+    an earlier run is removed first, so a failure part-way never pairs it with a new mask. A record with
+    `timings_s` gains `write_s`: the seconds the files before it took.
     """
     if (save_scores or heatmaps) and scores is None:
         raise ValueError("save_scores and heatmaps need the scores")
@@ -308,6 +325,8 @@ def write_outputs(
         write_scores(scores_path(paths), scores, labels, mask.shape[:2])
     if heatmaps:
         write_heatmaps(paths, preview_image, scores, labels)
+    if object_map is not None:
+        write_object_map(instances_path(paths), object_map)
     if isinstance(record.get("timings_s"), dict):
         record = {**record, "timings_s": {**record["timings_s"], "write_s": time.perf_counter() - started}}
     text = json.dumps({**record, "palette": palette[: len(labels)].tolist()}, indent=2)

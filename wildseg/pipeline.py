@@ -347,7 +347,8 @@ class Pipeline:
         mask, probabilities, crf_s = finish_segmentation(decoded.working, probabilities, self.cpu_crf,
                                                          decoded.rgb.shape[:2], self.majority(decoded))
         timings["crf_s"] = device_crf_s + crf_s
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, self.ran(timings))
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, self.ran(timings),
+                                  decoded.regions)
 
 
 def finish_segmentation(working: np.ndarray, probabilities: Union[np.ndarray, torch.Tensor],

@@ -1,9 +1,11 @@
 """What segmenting an image gives: the full-size mask, the per-class probabilities and their summary."""
 
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
+from .errors import WildsegError
 from .resolution import downscale
 
 
@@ -14,6 +16,7 @@ class SegmentationResult:
     `mask` (H x W, the image as displayed) holds class indices: 0 is background, i the i-th label given.
     `scores` (classes x h x w) are per-pixel class probabilities (after refinement) in the same order at the
     working resolution (the image's size unless its long side exceeds `max_side`); `labels[i]` names class i.
+    `regions` holds the region ids it was made with (working resolution, `refinement.regions`), if any.
     """
 
     mask: np.ndarray
@@ -21,6 +24,7 @@ class SegmentationResult:
     labels: list[str]
     image: np.ndarray = field(repr=False)
     timings: dict[str, float] = field(default_factory=dict)
+    regions: Optional[np.ndarray] = field(default=None, repr=False)
 
     @property
     def working_mask(self) -> np.ndarray:
@@ -44,3 +48,17 @@ class SegmentationResult:
             mean_score = float(self.scores[index][selected].mean()) if selected.any() else 0.0
             rows.append({"label": name, "pixel_fraction": counts[index] / self.mask.size, "mean_score": mean_score})
         return rows
+
+    def objects(self):
+        """The image's objects, each the part of a region given one class (`instances.region_objects`); a
+        WildsegError when it was segmented without regions.
+
+        Returns:
+            `instances.ImageObjects`: the object map (full size) and the objects with class, score and box.
+        """
+        from .instances import region_objects
+
+        if self.regions is None:
+            raise WildsegError("objects come from regions: segment with --refine regions (and --regions) or with "
+                               "--method corrclip")
+        return region_objects(self.mask, self.regions, self.scores)

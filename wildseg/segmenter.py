@@ -225,7 +225,8 @@ class Segmenter:
         probabilities, timings["pamr_s"] = pipeline.probabilities(maps, decoded, len(names))
         mask, probabilities, timings["crf_s"] = finish_segmentation(decoded.working, probabilities, pipeline.crf,
                                                                     decoded.rgb.shape[:2], pipeline.majority(decoded))
-        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, pipeline.ran(timings))
+        return SegmentationResult(mask, probabilities, [BACKGROUND, *names], decoded.rgb, pipeline.ran(timings),
+                                  decoded.regions)
 
     def prepare_labels(self, labels: Iterable[str], on_progress: Optional[ProgressCallback] = None) -> None:
         """Embed labels (and the dense method's background words) ahead of segmenting, reporting

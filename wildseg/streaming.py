@@ -238,7 +238,8 @@ class BatchRun:
                 yield BatchItem(item.source, error=failure_reason(error, item.source))
                 continue
             timings = self.pipeline.ran({**item.timings, "crf_s": item.timings["crf_s"] + crf_s})
-            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.decoded.rgb, timings)
+            result = SegmentationResult(mask, probabilities, [BACKGROUND, *item.names], item.decoded.rgb, timings,
+                                        item.decoded.regions)
             yield BatchItem(item.source, result=result)
 
 

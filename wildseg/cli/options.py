@@ -49,6 +49,10 @@ def export_options(command):
         click.option("--yolo-min-region", type=click.FloatRange(0.0, 1.0),
                      help="With --yolo: least share of the image a region must cover to become a polygon "
                           "[default: 0.0001]."),
+        click.option("--instances", is_flag=True,
+                     help="One annotation per object (a region given one class) instead of per class. segment: "
+                          "also write <name>_instances.png and the objects in the JSON (needs regions: --refine "
+                          "regions or --method corrclip); export: from such a run."),
     ])
 
 

@@ -79,7 +79,7 @@ AUTO = "auto"
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
 def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, skip_unlisted, out_dir, save_scores,
             heatmaps,
-            coco_path, yolo_folder, yolo_min_region, recursive, shard, overwrite, summary_path, workers,
+            coco_path, yolo_folder, yolo_min_region, instances, recursive, shard, overwrite, summary_path, workers,
             refine_workers, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, quiet,
             **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
@@ -101,7 +101,10 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
             ray_address is not None and Path(ray_address).exists()) else ""
         raise WildsegError(f"give the images to segment: files, folders, glob patterns or @lists{taken}")
     options = segmenter_values(segmenter_arguments)
-    SegmenterConfig.from_options(options)
+    config = SegmenterConfig.from_options(options)
+    if instances and not config.uses_regions:
+        raise WildsegError("--instances makes objects of regions: add --refine regions (and --regions SOURCE) or use "
+                           "--method corrclip")
     labels_plan = labeling(LabelOptions(labels, labels_file, vocab, auto_min_area, auto_min_score))
     if skip_unlisted and labels_file is None:
         raise WildsegError("--skip-unlisted is an option of --labels-file: add the file or leave it out")
@@ -124,7 +127,8 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
                       markup=False, highlight=False, soft_wrap=True)
         images = [image for image in images if image.path not in unlisted]
     heatmap_labels = [BACKGROUND, *clean_labels(labels)] if heatmaps and labels not in (None, AUTO) else None
-    jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels)
+    jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels,
+                                     instances=instances)
             for image in images}
     refuse_to_overwrite_inputs(jobs)
     check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
@@ -139,7 +143,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
     todo = list(jobs) if overwrite else [path for path in jobs if path not in done]
     run = BatchSummary(total=len(jobs) + len(unlisted), skipped=len(jobs) - len(todo), unlisted=len(unlisted))
-    extras = {"save_scores": save_scores, "heatmaps": heatmaps}
+    extras = {"save_scores": save_scores, "heatmaps": heatmaps, "instances": instances}
     with Interrupts() as interrupts:
         try:
             if todo and cluster is not None:
@@ -161,7 +165,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
         report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
         if summary_path is not None:
             write_json(summary_path, run.as_dict(), "the summary")
-        write_exports(console, report, out_dir, coco_path, yolo_folder, yolo_min_region)
+        write_exports(console, report, out_dir, coco_path, yolo_folder, yolo_min_region, instances)
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
 
 
