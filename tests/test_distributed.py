@@ -68,6 +68,8 @@ def outputs(out: Path) -> dict[str, object]:
             record.pop("timings_s")
             for row in record["classes"]:
                 row["mean_score"] = pytest.approx(row["mean_score"], abs=1e-5)
+            for found in record.get("instances", []):
+                found["score"] = pytest.approx(found["score"], abs=1e-5)
             files[path.name] = record
         else:
             files[path.name] = path.read_bytes()
@@ -77,11 +79,15 @@ def outputs(out: Path) -> dict[str, object]:
 def test_a_killed_worker_loses_and_repeats_no_image_and_the_outputs_are_one_process_s(
         ray_address, tmp_path, tiny_checkpoint):
     folder = camvid_pictures(tmp_path / "images", 16)
-    single = subprocess.run(segment_command(folder, tmp_path / "single", tiny_checkpoint), capture_output=True,
-                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})  # the workers' thread count
+    objects = ["--refine", "regions+crf", "--regions", "slic", "--instances"]  # the object maps travel too
+    single = subprocess.run(segment_command(folder, tmp_path / "single", tiny_checkpoint, *objects),
+                            capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})  # the workers' thread count
     assert single.returncode == 0, single.stderr
+    assert len(list((tmp_path / "single").glob("*_instances.png"))) == 16
     out, summary = tmp_path / "ray", tmp_path / "summary.json"
-    run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, "--ray", ray_address, "--summary", summary),
+    run = subprocess.Popen(segment_command(folder, out, tiny_checkpoint, *objects, "--ray", ray_address,
+                                           "--summary", summary),
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: record_count(out) >= 2, run, "two images were done")
     before = worker_pids()
