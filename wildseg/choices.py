@@ -41,6 +41,13 @@ ACTIVATIONS = {
     "gelu": "exact GELU, as open_clip's own trainings (LAION, DataComp) use",
     "quickgelu": "QuickGELU x * sigmoid(1.702 x), as OpenAI's CLIP was trained",
 }
+PRECISIONS = {
+    "auto": "fp16 autocast on CUDA, fp32 on the CPU",
+    "fp32": "float32 throughout",
+    "fp16": "float16 autocast for the model (the relevance rule, probabilities and refinement stay fp32)",
+    "bf16": "bfloat16 autocast for the model (the relevance rule, probabilities and refinement stay fp32)",
+}
+"""The arithmetic of the model's forward (and for the relevance method its backward), `backbone.loading`."""
 DEFAULT_TEMPLATES = "imagenet80"
 DEFAULT_MAX_SIDE = 1024
 """Working resolution: the longest side an image is segmented at (`resolution`)."""

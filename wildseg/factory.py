@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     from .backbone import Backbone
     from .segmenter import Segmenter
 
-BACKBONE_OPTIONS = ("model", "pretrained", "checkpoint", "cache_dir", "activation", "device", "text_cache")
+BACKBONE_OPTIONS = ("model", "pretrained", "checkpoint", "cache_dir", "activation", "device", "text_cache",
+                    "precision")
 """The options of `load_backbone` (`model` is its `model_name`)."""
 
 

@@ -76,7 +76,7 @@ class Segmenter:
             "activation": backbone.activation,
             "activation_source": backbone.activation_source,
             "device": backbone.device.type,
-            "precision": "fp16" if backbone.half_precision else "fp32",
+            "precision": backbone.precision,
             "image_size": backbone.image_size,
             "templates": config.template_set.identity,
             "method": config.method,

@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 import open_clip
 import torch
 
-from ..choices import ACTIVATIONS, DEFAULT_TEMPLATES
+from ..choices import ACTIVATIONS, DEFAULT_TEMPLATES, PRECISIONS
 from ..errors import WildsegError, WildsegWarning, model_config_not_a_file, setting
 from ..templates import TemplateSet, resolve_templates
 from .checkpoints import model_from_checkpoint
@@ -39,6 +39,22 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+AUTOCAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision to run with (`choices.PRECISIONS`): 'auto' is fp16 on CUDA and fp32 on the CPU; bf16 on a GPU
+    without bfloat16 is a one-line error."""
+    if precision not in PRECISIONS:
+        raise WildsegError(f"unknown {setting('precision')} {precision!r}: use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise WildsegError(f"{setting('precision')} bf16 was asked for, but this GPU has no bfloat16: use fp16 or "
+                           "fp32")
+    return precision
+
+
 @dataclass
 class Backbone:
     """A loaded open_clip model in eval mode, with what is needed to feed it images and text."""
@@ -59,6 +75,8 @@ class Backbone:
     """The weights file, when the weights came from one (`weights` is then its path as given)."""
     text_cache: Optional[TextCache] = None
     """The disk cache of label embeddings (`text_cache.TextCache`); None keeps them in memory only."""
+    precision: str = "fp32"
+    """`fp32`, `fp16` or `bf16`: the autocast of the model's passes (`resolve_precision`)."""
     _label_cache: dict[tuple[str, str], torch.Tensor] = field(default_factory=dict, repr=False)
     _weights_identity: Optional[str] = field(default=None, repr=False)
 
@@ -69,12 +87,13 @@ class Backbone:
 
     @property
     def half_precision(self) -> bool:
-        """Half precision (fp16 autocast) is used on CUDA; the CPU runs in fp32."""
-        return self.device.type == "cuda"
+        """Whether the model's passes run in a 16-bit autocast (`precision` fp16 or bf16)."""
+        return self.precision in AUTOCAST_DTYPES
 
     def autocast(self):
-        """The autocast context for this device: fp16 on CUDA, disabled on CPU."""
-        return torch.autocast(self.device.type, dtype=torch.float16, enabled=self.half_precision)
+        """The autocast context of `precision` on this device (disabled for fp32)."""
+        return torch.autocast(self.device.type, dtype=AUTOCAST_DTYPES.get(self.precision, torch.float32),
+                              enabled=self.half_precision)
 
     def embed_labels(self, labels: Sequence[str], templates: Union[str, Path, TemplateSet] = DEFAULT_TEMPLATES,
                      cached: bool = True, on_progress: Optional[ProgressCallback] = None) -> torch.Tensor:
@@ -120,7 +139,7 @@ class Backbone:
             "model": self.model_name,
             "weights": self._weights_identity,
             "activation": self.activation,
-            "precision": f"{self.device.type} {'fp16' if self.half_precision else 'fp32'}",
+            "precision": f"{self.device.type} {self.precision}",
             "templates": template_set.digest,
             "open_clip": open_clip.__version__,
         }
@@ -166,6 +185,7 @@ def load_backbone(
     cache_dir: Optional[Union[str, Path]] = None,
     activation: str = "auto",
     text_cache: TextCacheSetting = None,
+    precision: str = "auto",
 ) -> Backbone:
     """Load an open_clip model once, to serve any number of Segmenters.
 
@@ -181,11 +201,15 @@ def load_backbone(
             OpenAI's), else "gelu" or "quickgelu".
         text_cache: the disk cache of label embeddings: None or True for wildseg's cache folder
             (`text_cache.cache_folder`), a folder, or False for none.
+        precision: the autocast of the model's passes (`choices.PRECISIONS`): "auto" (fp16 on CUDA, fp32 on the
+            CPU), "fp32", "fp16" or "bf16". The relevance rule, probabilities and refinement run in fp32 whatever
+            it is.
 
     Returns:
         The Backbone, in eval mode without gradients, on its device.
     """
     torch_device = resolve_device(device)
+    resolved_precision = resolve_precision(precision, torch_device)
     if activation not in ACTIVATIONS:
         raise WildsegError(f"unknown {setting('activation')} {activation!r}: use one of {', '.join(ACTIVATIONS)}")
     if model_name not in open_clip.list_models():
@@ -217,6 +241,7 @@ def load_backbone(
         activation_source=source,
         checkpoint=None if checkpoint is None else Path(checkpoint),
         text_cache=open_text_cache(text_cache),
+        precision=resolved_precision,
     )
 
 

@@ -23,6 +23,7 @@ from ..choices import (
     MIN_WORKING_SIDE,
     NORMALIZATIONS,
     PAMR_ITERATIONS,
+    PRECISIONS,
     REFINEMENTS,
     RFCLIP_DEFAULTS,
     TTA_POLICIES,
@@ -90,7 +91,10 @@ def segmenter_options(bg_threshold_help: str, defaults_help: str):
         click.option("--activation", type=click.Choice(list(ACTIVATIONS)), default="auto", show_default=True,
                      help="MLP activation: auto follows the weights (QuickGELU for OpenAI's), else gelu or quickgelu."),
         click.option("--device", type=click.Choice(["auto", "cuda", "cpu"]), default="auto", show_default=True,
-                     help="auto = CUDA when available (fp16), else CPU (fp32)."),
+                     help="auto = CUDA when available, else CPU."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="auto", show_default=True,
+                     help="The model's arithmetic: auto = fp16 autocast on CUDA, fp32 on the CPU; fp16 or bf16 "
+                          "autocast (the relevance rule, probabilities and refinement stay fp32); fp32."),
         click.option("--method", type=click.Choice([*METHODS, *DENSE_METHODS]), default="relevance",
                      show_default=True,
                      help="relevance: Chefer et al. relevance (Zabari & Hoshen); dense: patch tokens of a "

@@ -28,6 +28,13 @@ from ..timing import NoStageTimes
 from .base import Method
 
 
+GRADIENT_SCALE = 2.0**8
+"""In fp16, the output gradients are multiplied by this power of two and the attention gradients divided by it in
+fp32 (loss scaling, Micikevicius et al., ICLR 2018): ViT-B/16's smallest attention gradients (about 1e-5) are
+subnormal in fp16 and lose bits, its largest (about 0.2, 7 with the tiny oracle model) stay far below fp16's 65504.
+A scaled backward that overflows is redone unscaled."""
+
+
 def resolve_start_block(start_block: int, depth: int) -> int:
     """A Python-style block index (negative counts from the end) as a non-negative one, or a one-line error."""
     if not -depth <= start_block < depth:
@@ -97,36 +104,50 @@ def relevance_maps(tower: ClipTower, images: torch.Tensor, text_embeddings: torc
             logits = (tower.logit_scale.exp() * F.normalize(embeddings, dim=-1)
                       @ text_embeddings.to(embeddings.dtype).T)
         with stages.stage("backward"):
-            batch, labels = logits.shape
-            one_hot = torch.eye(labels, dtype=logits.dtype, device=logits.device)[:, None, :]
-            one_hot = one_hot.expand(labels, batch, labels)
-            gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot, is_grads_batched=True)
+            gradients, scale = attention_gradients(logits, attentions)
             if first == tower.depth - 1:
-                return class_row(class_attention, gradients[0], images.device)
-            return accumulated_relevance(attentions, gradients, images.device, labels, batch)
+                return class_row(class_attention, gradients[0], images.device, scale)
+            return accumulated_relevance(attentions, gradients, images.device, scale)
 
 
-def class_row(attention: torch.Tensor, gradient: torch.Tensor, device: torch.device) -> torch.Tensor:
+def attention_gradients(logits: torch.Tensor, attentions: list[torch.Tensor]) -> tuple[tuple[torch.Tensor, ...], float]:
+    """The gradients of every label's logit with respect to the attentions, batched over labels (labels first), and
+    the factor they carry: `GRADIENT_SCALE` for fp16 attentions, unless that overflows (then 1), else 1."""
+    batch, labels = logits.shape
+    one_hot = torch.eye(labels, dtype=logits.dtype, device=logits.device)[:, None, :].expand(labels, batch, labels)
+    if attentions[0].dtype == torch.float16:
+        gradients = torch.autograd.grad(logits, attentions, grad_outputs=one_hot * GRADIENT_SCALE,
+                                        is_grads_batched=True, retain_graph=True)
+        if all(bool(torch.isfinite(gradient).all()) for gradient in gradients):
+            return gradients, GRADIENT_SCALE
+    return torch.autograd.grad(logits, attentions, grad_outputs=one_hot, is_grads_batched=True), 1.0
+
+
+def class_row(attention: torch.Tensor, gradient: torch.Tensor, device: torch.device, scale: float
+              ) -> torch.Tensor:
     """Chefer et al.'s rule for the last block alone, class row over the patches, from the class attention row
-    (batch x heads x 1 x tokens) and its label-batched gradient: images x labels x grid x grid in fp32."""
+    (batch x heads x 1 x tokens) and its label-batched gradient carrying the factor `scale`: images x labels x grid
+    x grid in fp32."""
     with torch.autocast(device.type, enabled=False):
-        return patch_grid(weighted_attention(attention, gradient)[..., 0, :])
+        return patch_grid(weighted_attention(attention, gradient, scale)[..., 0, :])
 
 
-def accumulated_relevance(attentions, gradients, device: torch.device, labels: int, batch: int) -> torch.Tensor:
-    """The relevance rule over the kept blocks, in fp32, laid out as images x labels x grid x grid."""
+def accumulated_relevance(attentions, gradients, device: torch.device, scale: float) -> torch.Tensor:
+    """The relevance rule over the kept blocks from their gradients carrying the factor `scale`, in fp32, laid out
+    as images x labels x grid x grid."""
+    labels, batch = gradients[0].shape[:2]
     tokens = attentions[0].shape[-1]
     with torch.autocast(device.type, enabled=False):
         relevance = torch.eye(tokens, device=device).expand(labels, batch, tokens, tokens)
         for attention, gradient in zip(attentions, gradients):
-            relevance = relevance + weighted_attention(attention, gradient) @ relevance
+            relevance = relevance + weighted_attention(attention, gradient, scale) @ relevance
     return patch_grid(relevance[..., 0, :])
 
 
-def weighted_attention(attention: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+def weighted_attention(attention: torch.Tensor, gradient: torch.Tensor, scale: float) -> torch.Tensor:
     """Chefer et al. (2021), Eq. 5: mean over heads of clamp(grad A * A, 0), in fp32 (labels first, as the gradient
-    is batched over labels)."""
-    return (gradient.float() * attention.detach().float()).clamp(min=0).mean(dim=2)
+    is batched over labels), the gradient divided by the factor `scale` it carries."""
+    return (gradient.float() / scale * attention.detach().float()).clamp(min=0).mean(dim=2)
 
 
 def patch_grid(class_row: torch.Tensor) -> torch.Tensor:
