@@ -7,9 +7,9 @@ Both paths segment 500 x 375 JPEGs (the example photos, resized) with the same s
 outputs (mask, overlay, JSON) like `wildseg segment`, from decoding to writing:
 
 - fast: `Segmenter.segment_many`: decode threads ahead of the model, views of several images per model
-  batch, all labels from one forward and one batched backward, fp16 autocast on CUDA, label embeddings
-  cached, PAMR and (on CUDA, by default) the torch CRF on the model's device, or pydensecrf's CRF in
-  worker processes; outputs written by background threads.
+  batch, all labels from one forward and one batched backward, `--precision` (auto: fp16 autocast on CUDA,
+  fp32 on the CPU), label embeddings cached, PAMR and (on CUDA, by default) the torch CRF on the model's
+  device, or pydensecrf's CRF in worker processes; outputs written by background threads.
 - straightforward: `Segmenter.segment_reference` one image after the other: label embeddings computed
   per image, one view at a time, one forward and one backward per label and view, fp32, pydensecrf's
   CRF, then writing.
@@ -43,6 +43,7 @@ import wildseg
 from wildseg import Segmenter, SegmenterConfig
 from wildseg.autolabels import load_vocabulary
 from wildseg.backbone import load_backbone
+from wildseg.backbone.loading import resolve_precision
 from wildseg.outputs import BackgroundWriter, output_paths, write_outputs
 from wildseg.timing import StageTimes
 
@@ -66,12 +67,13 @@ def write_images(folder: Path, count: int) -> list[Path]:
     return paths
 
 
-def build_segmenter(arguments) -> Segmenter:
-    """The Segmenter of the arguments, on random weights unless a checkpoint is given (`SegmenterConfig.from_options`
-    drops what the method and refinement do not use)."""
+def build_segmenter(arguments, path_name: str) -> Segmenter:
+    """The Segmenter of the arguments for a path (the straightforward one in fp32), on random weights unless a
+    checkpoint is given (`SegmenterConfig.from_options` drops what the method and refinement do not use)."""
     if arguments.model_config is not None:
         open_clip.add_model_config(arguments.model_config)
-    backbone = load_backbone(arguments.model, pretrained=None, checkpoint=arguments.checkpoint, device=arguments.device)
+    backbone = load_backbone(arguments.model, pretrained=None, checkpoint=arguments.checkpoint, device=arguments.device,
+                             precision=arguments.precision if path_name == "fast" else "fp32")
     options = {"method": arguments.method, "tta": arguments.tta, "refine": arguments.refine,
                "templates": arguments.templates, "view_batch": arguments.view_batch}
     defaults = {"crf_backend": arguments.crf_backend, "attention": arguments.attention, "background_words": ()}
@@ -80,7 +82,7 @@ def build_segmenter(arguments) -> Segmenter:
 
 def run_path(path_name: str, arguments) -> dict:
     """Segment and write the images by one path; seconds, stage seconds per image and peak memory."""
-    segmenter = build_segmenter(arguments)
+    segmenter = build_segmenter(arguments, path_name)
     labels = [entry.name for entry in load_vocabulary("coco")][: arguments.labels]
     count = arguments.images if path_name == "fast" else arguments.reference_images
     with tempfile.TemporaryDirectory() as folder:
@@ -147,7 +149,8 @@ def environment(arguments) -> dict:
     return {
         "device": torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, "
                                                             f"{os.cpu_count()} cores)",
-        "dtype": "fp16 autocast (fast), fp32 (straightforward)" if cuda else "fp32",
+        "dtype": f"{resolve_precision(arguments.precision, torch.device(arguments.device))} (fast), fp32 "
+                 "(straightforward)",
         "versions": {"wildseg": wildseg.__version__, "torch": torch.__version__, "open_clip": open_clip.__version__,
                      "python": platform.python_version(), "cuda": torch.version.cuda if cuda else None},
     }
@@ -190,6 +193,9 @@ def parse_arguments(argv=None):
                         help="fast path's CRF: auto (torch on CUDA, pydensecrf on CPU), torch or pydensecrf; the "
                              "straightforward path always uses pydensecrf")
     parser.add_argument("--labels", type=int, default=21, help="how many COCO class names to segment (at most 80)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                        help="fast path's precision (auto: fp16 on CUDA, fp32 on the CPU); the straightforward path "
+                             "is fp32")
     parser.add_argument("--templates", default="imagenet80")
     parser.add_argument("--view-batch", type=int,
                         help="views per model batch on the fast path (default 32 on CUDA, 8 on CPU)")

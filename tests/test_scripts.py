@@ -54,8 +54,9 @@ def test_bench_reports_both_paths(tmp_path):
     report = tmp_path / "bench.json"
     run_script(ROOT / "benchmarks" / "bench.py", "--device", "cpu", "--images", 2, "--reference-images", 1,
                "--labels", 2, "--tta", "none", "--templates", "photo", "--model", TINY_MODEL, "--model-config",
-               TINY_CONFIG, "--json", report)
+               TINY_CONFIG, "--precision", "bf16", "--json", report)
     result = json.loads(report.read_text())
+    assert result["dtype"] == "bf16 (fast), fp32 (straightforward)"
     assert result["paths"]["fast"]["images"] == 2 and result["paths"]["straightforward"]["images"] == 1
     for path in result["paths"].values():
         ran = {stage for stage, seconds in path["stage_s_per_image"].items() if seconds > 0}
@@ -85,6 +86,40 @@ def test_ray_bench_runs_both_ways_and_reports_what_ray_adds(ray_address, tmp_pat
     assert [summaries[name]["done"] for name in ("one process", "ray")] == [4, 4], "each run did every image"
     assert {"ray_start_s", "segmenting_s"} <= set(summaries["ray"]["stages_s"]), "Ray's start-up is timed apart"
     assert re.fullmatch(r"[0-4]/4", result["identical_masks"]), "the masks of both runs are compared"
+
+
+def test_precision_compares_bf16_with_fp32_on_the_same_weights(tmp_path):
+    """One CamVid frame and the VOC photo with the tiny model: both precisions timed, and the masks of the same
+    random weights agree on nearly every pixel."""
+    report = tmp_path / "precision.json"
+    run_script(ROOT / "benchmarks" / "precision.py", "--images", shared_dataset("camvid") / "images",
+               shared_dataset("voc2012") / "JPEGImages", "--limit", 1, "--labels", 4, "--tta", "none",
+               "--model", TINY_MODEL, "--model-config", TINY_CONFIG, "--activation", "gelu", "--json", report)
+    result = json.loads(report.read_text())
+    assert result["images"] == 2 and set(result["seconds_per_image"]) == {"fp32", "bf16"}
+    assert result["speed_ratio"] == result["seconds_per_image"]["fp32"] / result["seconds_per_image"]["bf16"]
+    assert len(result["pixel_agreement"]) == 3 and 0.95 <= result["pixel_agreement"]["all"] <= 1
+
+
+def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sam2_folder, tmp_path):
+    """`gpu_check.py --device cpu --small`: every step ran and reported its figures; the CUDA tests are collected
+    and skipped here (no GPU)."""
+    report = tmp_path / "check.json"
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
+                             "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--images",
+                             str(shared_dataset("camvid") / "images"), "--sam2-model", str(tiny_sam2_folder),
+                             "--ray-address", ray_address, "--json", str(report)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert result.returncode == 0, result.stderr
+    steps = json.loads(report.read_text())["steps"]
+    assert list(steps) == ["tests", "relevance_crf", "dense_pamr", "fp16_agreement", "ray", "regions"]
+    assert all(step["ok"] and "figures" in step for step in steps.values()), result.stdout
+    tests = steps["tests"]["figures"]
+    assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] >= 5, "the gpu tests, skipped without one"
+    assert steps["relevance_crf"]["figures"]["settings"]["refine"] == "crf"
+    assert steps["dense_pamr"]["figures"]["settings"]["attention"] == "naclip"
+    assert set(steps["fp16_agreement"]["figures"]["seconds_per_image"]) == {"fp32", "fp16"}
+    assert set(steps["regions"]["figures"]["sources"]) == {"slic", "felzenszwalb", "sam2"}
 
 
 def test_region_speed_times_every_region_source(tiny_sam2_folder, tmp_path):
