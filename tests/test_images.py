@@ -8,7 +8,7 @@ from conftest import raises_worded
 from PIL import Image
 
 from wildseg.images import load_image
-from wildseg.inputs import InputImage, in_shard, parse_shard
+from wildseg.inputs import InputImage, expand_inputs, in_shard, listed_inputs, parse_shard
 
 
 def test_modes_become_rgb(tmp_path):
@@ -98,6 +98,25 @@ def test_shards_cover_every_image_once_in_any_order_and_keep_their_images_as_fil
         sorted(image.stem for image in part) for part in shards[3]]
     more = images + [InputImage(Path("new.jpg"), Path("trip/new"))]
     assert [image for image in more[:200] if in_shard(image, (2, 3))] == shards[3][1]
+
+
+def test_the_streamed_listing_keeps_pathlibs_order_and_each_shards_images(tmp_path, monkeypatch):
+    """A tree with sub-folders sorting among files, mixed-case suffixes, a file named like a folder's prefix, a
+    non-image and the output folder: the listing is `sorted(rglob)`'s order, and a shard's images are those that
+    `in_shard` picks from the whole listing."""
+    monkeypatch.chdir(tmp_path)
+    names = ["a.jpg", "a/b.png", "a/c/d.JPG", "a-b.jpg", "b/x.webp", "b/x.txt", "B.tif", "out/old.png", "z.jpeg"]
+    for name in names:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    reference = sorted(path for path in Path(".").rglob("*") if path.is_file() and path.suffix.lower() in
+                       {".jpg", ".jpeg", ".png", ".tif", ".webp"} and path.parts[0] != "out")
+    listed = expand_inputs(["."], recursive=True, exclude=Path("out"))
+    assert [image.path for image in listed] == reference
+    assert [image.stem for image in listed] == [path.with_suffix("") for path in reference]
+    for shard in ((1, 3), (2, 3), (3, 3)):
+        kept, total = listed_inputs(["."], recursive=True, exclude=Path("out"), shard=shard)
+        assert total == len(reference) and kept == [image for image in listed if in_shard(image, shard)]
 
 
 @pytest.mark.parametrize("text", ["0/3", "4/3", "a/b", "3", "1/0"])

@@ -122,6 +122,26 @@ def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sa
     assert set(steps["regions"]["figures"]["sources"]) == {"slic", "felzenszwalb", "sam2"}
 
 
+def test_planning_lists_every_input_into_an_empty_shard(tmp_path):
+    """Two small counts: each run ends without work (exit 0, no output folder made for an image) and reports its
+    seconds and peak memory; the shard it picked holds none of the inputs, by `in_shard`."""
+    from wildseg.inputs import expand_inputs, in_shard, parse_shard
+
+    report = tmp_path / "planning.json"
+    run_script(ROOT / "benchmarks" / "planning.py", "--counts", 300, 2000, "--folder", tmp_path, "--json", report)
+    rows = json.loads(report.read_text())["inputs"]
+    assert set(rows) == {"300", "2000"}
+    assert all(row["exit_code"] == 0 and row["seconds"] > 0 and row["peak_memory_mb"] > 0 for row in rows.values())
+    folder = tmp_path / "again"
+    folder.mkdir()
+    from planning import make_inputs
+
+    shard = make_inputs(folder, 300)
+    assert shard == rows["300"]["shard"]
+    images = expand_inputs([str(folder)], recursive=True)
+    assert len(images) == 300 and not any(in_shard(image, parse_shard(shard)) for image in images)
+
+
 def test_region_speed_times_every_region_source(tiny_sam2_folder, tmp_path):
     """With a saved tiny SAM 2 on one CamVid frame: a row per source, and the superpixel counts are those of
     scikit-image run here."""

@@ -12,7 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import Iterable, Iterator, Optional
 
 from .errors import WildsegError, first_line, setting
 from .images import IMAGE_SUFFIXES
@@ -39,9 +39,7 @@ def parse_shard(text: str) -> tuple[int, int]:
 def in_shard(image: InputImage, shard: tuple[int, int]) -> bool:
     """Whether an image belongs to shard K of N: the SHA-256 of its output stem (a path relative to the inputs
     given, the same in every listing order and run) modulo N is K - 1. The N shards hold every image once."""
-    index, count = shard
-    digest = hashlib.sha256(image.stem.as_posix().encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % count == index - 1
+    return _stem_in_shard(image.stem.as_posix(), shard)
 
 
 def has_image_suffix(path: Path) -> bool:
@@ -60,7 +58,51 @@ def expand_inputs(
     that looks like a label (no extension, no folder) is answered with how to give it beside `labels`, the labels
     given.
     """
-    found: list[InputImage] = []
+    return listed_inputs(arguments, recursive, exclude, labels)[0]
+
+
+def listed_inputs(
+    arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None, labels: Optional[str] = None,
+    shard: Optional[tuple[int, int]] = None,
+) -> tuple[list[InputImage], int]:
+    """`expand_inputs`, keeping only the images of `shard` (K, N) when one is given, and how many images the inputs
+    hold in all. The listing streams: each input is checked for repeats and colliding stems as it is found (with a
+    hash of its path and stem kept, not the input), and only the shard's images are kept, so that planning a
+    shard of millions of inputs holds little more than that shard."""
+    arguments = list(arguments)
+    kept, total = [], 0
+    seen_paths: set[int] = set()
+    seen_stems: set[int] = set()
+    for path, stem in _found(arguments, recursive, exclude, labels):
+        path_key = hash(os.path.abspath(path))
+        if path_key in seen_paths:
+            continue
+        stem_key = hash(stem.casefold())
+        if stem_key in seen_stems:
+            _refuse_collision(arguments, recursive, exclude, labels, path, stem)
+        seen_paths.add(path_key)
+        seen_stems.add(stem_key)
+        total += 1
+        if shard is None or _stem_in_shard(stem, shard):
+            kept.append(InputImage(Path(path), Path(stem)))
+    return kept, total
+
+
+def _refuse_collision(arguments: list[str], recursive: bool, exclude: Optional[Path], labels: Optional[str],
+                      path: str, stem: str) -> None:
+    """The error for an image whose stem an earlier one has (case aside); the listing is walked again to name that
+    one (or, for a hash that only looked alike, to return)."""
+    for earlier, earlier_stem in _found(arguments, recursive, exclude, labels):
+        if os.path.abspath(earlier) == os.path.abspath(path):
+            return
+        if earlier_stem.casefold() == stem.casefold():
+            raise WildsegError(f"{Path(earlier)} and {Path(path)} would write the same outputs {stem}.*: give their "
+                               "common folder instead, or segment them in two runs")
+
+
+def _found(arguments: list[str], recursive: bool, exclude: Optional[Path], labels: Optional[str]
+           ) -> Iterator[tuple[str, str]]:
+    """(path, output stem) of every image the arguments name, in order, repeats included (see `expand_inputs`)."""
     loose: list[Path] = []
     for argument in arguments:
         if argument.startswith("@"):
@@ -72,15 +114,14 @@ def expand_inputs(
                     f"the input folder {folder} lies in the output folder {exclude}, whose images are skipped as "
                     f"outputs: give another {setting('out')} (for example {folder.absolute().name}_masks)"
                 )
-            found.extend(InputImage(path, path.relative_to(folder).with_suffix(""))
-                         for path in _scan(folder, recursive, exclude))
+            yield from _scan(folder, recursive, exclude)
         elif any(character in argument for character in GLOB_CHARACTERS):
             matches = sorted(Path(match) for match in glob.glob(argument, recursive=recursive))
             matches = [path for path in matches if has_image_suffix(path) and not _inside(path, exclude)]
             if not matches:
                 raise WildsegError(f"the pattern {argument!r} matches no image: check it, or quote it for the shell")
             base = _fixed_prefix(argument)
-            found.extend(InputImage(path, path.relative_to(base).with_suffix("")) for path in matches)
+            yield from ((str(path), path.relative_to(base).with_suffix("").as_posix()) for path in matches)
         elif Path(argument).exists():
             loose.append(Path(argument))
         elif not Path(argument).suffix and os.sep not in argument and "/" not in argument:
@@ -91,18 +132,42 @@ def expand_inputs(
             raise WildsegError(f"image not found: {argument} (check the path)")
     if loose:
         base = Path(os.path.commonpath([path.absolute().parent for path in loose]))
-        found.extend(InputImage(path, path.absolute().relative_to(base).with_suffix("")) for path in loose)
-    return _without_repeats(found)
+        yield from ((str(path), path.absolute().relative_to(base).with_suffix("").as_posix()) for path in loose)
 
 
-def _scan(folder: Path, recursive: bool, exclude: Optional[Path]) -> list[Path]:
-    """Entries of `folder` named like images, sorted, outside `exclude`.
+def _scan(folder: Path, recursive: bool, exclude: Optional[Path]) -> Iterator[tuple[str, str]]:
+    """(path, stem relative to `folder`) of the entries of `folder` named like images, outside `exclude`, in the
+    order of their sorted paths (each folder's entries by name, a sub-folder's files where its name sorts).
 
-    Recursively, files only (sub-folders are searched); otherwise a folder named like an image is kept so
-    that it fails with its own message.
+    Recursively, files only (sub-folders are searched, not those reached by a link, as pathlib's rglob); otherwise
+    a folder named like an image is kept so that it fails with its own message.
     """
-    entries = (path for path in folder.rglob("*") if path.is_file()) if recursive else folder.iterdir()
-    return sorted(path for path in entries if has_image_suffix(path) and not _inside(path, exclude))
+    excluded = None if exclude is None else os.path.abspath(exclude)
+
+    def walk(directory: str, relative: str) -> Iterator[tuple[str, str]]:
+        if excluded is not None and (directory == excluded or directory.startswith(excluded + os.sep)):
+            return
+        try:
+            with os.scandir(directory) as scanned:
+                entries = sorted((entry.name, entry.is_dir(follow_symlinks=False), entry.is_file())
+                                 for entry in scanned)
+        except PermissionError:  # as pathlib's rglob: an unreadable folder is passed over
+            return
+        for name, is_folder, is_file in entries:
+            inner = f"{relative}{name}"
+            if recursive and is_folder:
+                yield from walk(os.path.join(directory, name), f"{inner}/")
+            elif (is_file or not recursive) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
+                if excluded is None or not os.path.join(directory, name).startswith(excluded + os.sep):
+                    yield os.path.join(str(folder), inner), os.path.splitext(inner)[0]
+
+    yield from walk(os.path.abspath(folder), "")
+
+
+def _stem_in_shard(stem: str, shard: tuple[int, int]) -> bool:
+    """`in_shard` of an image with output stem `stem` (a POSIX path)."""
+    index, count = shard
+    return int.from_bytes(hashlib.sha256(stem.encode("utf-8")).digest()[:8], "big") % count == index - 1
 
 
 def _inside(path: Path, folder: Optional[Path]) -> bool:
@@ -123,24 +188,6 @@ def _listed_paths(list_file: Path) -> list[Path]:
     except (OSError, UnicodeDecodeError) as error:
         raise WildsegError(f"cannot read the image list @{list_file}: {first_line(error)}") from None
     return [list_file.parent / line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
-
-
-def _without_repeats(images: list[InputImage]) -> list[InputImage]:
-    """Drop repeated images; refuse two different images that would write the same outputs."""
-    by_path: dict[Path, InputImage] = {}
-    owner: dict[str, Path] = {}
-    for image in images:
-        key = image.path.absolute()
-        if key in by_path:
-            continue
-        stem = image.stem.as_posix().casefold()
-        if stem in owner:
-            raise WildsegError(
-                f"{owner[stem]} and {image.path} would write the same outputs {image.stem}.*: "
-                "give their common folder instead, or segment them in two runs"
-            )
-        owner[stem], by_path[key] = image.path, image
-    return list(by_path.values())
 
 
 def table_key(image: Path) -> Path:

@@ -109,13 +109,12 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     if skip_unlisted and labels_file is None:
         raise WildsegError("--skip-unlisted is an option of --labels-file: add the file or leave it out")
     cluster = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
-    from ..inputs import expand_inputs, in_shard, parse_shard
+    from ..inputs import listed_inputs, parse_shard
 
-    images = expand_inputs(inputs, recursive, exclude=out_dir, labels=labels if labels != AUTO else None)
-    if not images:
+    images, found = listed_inputs(inputs, recursive, exclude=out_dir, labels=labels if labels != AUTO else None,
+                                  shard=None if shard is None else parse_shard(shard))
+    if not found:
         raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
-    if shard is not None:
-        images = [image for image in images if in_shard(image, parse_shard(shard))]
     from ..files import write_json
     from ..outputs import done_record, output_paths, remove_stale_temporaries  # OpenCV: once the inputs are found
     from ..provenance import run_request
@@ -135,7 +134,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     if summary_path is not None:
         check_output_folder(summary_path.parent, [summary_path], "--summary")
     check_export_options(coco_path, yolo_folder, yolo_min_region)
-    request = run_request(options)
+    request = run_request(options) if jobs else {}  # its templates' text needs open_clip (and torch): only for work
     done = {path: record for path, record in ((path, done_record(paths)) for path, paths in jobs.items())
             if record is not None}
     if not overwrite:
