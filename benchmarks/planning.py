@@ -25,6 +25,19 @@ from rich.table import Table
 
 FILES_PER_FOLDER = 1000
 SHARDS = 1_000_000
+MEASURED_RUN = """
+import resource, runpy, sys
+
+sys.argv = sys.argv[1:]
+exit_code = 0
+try:
+    runpy.run_module("wildseg", run_name="__main__")
+except SystemExit as error:
+    exit_code = error.code
+print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)
+sys.exit(exit_code)
+"""
+"""`python -m wildseg ARGS...` that prints its peak memory (KB) on stderr before it exits."""
 
 
 def make_inputs(folder: Path, count: int) -> str:
@@ -43,11 +56,7 @@ def make_inputs(folder: Path, count: int) -> str:
 
 def plan(folder: Path, shard: str, out: Path, extra: list[str]) -> dict:
     """Seconds and peak memory (MB) of one `wildseg segment` of `shard` over `folder`, in a process of its own."""
-    command = [sys.executable, "-c", "import resource, runpy, sys; sys.argv = sys.argv[1:]; "
-               "exit_code = 0\ntry:\n    runpy.run_module('wildseg', run_name='__main__')\nexcept SystemExit as error:\n"
-               "    exit_code = error.code\nprint('peak_kb', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, "
-               "file=sys.stderr)\nsys.exit(exit_code)",
-               "wildseg", "segment", str(folder), "--recursive", "--shard", shard, "--labels", "thing", "-q",
+    command = [sys.executable, "-c", MEASURED_RUN, "wildseg", "segment", str(folder), "--recursive", "--shard", shard, "--labels", "thing", "-q",
                "-o", str(out), *extra]
     started = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)
