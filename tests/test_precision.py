@@ -125,7 +125,7 @@ def test_fp16_loss_scaling_lifts_vit_b_gradients_out_of_the_subnormal_range_and_
 
 @pytest.mark.parametrize("method", ["relevance", "naclip"])
 def test_the_gpu_path_on_the_cpu_in_half_precision_gives_fp32s_masks(tmp_path, tiny_checkpoint, method):
-    """`wildseg segment` as a GPU runs it (16-bit autocast, the default views batched, the torch CRF) on two real
+    """`wildseg segment` as a GPU runs it (16-bit autocast, the default views batched, PAMR, the torch CRF) on two real
     CamVid frames with the tiny model: the masks agree with fp32's on at least 99% of the pixels (measured: 99.9% to
     100%), the records name the precision and each precision has its own label-cache entry."""
     camvid_pictures(tmp_path / "images", 2)
@@ -133,9 +133,9 @@ def test_the_gpu_path_on_the_cpu_in_half_precision_gives_fp32s_masks(tmp_path, t
     for precision in ("fp32", *HALF):
         out = tmp_path / precision
         result = CliRunner().invoke(main, [
-            "segment", str(tmp_path / "images"), "-l", "road,car,sky,building", "-q", *map(str, tiny_cli_args(
-                tiny_checkpoint)), "--method", method, "--precision", precision, "--crf-backend", "torch",
-            "--text-cache", str(tmp_path / "cache"), "-o", str(out)])
+            "segment", str(tmp_path / "images"), "-l", "road,car,sky,building", "-q",
+            *map(str, tiny_cli_args(tiny_checkpoint)), "--method", method, "--precision", precision,
+            "--refine", "pamr+crf", "--crf-backend", "torch", "--text-cache", str(tmp_path / "cache"), "-o", str(out)])
         assert result.exit_code == 0, result.output
         records = [json.loads(path.read_text()) for path in sorted(out.glob("*.json"))]
         assert [record["settings"]["precision"] for record in records] == [precision] * 2
