@@ -10,7 +10,6 @@ test: it reports figures.
 """
 
 import argparse
-import hashlib
 import json
 import os
 import platform
@@ -22,6 +21,8 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+
+from wildseg.inputs import shard_index
 
 FILES_PER_FOLDER = 1000
 SHARDS = 1_000_000
@@ -42,7 +43,7 @@ sys.exit(exit_code)
 
 def make_inputs(folder: Path, count: int) -> str:
     """`count` empty .jpg files under `folder`, `FILES_PER_FOLDER` per sub-folder; returns the first shard K/SHARDS
-    that holds none of them (`wildseg.inputs.in_shard` of their output stems)."""
+    that holds none of them (`wildseg.inputs.shard_index` of their output stems)."""
     used = set()
     for index in range(count):
         if index % FILES_PER_FOLDER == 0:
@@ -50,8 +51,8 @@ def make_inputs(folder: Path, count: int) -> str:
             sub_folder.mkdir()
         os.close(os.open(sub_folder / f"{index:08d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
         stem = f"{sub_folder.name}/{index:08d}"
-        used.add(int.from_bytes(hashlib.sha256(stem.encode()).digest()[:8], "big") % SHARDS)
-    return f"{next(shard for shard in range(SHARDS) if shard not in used) + 1}/{SHARDS}"
+        used.add(shard_index(stem, SHARDS))
+    return f"{next(shard for shard in range(1, SHARDS + 1) if shard not in used)}/{SHARDS}"
 
 
 def plan(folder: Path, shard: str, out: Path, extra: list[str]) -> dict:

@@ -24,6 +24,7 @@ from test_oracles import IMAGES, NACLIP_VARIANTS, VOC_IMAGE, image_file, protoco
 from wildseg import Segmenter, SegmenterConfig
 from wildseg.backbone import load_backbone
 from wildseg.cli import main
+from wildseg.errors import WildsegError
 from wildseg.evaluation import Query, dense_class_prediction
 from wildseg.methods import relevance
 from wildseg.methods.relevance import forward_with_class_attention, relevance_maps
@@ -149,7 +150,7 @@ def test_the_gpu_path_on_the_cpu_in_half_precision_gives_fp32s_masks(tmp_path, t
 def test_precision_problems_are_one_line_errors():
     result = CliRunner().invoke(main, ["segment", "x.jpg", "-l", "cat", "--precision", "fp8"])
     assert result.exit_code == 2 and "'fp8' is not one of 'auto', 'fp32', 'fp16', 'bf16'" in result.output
-    with pytest.raises(Exception, match="unknown .*precision.* 'fp8'"):
+    with pytest.raises(WildsegError, match="unknown .*precision.* 'fp8'"):
         load_backbone(ORACLE_MODEL, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu", precision="fp8")
     assert load_backbone(ORACLE_MODEL, checkpoint=oracle_file("tiny_openai_sd.pt"), device="cpu").precision == "fp32"
 

@@ -113,8 +113,9 @@ def categories(images: Iterable[SegmentedImage]) -> list[str]:
 
 def class_masks(image: SegmentedImage, mask: np.ndarray) -> list[tuple[str, float, np.ndarray]]:
     """Per class present in the image: its label, mean probability and mask."""
+    present = set(np.unique(mask).tolist())
     return [(label, float(image.record["classes"][index]["mean_score"]), mask == index)
-            for index, label in enumerate(image.record["labels"][1:], start=1) if np.any(mask == index)]
+            for index, label in enumerate(image.record["labels"][1:], start=1) if index in present]
 
 
 def object_masks(image: SegmentedImage) -> list[tuple[str, float, np.ndarray]]:

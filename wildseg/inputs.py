@@ -36,10 +36,15 @@ def parse_shard(text: str) -> tuple[int, int]:
     return int(index), int(count)
 
 
+def shard_index(stem: str, count: int) -> int:
+    """The shard K (1..count) of the image with output stem `stem` (a POSIX path relative to the inputs given, the
+    same in every listing order and run): its SHA-256 modulo `count`, plus 1."""
+    return int.from_bytes(hashlib.sha256(stem.encode("utf-8")).digest()[:8], "big") % count + 1
+
+
 def in_shard(image: InputImage, shard: tuple[int, int]) -> bool:
-    """Whether an image belongs to shard K of N: the SHA-256 of its output stem (a path relative to the inputs
-    given, the same in every listing order and run) modulo N is K - 1. The N shards hold every image once."""
-    return _stem_in_shard(image.stem.as_posix(), shard)
+    """Whether an image belongs to shard K of N (`shard_index`). The N shards hold every image once."""
+    return shard_index(image.stem.as_posix(), shard[1]) == shard[0]
 
 
 def has_image_suffix(path: Path) -> bool:
@@ -83,7 +88,7 @@ def listed_inputs(
         seen_paths.add(path_key)
         seen_stems.add(stem_key)
         total += 1
-        if shard is None or _stem_in_shard(stem, shard):
+        if shard is None or shard_index(stem, shard[1]) == shard[0]:
             kept.append(InputImage(Path(path), Path(stem)))
     return kept, total
 
@@ -162,12 +167,6 @@ def _scan(folder: Path, recursive: bool, exclude: Optional[Path]) -> Iterator[tu
                     yield os.path.join(str(folder), inner), os.path.splitext(inner)[0]
 
     yield from walk(os.path.abspath(folder), "")
-
-
-def _stem_in_shard(stem: str, shard: tuple[int, int]) -> bool:
-    """`in_shard` of an image with output stem `stem` (a POSIX path)."""
-    index, count = shard
-    return int.from_bytes(hashlib.sha256(stem.encode("utf-8")).digest()[:8], "big") % count == index - 1
 
 
 def _inside(path: Path, folder: Optional[Path]) -> bool:
