@@ -10,7 +10,7 @@ its outcome, seconds and figures are collected; a step that fails is reported an
 - `tests`: `pytest -m gpu` (the CUDA tests: the fast path in fp16 against the CPU's fp32, the torch CRF on the GPU
   against pydensecrf), passed / failed / skipped;
 - `relevance_crf`, `dense_pamr`: `bench.py` with 21 labels on 512 images (images/s, peak GPU memory) for the default
-  pipeline (relevance method, default TTA, CRF) and for NACLIP with PAMR;
+  pipeline (relevance method, default TTA, CRF) and for NACLIP with PAMR, in `--precision` (default auto);
 - `fp16_agreement`: `precision.py --precision fp16` (speed ratio and pixels agreeing with fp32);
 - `ray`: `ray_bench.py` with one worker against one process;
 - `regions`: `region_speed.py` (SLIC, Felzenszwalb, SAM 2 Hiera-L) on the given images.
@@ -52,9 +52,9 @@ def steps(arguments, folder: Path) -> dict[str, list[str]]:
     light = ["--tta", "none", "--templates", "photo"] if small else []
     images, labels = ("4", "2") if small else ("512", "21")
     bench = [str(BENCHMARKS / "bench.py"), *device, *model, *light, "--images", images, "--labels", labels,
-             "--reference-images", "1" if small else "4"]
+             "--reference-images", "1" if small else "4", "--precision", arguments.precision]
     commands = {
-        "tests": ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests"),
+        "tests": ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *map(str, arguments.tests),
                   f"--junitxml={folder / 'tests.xml'}"],
         "relevance_crf": [*bench, "--method", "relevance", "--refine", "crf",
                           "--json", str(folder / "relevance_crf.json")],
@@ -126,6 +126,10 @@ def parse_arguments(argv=None):
     parser.add_argument("--model-config", type=Path, help="an open_clip model config (JSON) to register first")
     parser.add_argument("--sam2-model", help="a saved SAM 2 for the regions step (default: random Hiera-L)")
     parser.add_argument("--ray-address", help="a running Ray cluster for the ray step (default: a local one)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
+                        help="the bench steps' precision (auto: fp16 on CUDA, fp32 on the CPU)")
+    parser.add_argument("--tests", type=Path, nargs="+", default=[ROOT / "tests"],
+                        help="where the tests step collects the gpu-marked tests (default: all of tests/)")
     parser.add_argument("--only", nargs="+", help="run only these steps")
     parser.add_argument("--json", type=Path, help="write every step's record here")
     return parser.parse_args(argv)

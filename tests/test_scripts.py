@@ -50,21 +50,6 @@ def test_segment_examples_writes_every_photo_into_out(tmp_path, tiny_checkpoint)
     assert not list((ROOT / "examples" / "images").glob("*.png")), "nothing lands beside the inputs"
 
 
-def test_bench_reports_both_paths(tmp_path):
-    report = tmp_path / "bench.json"
-    run_script(ROOT / "benchmarks" / "bench.py", "--device", "cpu", "--images", 2, "--reference-images", 1,
-               "--labels", 2, "--tta", "none", "--templates", "photo", "--model", TINY_MODEL, "--model-config",
-               TINY_CONFIG, "--precision", "bf16", "--json", report)
-    result = json.loads(report.read_text())
-    assert result["dtype"] == "bf16 (fast), fp32 (straightforward)"
-    assert result["paths"]["fast"]["images"] == 2 and result["paths"]["straightforward"]["images"] == 1
-    for path in result["paths"].values():
-        ran = {stage for stage, seconds in path["stage_s_per_image"].items() if seconds > 0}
-        assert {"decode", "forward", "backward", "refine", "write"} <= ran, "each stage that ran is timed"
-        assert path["peak_cpu_memory_mb"] > 0 and path["peak_gpu_memory_mb"] is None
-    assert result["settings"]["model"] == TINY_MODEL and result["settings"]["refine"] == "crf"
-
-
 def test_refinement_study_measures_the_coarse_maps_as_the_tests_do():
     """Its CamVid 'none' row on the first image is the coarse maps' mIoU, computed here independently."""
     result = run_script(ROOT / "benchmarks" / "refinement_study.py", "--camvid", shared_dataset("camvid"),
@@ -74,18 +59,6 @@ def test_refinement_study_measures_the_coarse_maps_as_the_tests_do():
     assert len(values) == 18
     coarse, _ = camvid_coarse_confusions(lambda image, probabilities: probabilities, images=1)
     assert values[("camvid", "none")] == np.round(float(mean_iou(coarse)), 3)
-
-
-def test_ray_bench_runs_both_ways_and_reports_what_ray_adds(ray_address, tmp_path):
-    report = tmp_path / "ray_bench.json"
-    run_script(ROOT / "benchmarks" / "ray_bench.py", "--device", "cpu", "--images", 4, "--workers", 2, "--labels", 3,
-               "--tta", "none", "--templates", "photo", "--model", TINY_MODEL, "--model-config", TINY_CONFIG,
-               "--ray-address", ray_address, "--json", report)
-    result = json.loads(report.read_text())
-    summaries = result["summaries"]
-    assert [summaries[name]["done"] for name in ("one process", "ray")] == [4, 4], "each run did every image"
-    assert {"ray_start_s", "segmenting_s"} <= set(summaries["ray"]["stages_s"]), "Ray's start-up is timed apart"
-    assert re.fullmatch(r"[0-4]/4", result["identical_masks"]), "the masks of both runs are compared"
 
 
 def test_precision_compares_bf16_with_fp32_on_the_same_weights(tmp_path):
@@ -103,12 +76,15 @@ def test_precision_compares_bf16_with_fp32_on_the_same_weights(tmp_path):
 
 def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sam2_folder, tmp_path):
     """`gpu_check.py --device cpu --small`: every step ran and reported its figures; the CUDA tests are collected
-    and skipped here (no GPU)."""
+    and skipped here (no GPU). Its steps are the other benchmarks' smoke runs: bench.py (both paths, in bf16,
+    every stage timed) and ray_bench.py (one process and Ray, both done, Ray's start-up timed apart)."""
     report = tmp_path / "check.json"
+    gpu_tests = [ROOT / "tests" / "test_precision.py", ROOT / "tests" / "test_lattice.py"]  # where the marks are
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
                              "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--images",
                              str(shared_dataset("camvid") / "images"), "--sam2-model", str(tiny_sam2_folder),
-                             "--ray-address", ray_address, "--json", str(report)],
+                             "--ray-address", ray_address, "--precision", "bf16", "--tests", *map(str, gpu_tests),
+                             "--json", str(report)],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     steps = json.loads(report.read_text())["steps"]
@@ -116,9 +92,20 @@ def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sa
     assert all(step["ok"] and "figures" in step for step in steps.values()), result.stdout
     tests = steps["tests"]["figures"]
     assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] >= 5, "the gpu tests, skipped without one"
-    assert steps["relevance_crf"]["figures"]["settings"]["refine"] == "crf"
+    bench = steps["relevance_crf"]["figures"]
+    assert bench["settings"]["model"] == TINY_MODEL and bench["settings"]["refine"] == "crf"
+    assert bench["dtype"] == "bf16 (fast), fp32 (straightforward)"
+    assert bench["paths"]["fast"]["images"] == 4 and bench["paths"]["straightforward"]["images"] == 1
+    for path in bench["paths"].values():
+        ran = {stage for stage, seconds in path["stage_s_per_image"].items() if seconds > 0}
+        assert {"decode", "forward", "backward", "refine", "write"} <= ran, "each stage that ran is timed"
+        assert path["peak_cpu_memory_mb"] > 0 and path["peak_gpu_memory_mb"] is None
     assert steps["dense_pamr"]["figures"]["settings"]["attention"] == "naclip"
     assert set(steps["fp16_agreement"]["figures"]["seconds_per_image"]) == {"fp32", "fp16"}
+    ray = steps["ray"]["figures"]
+    assert [ray["summaries"][name]["done"] for name in ("one process", "ray")] == [4, 4], "each run did every image"
+    assert {"ray_start_s", "segmenting_s"} <= set(ray["summaries"]["ray"]["stages_s"]), "Ray's start-up apart"
+    assert re.fullmatch(r"[0-4]/4", ray["identical_masks"]), "the masks of both runs are compared"
     assert set(steps["regions"]["figures"]["sources"]) == {"slic", "felzenszwalb", "sam2"}
 
 
