@@ -243,13 +243,25 @@ def dense_protocol_segmenter(backbone, attention: str, dataset: str) -> Segmente
 
 
 @pytest.fixture(scope="session")
-def ray_address():
-    """The address of one local Ray cluster of 2 CPUs for the whole test session, which `--ray ADDRESS` runs in
-    subprocesses join; stopped when the session ends."""
-    ray = pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[dev,ray]'")
-    context = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    yield context.address_info["gcs_address"]
-    ray.shutdown()
+def ray_cluster():
+    """One local Ray cluster for the whole test session, made with Ray's test utilities so that a test can add a
+    node to it and remove it: a head node of 2 CPUs, which `--ray ADDRESS` runs in subprocesses join; stopped when
+    the session ends. Its health checks are frequent, so that a removed node is known dead in seconds (Ray's
+    defaults take about 15)."""
+    pytest.importorskip("ray", reason="the ray extra is not installed: pip install -e '.[dev,ray]'")
+    from ray.cluster_utils import Cluster
+
+    health_checks = {"health_check_period_ms": 500, "health_check_failure_threshold": 3}  # a lost node seen in 2 s
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False,
+                                                            "_system_config": health_checks})
+    yield cluster
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_address(ray_cluster):
+    """The address of the session's Ray cluster (`ray_cluster`)."""
+    return ray_cluster.address
 
 
 TINY_SAM2_SIDE = 256

@@ -4,9 +4,10 @@ The driver (the command) lists the work as it does on one machine, skips what is
 images to Ray actors, one per GPU (or per `cpus_per_worker` CPUs), two chunks in flight per actor so that none
 waits between chunks. Each actor loads the model once and runs the single-machine code on its chunks
 (`batch.segment_and_write` for segment, `evaluation.evaluate` for eval), so the files it writes to the shared
-`--out` are the ones a one-process run writes. Faults: an actor whose process dies is restarted by Ray and its
-unfinished chunks are run again (`max_restarts`, `max_task_retries`); a chunk run again skips the images whose
-outputs its first attempt wrote; the chunks of an actor that cannot be restarted go to the others. Ctrl-C
+`--out` are the ones a one-process run writes. Faults: an actor whose process dies is restarted by Ray
+(`max_restarts`) and its unfinished chunks are run again, by it or by the others; one whose restart does not come
+within a minute (its node is gone and no other has room) or whose restarts are used up is given up and its
+chunks go to the others; a chunk run again skips the images whose outputs its first attempt wrote. Ctrl-C
 tells every actor to stop after the images it is on, and the driver counts what they finished.
 
 Paths: the driver makes the paths of the options absolute, and the workers take the images' relative paths from

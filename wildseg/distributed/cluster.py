@@ -29,6 +29,9 @@ MAX_CHUNK = 32
 IN_FLIGHT_PER_WORKER = 2
 ACTOR_RESTARTS = 3
 CONNECT_TIMEOUT_S = 5.0
+RESTART_WAIT_S = 60.0
+"""How long the driver waits for Ray to restart a worker whose process died before it hands the worker's chunks
+to the others for good (the restart of a worker on a lost node waits for room that may never come)."""
 STOP_GRACE_S = 120.0
 """After Ctrl-C, how long the driver waits for the workers to finish the images they are on."""
 
@@ -127,13 +130,13 @@ class RayCluster:
 
     def start(self, worker_class: type, shape: WorkerShape, job) -> list:
         """`shape.workers` actors of `worker_class(job)` once all have loaded the model (else a WildsegError with
-        the first one's reason), restarted by Ray when their process dies, their unfinished calls then run
-        again; three calls at a time (two chunks and `stop`)."""
+        the first one's reason), restarted by Ray when their process dies (up to ACTOR_RESTARTS times; their
+        unfinished calls fail, and `run_chunks` runs them again); three calls at a time (two chunks and `stop`)."""
         import ray
         from ray.exceptions import RayActorError
 
         actor = ray.remote(worker_class).options(
-            num_gpus=shape.gpus, num_cpus=shape.cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=-1,
+            num_gpus=shape.gpus, num_cpus=shape.cpus, max_restarts=ACTOR_RESTARTS, max_task_retries=0,
             max_concurrency=IN_FLIGHT_PER_WORKER + 1)
         actors = [actor.remote(job) for _ in range(shape.workers)]
         try:
@@ -188,58 +191,131 @@ def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_r
                deferred: Callable[[], ContextManager] = contextlib.nullcontext) -> bool:
     """Run `call(actor, chunk)` (a Ray actor method's `remote`) for every chunk, IN_FLIGHT_PER_WORKER at a time
     per actor, reporting `on_result(chunk, result)` as each returns, or `on_error(chunk, reason)` where the
-    worker raised, inside `deferred()` (where a stop signal waits, so that a chunk is counted whole). The chunks
-    of an actor that is gone for good go to the others. Ctrl-C (KeyboardInterrupt) stops handing out chunks and
-    asks each actor to `stop`; then `finishing()` is called and the chunks in flight are collected for up to
-    STOP_GRACE_S. Returns whether it was interrupted."""
-    import ray
-    from ray.exceptions import RayActorError, RayError
+    worker raised, inside `deferred()` (where a stop signal waits, so that a chunk is counted whole); see
+    `ChunkRun` for lost workers and nodes. Ctrl-C (KeyboardInterrupt) stops handing out chunks and asks each
+    actor to `stop`; then `finishing()` is called and the chunks in flight are collected for up to STOP_GRACE_S.
+    Returns whether it was interrupted."""
+    run = ChunkRun(actors, chunks, call, on_result, on_error)
+    try:
+        run.hand_out()
+        while run.running or (run.waiting and run.restarting):
+            run.collect(None, deferred)
+            run.hand_out()
+        return False
+    except KeyboardInterrupt:
+        run.stop()
+        finishing()
+        deadline = time.monotonic() + STOP_GRACE_S
+        while run.running and time.monotonic() < deadline:
+            run.collect(max(0.0, deadline - time.monotonic()), contextlib.nullcontext)  # signals now only noted
+        return True
 
-    waiting, running = deque(chunks), {}
-    load = {actor: 0 for actor in actors}
 
-    def hand_out() -> None:
-        for actor in list(load):
-            while load.get(actor, IN_FLIGHT_PER_WORKER) < IN_FLIGHT_PER_WORKER and waiting:
-                chunk = waiting.popleft()
-                running[call(actor, chunk)] = (actor, chunk)
-                load[actor] += 1
+class ChunkRun:
+    """The chunks of a `run_chunks` call: those waiting, those in flight on which actor, and the actors that take
+    chunks (with how many each holds) or are being restarted.
 
-    def collect(timeout: Optional[float], guard: Callable[[], ContextManager]) -> None:
-        ready, _ = ray.wait(list(running), num_returns=1, timeout=timeout)
+    A chunk whose actor died is put back first in line. The actor's other chunks in flight died with it, and the
+    actor takes none until Ray has restarted it: a `ready` call with a deadline of RESTART_WAIT_S. Where the
+    restart does not come in time (its node is gone and no other has room), the actor is killed for good, as it
+    is where its restarts are used up or its model does not load. A chunk run again skips the images its first
+    attempt wrote (`SegmentWorker.segment`). When no actor is left, a one-line error."""
+
+    def __init__(self, actors: list, chunks: list, call: Callable[[Any, Any], Any],
+                 on_result: Callable[[Any, Any], None], on_error: Callable[[Any, str], None]):
+        self.call, self.on_result, self.on_error = call, on_result, on_error
+        self.waiting, self.running, self.restarting = deque(chunks), {}, {}
+        self.load = {actor: 0 for actor in actors}
+        self.stopping = False
+
+    def hand_out(self) -> None:
+        """Give each actor that takes chunks the next waiting ones, up to IN_FLIGHT_PER_WORKER in flight."""
+        for actor in self.load:
+            while self.load[actor] < IN_FLIGHT_PER_WORKER and self.waiting:
+                chunk = self.waiting.popleft()
+                self.running[self.call(actor, chunk)] = (actor, chunk)
+                self.load[actor] += 1
+
+    def collect(self, timeout: Optional[float], guard: Callable[[], ContextManager]) -> None:
+        """Wait up to `timeout` (None: without end) for a chunk or a restarted actor, and take what came, each
+        inside `guard()`; then give up the actors whose restart is overdue."""
+        due = min((deadline for _, deadline in self.restarting.values()), default=None)
+        if due is not None:
+            left = max(0.0, due - time.monotonic())
+            timeout = left if timeout is None else min(timeout, left)
+        import ray
+
+        ready, _ = ray.wait([*self.running, *self.restarting], num_returns=1, timeout=timeout)
         for reference in ready:
             with guard():
-                take(reference)
+                if reference in self.running:
+                    self.take(reference)
+                elif reference in self.restarting:
+                    self.restarted(reference)
+        now = time.monotonic()
+        for reference, (actor, deadline) in list(self.restarting.items()):
+            if deadline <= now:
+                del self.restarting[reference]
+                self.give_up(actor)
 
-    def take(reference) -> None:
-        actor, chunk = running.pop(reference)
-        if actor in load:
-            load[actor] -= 1
+    def take(self, reference) -> None:
+        """Report a returned chunk, or put it back when its actor died."""
+        import ray
+        from ray.exceptions import RayActorError, RayError
+
+        actor, chunk = self.running.pop(reference)
         try:
             result = ray.get(reference)
         except RayActorError:
-            load.pop(actor, None)
-            waiting.appendleft(chunk)
-            if not load:
-                raise WildsegError("every Ray worker died (see the cluster's logs, e.g. /tmp/ray/session_latest/"
-                                   "logs): check that each node can load the model and read the inputs") from None
+            self.waiting.appendleft(chunk)
+            if actor in self.load and not self.stopping:
+                self.lost(actor)
         except RayError as error:
-            on_error(chunk, f"Ray worker: {first_line(error.__cause__ or error)}")
+            self.load[actor] -= 1
+            self.on_error(chunk, f"Ray worker: {first_line(error.__cause__ or error)}")
         else:
-            on_result(chunk, result)
+            self.load[actor] -= 1
+            self.on_result(chunk, result)
 
-    try:
-        hand_out()
-        while running:
-            collect(None, deferred)
-            hand_out()
-        return False
-    except KeyboardInterrupt:
-        waiting.clear()
-        for actor in load:
+    def lost(self, actor) -> None:
+        """An actor's process died: its chunks in flight go back in line and its restart is awaited."""
+        for reference, (owner, chunk) in list(self.running.items()):
+            if owner is actor:
+                del self.running[reference]
+                self.waiting.appendleft(chunk)
+        del self.load[actor]
+        probe = actor.ready.options(max_task_retries=-1).remote()
+        self.restarting[probe] = (actor, time.monotonic() + RESTART_WAIT_S)
+
+    def restarted(self, reference) -> None:
+        """A restarting actor answered: it takes chunks again once its model loaded, else it is given up."""
+        import ray
+        from ray.exceptions import RayError
+
+        actor, _ = self.restarting.pop(reference)
+        try:
+            problem = ray.get(reference)
+        except RayError:
+            problem = "gone"
+        if problem is None and not self.stopping:
+            self.load[actor] = 0
+        else:
+            self.give_up(actor)
+
+    def give_up(self, actor) -> None:
+        """Kill an actor for good; a one-line error when it was the last."""
+        import ray
+
+        ray.kill(actor, no_restart=True)
+        if not self.load and not self.restarting and not self.stopping:
+            raise WildsegError("every Ray worker died (see the cluster's logs, e.g. /tmp/ray/session_latest/logs): "
+                               "check that each node can load the model and read the inputs")
+
+    def stop(self) -> None:
+        """After Ctrl-C: no chunk is handed out or put back, each actor is told to `stop`, and restarts are not
+        awaited."""
+        self.stopping = True
+        self.waiting.clear()
+        self.restarting.clear()
+        for actor in self.load:
             actor.stop.remote()
-        finishing()
-        deadline = time.monotonic() + STOP_GRACE_S
-        while running and time.monotonic() < deadline:
-            collect(max(0.0, deadline - time.monotonic()), contextlib.nullcontext)  # signals now only noted
-        return True
