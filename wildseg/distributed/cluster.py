@@ -259,7 +259,7 @@ class ChunkRun:
                 self.give_up(actor)
 
     def take(self, reference) -> None:
-        """Report a returned chunk, or put it back when its actor died."""
+        """Report a returned chunk, or put it back when its actor died (not after Ctrl-C, when none is run again)."""
         import ray
         from ray.exceptions import RayActorError, RayError
 
@@ -267,8 +267,8 @@ class ChunkRun:
         try:
             result = ray.get(reference)
         except RayActorError:
-            self.waiting.appendleft(chunk)
-            if actor in self.load and not self.stopping:
+            if not self.stopping:
+                self.waiting.appendleft(chunk)
                 self.lost(actor)
         except RayError as error:
             self.load[actor] -= 1
@@ -294,10 +294,10 @@ class ChunkRun:
 
         actor, _ = self.restarting.pop(reference)
         try:
-            problem = ray.get(reference)
-        except RayError:
-            problem = "gone"
-        if problem is None and not self.stopping:
+            loaded = ray.get(reference) is None
+        except RayError:  # its restarts are used up
+            loaded = False
+        if loaded:
             self.load[actor] = 0
         else:
             self.give_up(actor)
