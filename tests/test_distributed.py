@@ -209,6 +209,9 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path, tiny_che
     assert result.exit_code == 2 and result.output.count("\n") == 1, result.output
     assert result.output.startswith(f"wildseg: error: cannot connect to the Ray cluster at {nobody} (")
     assert time.monotonic() - started < 30
+    unlisted = CliRunner().invoke(main, ["segment", str(tmp_path / "missing.png"), "--ray", nobody, "-l", "cat",
+                                         *map(str, tiny_cli_args(tiny_checkpoint))])
+    assert unlisted.output == result.output, "the address is checked before the inputs are listed"
 
 
 def test_chunks_keep_the_order_cover_every_image_once_and_shrink_for_few_images():

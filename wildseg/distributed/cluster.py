@@ -47,11 +47,17 @@ class RayOptions:
     gpus_per_worker: Optional[float] = None
     cpus_per_worker: Optional[float] = None
 
+    @property
+    def reached_address(self) -> Optional[str]:
+        """The address Ray will connect to: the one given, or for `local` and `auto` the RAY_ADDRESS variable's."""
+        return self.address if self.address not in (LOCAL, "auto") else os.environ.get("RAY_ADDRESS")
+
 
 def check_ray_options(address: Optional[str], workers: Optional[int], gpus_per_worker: Optional[float],
                 cpus_per_worker: Optional[float]) -> Optional[RayOptions]:
     """The checked --ray options (None without --ray); a one-line error when Ray is not installed, when a
-    --ray-* option comes without --ray, or when --ray took an input path for its address."""
+    --ray-* option comes without --ray, when --ray took an input path for its address, or when nothing listens at
+    the address (before the inputs are listed, which for millions of them takes seconds)."""
     given = {"ray_workers": workers, "ray_gpus_per_worker": gpus_per_worker, "ray_cpus_per_worker": cpus_per_worker}
     if address is None:
         for option, value in given.items():
@@ -65,7 +71,9 @@ def check_ray_options(address: Optional[str], workers: Optional[int], gpus_per_w
                            "HOST:PORT")
     if importlib.util.find_spec("ray") is None:
         raise WildsegError(f"{setting('ray')} needs Ray, which is not installed: {INSTALL_RAY}")
-    return RayOptions(address, workers, gpus_per_worker, cpus_per_worker)
+    options = RayOptions(address, workers, gpus_per_worker, cpus_per_worker)
+    _check_reachable(options.reached_address)
+    return options
 
 
 @dataclass(frozen=True)
@@ -112,7 +120,7 @@ class RayCluster:
         import ray
 
         address = None if self.options.address == LOCAL else self.options.address
-        _check_reachable(address if address not in (None, "auto") else os.environ.get("RAY_ADDRESS"))
+        _check_reachable(self.options.reached_address)
         try:
             with tempfile.TemporaryDirectory(prefix="wildseg-ray-") as empty:
                 ray.init(address=address, include_dashboard=False, log_to_driver=False,
