@@ -77,7 +77,13 @@ def test_precision_compares_bf16_with_fp32_on_the_same_weights(tmp_path):
 def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sam2_folder, tmp_path):
     """`gpu_check.py --device cpu --small`: every step ran and reported its figures; the CUDA tests are collected
     and skipped here (no GPU). Its steps are the other benchmarks' smoke runs: bench.py (both paths, in bf16,
-    every stage timed) and ray_bench.py (one process and Ray, both done, Ray's start-up timed apart)."""
+    every stage timed), ray_bench.py (one process and Ray, both done, Ray's start-up timed apart) and region_speed.py
+    (with a saved tiny SAM 2 on one CamVid frame: a row per source, the superpixel counts those of scikit-image run
+    here)."""
+    from PIL import Image
+
+    from wildseg.refinement.regions import superpixels
+
     report = tmp_path / "check.json"
     gpu_tests = [ROOT / "tests" / "test_precision.py", ROOT / "tests" / "test_lattice.py"]  # where the marks are
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
@@ -106,19 +112,28 @@ def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sa
     assert [ray["summaries"][name]["done"] for name in ("one process", "ray")] == [4, 4], "each run did every image"
     assert {"ray_start_s", "segmenting_s"} <= set(ray["summaries"]["ray"]["stages_s"]), "Ray's start-up apart"
     assert re.fullmatch(r"[0-4]/4", ray["identical_masks"]), "the masks of both runs are compared"
-    assert set(steps["regions"]["figures"]["sources"]) == {"slic", "felzenszwalb", "sam2"}
+    regions = steps["regions"]["figures"]
+    assert set(regions["sources"]) == {"slic", "felzenszwalb", "sam2"} and regions["size"] == "480 x 360"
+    first = np.array(Image.open(sorted((shared_dataset("camvid") / "images").iterdir())[0]).convert("RGB"))
+    assert regions["sources"]["slic"]["mean_regions"] == len(np.unique(superpixels(first, "slic"))), "scikit-image's"
+    assert all(row["seconds_per_image"] > 0 for row in regions["sources"].values())
 
 
-def test_planning_lists_every_input_into_an_empty_shard(tmp_path):
-    """Two small counts: each run ends without work (exit 0, no output folder made for an image) and reports its
-    seconds and peak memory; the shard it picked holds none of the inputs, by `in_shard`."""
+def test_planning_plans_an_empty_shard_a_first_and_a_resumed_run(tmp_path):
+    """Two small counts: each run ends without work (exit 0); the dry runs say that a first run would segment every
+    input and a resumed one, whose records the script made, none; the shard it picked holds none of the inputs, by
+    `in_shard`."""
     from wildseg.inputs import expand_inputs, in_shard, parse_shard
 
     report = tmp_path / "planning.json"
     run_script(ROOT / "benchmarks" / "planning.py", "--counts", 300, 2000, "--folder", tmp_path, "--json", report)
     rows = json.loads(report.read_text())["inputs"]
     assert set(rows) == {"300", "2000"}
-    assert all(row["exit_code"] == 0 and row["seconds"] > 0 and row["peak_memory_mb"] > 0 for row in rows.values())
+    for count, row in rows.items():
+        runs = [row[case] for case in ("empty_shard", "first_run", "resumed")]
+        assert all(run["exit_code"] == 0 and run["seconds"] > 0 and run["peak_memory_mb"] > 0 for run in runs)
+        assert row["first_run"]["said"] == f"would segment {count} images: 0 skipped (done before), of {count} images"
+        assert row["resumed"]["said"] == f"would segment 0 images: {count} skipped (done before), of {count} images"
     folder = tmp_path / "again"
     folder.mkdir()
     from planning import make_inputs
@@ -127,21 +142,3 @@ def test_planning_lists_every_input_into_an_empty_shard(tmp_path):
     assert shard == rows["300"]["shard"]
     images = expand_inputs([str(folder)], recursive=True)
     assert len(images) == 300 and not any(in_shard(image, parse_shard(shard)) for image in images)
-
-
-def test_region_speed_times_every_region_source(tiny_sam2_folder, tmp_path):
-    """With a saved tiny SAM 2 on one CamVid frame: a row per source, and the superpixel counts are those of
-    scikit-image run here."""
-    from PIL import Image
-
-    from wildseg.refinement.regions import superpixels
-
-    report = tmp_path / "regions.json"
-    images = shared_dataset("camvid") / "images"
-    run_script(ROOT / "benchmarks" / "region_speed.py", "--images", images, "--limit", 1, "--sam2-model",
-               tiny_sam2_folder, "--json", report)
-    result = json.loads(report.read_text())
-    assert set(result["sources"]) == {"slic", "felzenszwalb", "sam2"} and result["size"] == "480 x 360"
-    first = np.array(Image.open(sorted(images.iterdir())[0]).convert("RGB"))
-    assert result["sources"]["slic"]["mean_regions"] == len(np.unique(superpixels(first, "slic")))
-    assert all(row["seconds_per_image"] > 0 for row in result["sources"].values())
