@@ -2,14 +2,18 @@
 
     python benchmarks/planning.py --counts 10000 100000 1000000 --json planning.json
 
-For each count, makes that many empty `.jpg` files (in folders of 1,000) in a temporary folder, then times `wildseg
-segment FOLDER --recursive --shard K/1000000 --labels thing` in a process of its own, K the first shard that holds
-none of them: every input is listed, checked for repeats and hashed into its shard, and none is left to do, so the
-run ends before any model loads. Reports seconds and the peak memory of that process: the cost of planning. Not a
-test: it reports figures.
+For each count, makes that many empty `.jpg` files (in folders of 1,000) in a temporary folder and times, each in a
+process of its own, `wildseg segment FOLDER --recursive --labels thing` planning:
+- an empty shard: `--shard K/1000000`, K the first shard that holds none of the inputs (every input is listed,
+  checked for repeats and hashed into its shard, and none is left to do, so the run ends before any model loads);
+- a first run: `--dry-run`, no output yet (every image planned to do, in the plan file);
+- a resumed run: `--dry-run` again once every image has a record (made with this run's request, so done) and a
+  mask: every record is read and compared, and none is left to do.
+Reports seconds and the peak memory of that process: the cost of planning. Not a test: it reports figures.
 """
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -39,6 +43,16 @@ print("peak_kb", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.st
 sys.exit(exit_code)
 """
 """`python -m wildseg ARGS...` that prints its peak memory (KB) on stderr before it exits."""
+RECORD_TEXT = f"""
+import sys
+
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from planning import done_record_text
+
+print(done_record_text(sys.argv[1]))
+"""
+"""Prints `done_record_text` in a process of its own: this one stays small, as the peak memory of the runs it starts
+counts their parent's (Linux keeps it across exec)."""
 
 
 def make_inputs(folder: Path, count: int) -> str:
@@ -55,17 +69,45 @@ def make_inputs(folder: Path, count: int) -> str:
     return f"{next(shard for shard in range(1, SHARDS + 1) if shard not in used)}/{SHARDS}"
 
 
-def plan(folder: Path, shard: str, out: Path, extra: list[str]) -> dict:
-    """Seconds and peak memory (MB) of one `wildseg segment` of `shard` over `folder`, in a process of its own."""
-    command = [sys.executable, "-c", MEASURED_RUN, "wildseg", "segment", str(folder), "--recursive", "--shard", shard, "--labels", "thing", "-q",
-               "-o", str(out), *extra]
+def done_record_text(labels: str) -> str:
+    """The JSON record of an image done by `wildseg segment --labels LABELS` with the default settings: its labels
+    and the request this run would compare (`provenance.image_request`)."""
+    from wildseg.batch import LabelOptions, labeling
+    from wildseg.cli.options import segmenter_values
+    from wildseg.cli.segment import segment
+    from wildseg.provenance import image_request, run_request
+
+    given = segment.make_context("segment", ["image.jpg", "--labels", labels]).params
+    named = inspect.signature(segment.callback).parameters
+    options = segmenter_values({name: value for name, value in given.items() if name not in named})
+    asked = labeling(LabelOptions(labels))
+    return json.dumps({"labels": ["background", *asked.known],
+                       "request": image_request(run_request(options), asked.asked(Path("image.jpg")))})
+
+
+def make_outputs(out: Path, count: int, record: str) -> None:
+    """The record and an (empty) mask of each of `count` inputs made by `make_inputs`, where the run writes them."""
+    for index in range(count):
+        if index % FILES_PER_FOLDER == 0:
+            sub_folder = out / f"{index // FILES_PER_FOLDER:05d}"
+            sub_folder.mkdir(parents=True)
+        (sub_folder / f"{index:08d}.json").write_text(record)
+        os.close(os.open(sub_folder / f"{index:08d}.png", os.O_CREAT | os.O_WRONLY, 0o644))
+
+
+def plan(folder: Path, out: Path, options: list[str]) -> dict:
+    """Seconds and peak memory (MB) of one `wildseg segment` over `folder` with `options`, in a process of its
+    own, with its exit code and its last line of output (the dry run's plan)."""
+    command = [sys.executable, "-c", MEASURED_RUN, "wildseg", "segment", str(folder), "--recursive", "--labels",
+               "thing", "-o", str(out), *options]
     started = time.perf_counter()
     finished = subprocess.run(command, capture_output=True, text=True)
     seconds = time.perf_counter() - started
     peak = [line for line in finished.stderr.splitlines() if line.startswith("peak_kb")]
     if not peak:
         raise SystemExit(f"the run failed:\n{finished.stderr[-2000:]}")
-    return {"seconds": seconds, "peak_memory_mb": int(peak[-1].split()[1]) / 1024, "exit_code": finished.returncode}
+    return {"seconds": seconds, "peak_memory_mb": int(peak[-1].split()[1]) / 1024, "exit_code": finished.returncode,
+            "said": (finished.stdout.strip().splitlines() or [""])[-1]}
 
 
 def parse_arguments(argv=None):
@@ -80,22 +122,29 @@ def parse_arguments(argv=None):
 def main() -> None:
     arguments = parse_arguments()
     rows = {}
+    record = subprocess.run([sys.executable, "-c", RECORD_TEXT, "thing"], capture_output=True, text=True,
+                            check=True).stdout.strip()
     with tempfile.TemporaryDirectory(dir=arguments.folder) as temporary:
         for count in arguments.counts:
-            folder = Path(temporary) / f"inputs_{count}"
+            folder, out = Path(temporary) / f"inputs_{count}", Path(temporary) / f"out_{count}"
             folder.mkdir()
             started = time.perf_counter()
             shard = make_inputs(folder, count)
-            made = time.perf_counter() - started
-            rows[count] = {"making_s": made, "shard": shard,
-                           **plan(folder, shard, Path(temporary) / f"out_{count}", arguments.segment_options)}
+            row = rows[count] = {"making_s": time.perf_counter() - started, "shard": shard}
+            row["empty_shard"] = plan(folder, out, ["--shard", shard, "-q", *arguments.segment_options])
+            row["first_run"] = plan(folder, out, ["--dry-run", *arguments.segment_options])
+            make_outputs(out, count, record)
+            row["resumed"] = plan(folder, out, ["--dry-run", *arguments.segment_options])
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-              "command": f"wildseg segment FOLDER --recursive --shard K/{SHARDS} --labels thing -q", "inputs": rows}
-    table = Table(title=f"planning an empty shard of N inputs ({result['machine']})")
-    for column in ("inputs", "seconds", "peak memory (MB)"):
+              "command": "wildseg segment FOLDER --recursive --labels thing, with --shard K/1000000 (an empty shard) "
+                         "or --dry-run (a first and a resumed run)", "inputs": rows}
+    table = Table(title=f"planning N inputs: seconds and peak memory (MB) ({result['machine']})")
+    table.add_column("inputs", justify="right")
+    for column in ("empty shard", "first run", "resumed"):
         table.add_column(column, justify="right")
     for count, row in rows.items():
-        table.add_row(f"{count:,}", f"{row['seconds']:.2f}", f"{row['peak_memory_mb']:.0f}")
+        table.add_row(f"{count:,}", *(f"{row[case]['seconds']:.1f} s, {row[case]['peak_memory_mb']:.0f} MB"
+                                      for case in ("empty_shard", "first_run", "resumed")))
     Console().print(table)
     if arguments.json is not None:
         arguments.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -152,6 +152,24 @@ def test_outputs_never_overwrite_the_input(tmp_path, tiny_checkpoint):
     assert image.read_bytes() == before
 
 
+def test_a_dry_run_plans_and_touches_nothing(tmp_path, tiny_checkpoint):
+    """Three images, one done (its record and mask), one with a temporary file a killed run left: the dry run says
+    it would segment two and skip one, exits 0, and leaves the output folder as it was (the leftover too)."""
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (32, 32), (10, 200, 30)).save(tmp_path / f"{name}.png")
+    out = tmp_path / "out"
+    done = run("segment", tmp_path / "a.png", "-l", "cat", "-o", out, *tiny_cli_args(tiny_checkpoint))
+    assert done.exit_code == 0
+    leftover = out / ".b.png.x1y2z3.part"
+    leftover.write_bytes(b"cut off")
+    before = sorted(path.name for path in out.iterdir())
+    result = run("segment", tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png", "-l", "cat", "-o", out,
+                 "--dry-run", *tiny_cli_args(tiny_checkpoint))
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "would segment 2 images: 1 skipped (done before), of 3 images"
+    assert sorted(path.name for path in out.iterdir()) == before and leftover.read_bytes() == b"cut off"
+
+
 def test_an_input_folder_that_is_the_output_folder_is_named_as_the_cause(tmp_path, tiny_checkpoint):
     folder = tmp_path / "pngs"
     folder.mkdir()

@@ -17,7 +17,7 @@ from conftest import TINY_MODEL, record_count, shared_dataset, tiny_cli_args
 from PIL import Image
 
 from wildseg.cli import main
-from wildseg.distributed.cluster import chunked
+from wildseg.distributed.cluster import IN_FLIGHT_PER_WORKER, ChunkRun, chunk_size, chunked
 
 CONFIG = Path(__file__).parent / "configs" / f"{TINY_MODEL}.json"
 WORKER_TITLE = b"ray::SegmentWorker"
@@ -216,11 +216,28 @@ def test_an_address_where_nothing_listens_is_one_line_at_once(tmp_path, tiny_che
 
 def test_chunks_keep_the_order_cover_every_image_once_and_shrink_for_few_images():
     images = list(range(100))
-    chunks = chunked(images, workers=2)
+    chunks = list(chunked(images, chunk_size(len(images), workers=2)))
     assert [image for chunk in chunks for image in chunk] == images
     assert {len(chunk) for chunk in chunks[:-1]} == {13} and len(chunks) == 8
-    assert chunked(images[:3], workers=4) == [[0], [1], [2]]
-    assert max(len(chunk) for chunk in chunked(list(range(10_000)), workers=2)) == 32
+    assert list(chunked(images[:3], chunk_size(3, workers=4))) == [[0], [1], [2]]
+    assert chunk_size(10_000, workers=2) == 32
+
+
+def test_chunks_are_taken_from_their_stream_only_as_actors_are_free_for_them():
+    """Two actors hold IN_FLIGHT_PER_WORKER chunks each: handing out takes that many from a stream of a million
+    images and no more, so that a Ray driver never holds the whole plan."""
+    taken = []
+
+    def stream():
+        for index in range(1_000_000):
+            taken.append(index)
+            yield index
+
+    run = ChunkRun(["first", "second"], chunked(stream(), 10), call=lambda actor, chunk: (actor, chunk[0]),
+                   on_result=None, on_error=None)
+    run.hand_out()
+    assert len(taken) == 2 * IN_FLIGHT_PER_WORKER * 10
+    assert sorted(run.running) == [("first", 0), ("first", 10), ("second", 20), ("second", 30)]
 
 
 def test_eval_on_ray_sums_the_workers_confusions_into_the_one_process_matrix(ray_address, tmp_path, tiny_checkpoint):

@@ -183,9 +183,8 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
 
 def segment_and_write(
     segmenter: Segmenter,
-    images: Iterable[Path],
+    jobs: Iterable[tuple[Path, dict[str, Path]]],
     labels: Labeling,
-    jobs: dict[Path, dict[str, Path]],
     extras: dict[str, bool],
     request: dict,
     on_outcome: Callable[[ImageOutcome], None],
@@ -195,22 +194,29 @@ def segment_and_write(
     finishing: Callable[[], None] = lambda: None,
     folder: Path = Path(),
 ) -> bool:
-    """Segment `images` and write each one's outputs to its `jobs` paths in 2 x `workers` writer threads behind the
-    model, with the `extras` asked for (scores, heat maps) and each image's request (`request`, the run's
-    `provenance.run_request`, with its labels) in its record, reporting every image's `ImageOutcome` once its files
-    are written or it failed. Relative image and output paths are taken from `folder`. The bookkeeping of an image
-    runs inside `deferred()` (where a stop signal waits). A KeyboardInterrupt ends the model's work; then
-    `finishing()` is called and the writes in flight are finished and reported. Returns whether it was
-    interrupted."""
+    """Segment the images of `jobs` (image, its output paths), taken one by one as the model is ready for them,
+    and write each one's outputs to its paths in 2 x `workers` writer threads behind the model, with the `extras`
+    asked for (scores, heat maps) and each image's request (`request`, the run's `provenance.run_request`, with its
+    labels) in its record, reporting every image's `ImageOutcome` once its files are written or it failed.
+    Relative image and output paths are taken from `folder`. The bookkeeping of an image runs inside `deferred()`
+    (where a stop signal waits). A KeyboardInterrupt ends the model's work; then `finishing()` is called and the
+    writes in flight are finished and reported. Returns whether it was interrupted."""
     from .outputs import BackgroundWriter
     from .provenance import image_request
 
+    outputs: dict[Path, dict[str, Path]] = {}
     classes: dict[Path, list[dict]] = {}
     interrupted = False
 
+    def images() -> Iterator[Path]:
+        """The images of `jobs`, each one's output paths kept until it is written or has failed."""
+        for image, paths in jobs:
+            outputs[image] = paths
+            yield image
+
     def write(item: BatchItem) -> None:
         """In a writer thread: the outputs, then the class rows they hold for the image's outcome."""
-        paths = {kind: folder / path for kind, path in jobs[item.source].items()}
+        paths = {kind: folder / path for kind, path in outputs.pop(item.source).items()}
         asked = image_request(request, labels.asked(folder / item.source))
         classes[item.source] = save_outputs(item, paths, segmenter, extras, asked)
 
@@ -223,9 +229,10 @@ def segment_and_write(
 
     with BackgroundWriter(2 * workers) as writer:
         try:
-            for item in labels.segment(segmenter, images, folder, workers, refine_workers):
+            for item in labels.segment(segmenter, images(), folder, workers, refine_workers):
                 with deferred():
                     if item.error is not None:
+                        outputs.pop(item.source, None)
                         on_outcome(ImageOutcome(item.source, item.error))
                         continue
                     writer.submit(item.source, partial(write, item))

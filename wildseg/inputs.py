@@ -71,11 +71,21 @@ def listed_inputs(
     shard: Optional[tuple[int, int]] = None,
 ) -> tuple[list[InputImage], int]:
     """`expand_inputs`, keeping only the images of `shard` (K, N) when one is given, and how many images the inputs
-    hold in all. The listing streams: each input is checked for repeats and colliding stems as it is found (with a
-    hash of its path and stem kept, not the input), and only the shard's images are kept, so that planning a
-    shard of millions of inputs holds little more than that shard."""
-    arguments = list(arguments)
+    hold in all (`unique_inputs`, whose listing streams)."""
     kept, total = [], 0
+    for path, stem in unique_inputs(arguments, recursive, exclude, labels):
+        total += 1
+        if shard is None or shard_index(stem, shard[1]) == shard[0]:
+            kept.append(InputImage(Path(path), Path(stem)))
+    return kept, total
+
+
+def unique_inputs(arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None,
+                  labels: Optional[str] = None) -> Iterator[tuple[str, str]]:
+    """(path, output stem as a POSIX path) of each image `expand_inputs` lists, in its order, as it is found: each
+    is checked for repeats and colliding stems with a hash of its path and stem kept, not the input, so that
+    listing millions of inputs holds two hashes per input."""
+    arguments = list(arguments)
     seen_paths: set[int] = set()
     seen_stems: set[int] = set()
     for path, stem in _found(arguments, recursive, exclude, labels):
@@ -87,10 +97,7 @@ def listed_inputs(
             _refuse_collision(arguments, recursive, exclude, labels, path, stem)
         seen_paths.add(path_key)
         seen_stems.add(stem_key)
-        total += 1
-        if shard is None or shard_index(stem, shard[1]) == shard[0]:
-            kept.append(InputImage(Path(path), Path(stem)))
-    return kept, total
+        yield path, stem
 
 
 def _refuse_collision(arguments: list[str], recursive: bool, exclude: Optional[Path], labels: Optional[str],

@@ -2,14 +2,15 @@
 per-class scores (.npz) and heat maps (JPEG); all atomic, in background threads (`BackgroundWriter`) so that
 encoding and disk I/O overlap the model's work."""
 
-import glob
 import json
+import os
 import re
 import time
 import unicodedata
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Hashable, Optional, Sequence
+from typing import Callable, Hashable, Iterable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -270,9 +271,13 @@ def done_record(paths: dict[str, Path]) -> Optional[dict]:
     except (OSError, ValueError):
         return None
     extras = [path for key, path in paths.items() if key not in BASIC_OUTPUTS]
-    done = (isinstance(record, dict) and "labels" in record and paths["mask"].is_file()
-            and all(path.is_file() for path in extras))
+    done = is_record(record) and paths["mask"].is_file() and all(path.is_file() for path in extras)
     return record if done else None
+
+
+def is_record(record) -> bool:
+    """Whether JSON read from an image's record file is a finished record (its labels are written)."""
+    return isinstance(record, dict) and "labels" in record
 
 
 def is_done(paths: dict[str, Path]) -> bool:
@@ -280,14 +285,48 @@ def is_done(paths: dict[str, Path]) -> bool:
     return done_record(paths) is not None
 
 
-def remove_stale_temporaries(paths) -> None:
+@dataclass(frozen=True)
+class FolderEntries:
+    """An output folder's entries, listed once: the names of its files and of its sub-folders, and per name the
+    temporary files that `write_atomically` left beside it when a run was killed (`.NAME.<letters>.part`)."""
+
+    files: frozenset[str] = frozenset()
+    folders: frozenset[str] = frozenset()
+    temporaries: dict[str, list[str]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.files or self.folders or self.temporaries)
+
+
+def folder_entries(folder: Path) -> FolderEntries:
+    """The `FolderEntries` of `folder` (none where it does not exist yet)."""
+    files, folders, temporaries = set(), set(), {}
+    try:
+        with os.scandir(folder) as scanned:
+            for entry in scanned:
+                if entry.is_dir():
+                    folders.add(entry.name)
+                elif entry.name.startswith(".") and entry.name.endswith(TEMPORARY_SUFFIX):
+                    original = entry.name[1 : -len(TEMPORARY_SUFFIX)].rpartition(".")[0]
+                    temporaries.setdefault(original, []).append(entry.name)
+                else:
+                    files.add(entry.name)
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+    return FolderEntries(frozenset(files), frozenset(folders), temporaries)
+
+
+def remove_stale_temporaries(paths: Iterable[Path]) -> None:
     """Delete the temporary files that `write_atomically` left beside `paths` when a run was killed (and only
-    theirs: another run writing other names into the same folder keeps its own)."""
+    theirs: another run writing other names into the same folder keeps its own), listing each folder once."""
+    names: dict[Path, set[str]] = {}
     for path in paths:
-        if path.parent.is_dir():
-            for leftover in path.parent.glob(f".{glob.escape(path.name)}.*{TEMPORARY_SUFFIX}"):
-                if leftover.is_file():
-                    leftover.unlink(missing_ok=True)
+        names.setdefault(path.parent, set()).add(path.name)
+    for folder, wanted in names.items():
+        for name, leftovers in folder_entries(folder).temporaries.items():
+            if name in wanted:
+                for leftover in leftovers:
+                    (folder / leftover).unlink(missing_ok=True)
 
 
 def write_outputs(

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections import Counter
 from dataclasses import fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from .choices import AUTO_MIN_SCORES, VOCABULARIES
 from .config import SegmenterConfig, applies
@@ -108,28 +107,7 @@ def changed_settings(record: dict, request: dict) -> Optional[list[str]]:
 
 
 UNRECORDED = "settings unrecorded"
-"""The name `outdated_outputs` counts a record under that holds no request."""
-
-
-def outdated_outputs(records: dict[Path, dict], labels_of: Callable[[Path], Any], run: dict
-                     ) -> tuple[int, Counter]:
-    """Of the images whose outputs are done, those whose records were made with other settings.
-
-    Args:
-        records: image (absolute path) -> its JSON record as read (`outputs.done_record`), for every done image.
-        labels_of: what decides an image's labels in this run (`batch.Labeling.asked`).
-        run: this run's `run_request`.
-
-    Returns:
-        How many images, and per differing setting (or UNRECORDED) how many of them.
-    """
-    images, settings = 0, Counter()
-    for image, record in records.items():
-        changed = changed_settings(record, image_request(run, labels_of(image)))
-        if changed is None or changed:
-            images += 1
-            settings.update(changed or [UNRECORDED])
-    return images, settings
+"""The name under which a record that holds no request is counted among those made with other settings."""
 
 
 def file_identity(path: Path) -> dict:

@@ -5,6 +5,8 @@ in place of its `{}`. This module imports nothing heavy (open_clip's 80 ImageNet
 is used), so that the command line checks a template file before the model loads.
 """
 
+import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
@@ -14,10 +16,20 @@ from .errors import WildsegError, setting
 
 
 def imagenet_templates() -> Sequence[Union[str, Callable[[str], str]]]:
-    """CLIP's 80 ImageNet prompt templates, as open_clip ships them."""
-    import open_clip
+    """CLIP's 80 ImageNet prompt templates, as open_clip ships them (`open_clip.zero_shot_metadata`). Where open_clip
+    is not imported yet, its metadata file is read alone, without the package and torch, which take seconds and
+    hundreds of megabytes: a run's request holds the templates, and a resumed run or a Ray driver needs no model."""
+    loaded = sys.modules.get("open_clip")
+    found = importlib.util.find_spec("open_clip") if loaded is None else None
+    metadata = None if found is None else Path(found.submodule_search_locations[0]) / "zero_shot_metadata.py"
+    if metadata is None or not metadata.is_file():
+        import open_clip
 
-    return open_clip.OPENAI_IMAGENET_TEMPLATES
+        return open_clip.OPENAI_IMAGENET_TEMPLATES
+    spec = importlib.util.spec_from_file_location("wildseg_open_clip_templates", metadata)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.OPENAI_IMAGENET_TEMPLATES
 
 
 TEMPLATE_SETS: dict[str, Callable[[], Sequence[Union[str, Callable[[str], str]]]]] = {

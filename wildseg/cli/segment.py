@@ -4,6 +4,7 @@ or on Ray workers, resumable, with a summary and optionally the COCO and YOLO da
 from __future__ import annotations
 
 import contextlib
+import functools
 import glob
 import sys
 import time
@@ -22,19 +23,14 @@ from ..factory import build_segmenter
 from ..interrupts import Interrupts
 from ..labels import BACKGROUND, clean_labels
 from .app import INTERRUPTED
-from .checks import (
-    check_export_options,
-    check_output_folder,
-    refuse_outdated_outputs,
-    refuse_to_overwrite_inputs,
-    unlisted_images,
-)
+from .checks import check_export_options, check_output_folder
 from .export import write_exports
 from .options import SEGMENT_OPTIONS, export_options, ray_options, segmenter_values
 from .progress import advance, embed_ahead, image_progress, model_loading, report_failure, status
 
 if TYPE_CHECKING:
     from ..batch import BatchSummary, Labeling
+    from ..planning import RunPlan
 
 AUTO = "auto"
 
@@ -67,6 +63,8 @@ AUTO = "auto"
               help="Segment only shard K of N (by a hash of each image's output path: the same in any listing "
                    "order and on resume; N runs with K = 1..N cover every image once), e.g. for array jobs.")
 @click.option("--overwrite", is_flag=True, help="Segment again images whose JSON record says they are done.")
+@click.option("--dry-run", is_flag=True,
+              help="Plan the run and say how many images it would segment and skip; segment and write nothing.")
 @click.option("--summary", "summary_path", type=click.Path(path_type=Path),
               help="Write the run's summary, with every failure and its reason, as JSON here.")
 @click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
@@ -79,7 +77,8 @@ AUTO = "auto"
 @click.option("--quiet", "-q", is_flag=True, help="No progress display and no summary.")
 def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, skip_unlisted, out_dir, save_scores,
             heatmaps,
-            coco_path, yolo_folder, yolo_min_region, instances, recursive, shard, overwrite, summary_path, workers,
+            coco_path, yolo_folder, yolo_min_region, instances, recursive, shard, overwrite, dry_run, summary_path,
+            workers,
             refine_workers, ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker, quiet,
             **segmenter_arguments):
     """Segment images (files, folders, glob patterns, @list.txt) into background and their labels.
@@ -109,70 +108,64 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     if skip_unlisted and labels_file is None:
         raise WildsegError("--skip-unlisted is an option of --labels-file: add the file or leave it out")
     cluster = check_ray_options(ray_address, ray_workers, ray_gpus_per_worker, ray_cpus_per_worker)
-    from ..inputs import listed_inputs, parse_shard
-
-    images, found = listed_inputs(inputs, recursive, exclude=out_dir, labels=labels if labels != AUTO else None,
-                                  shard=None if shard is None else parse_shard(shard))
-    if not found:
-        raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
-    from ..files import write_json
-    from ..outputs import done_record, output_paths, remove_stale_temporaries  # OpenCV: once the inputs are found
-    from ..provenance import run_request
-
-    console = Console(stderr=True, quiet=quiet)
-    unlisted = unlisted_images([image.path for image in images], labels_plan, skip_unlisted)
-    if unlisted:
-        console.print(f"skipping {len(unlisted)} of the {len(images)} images: {labels_file} does not list them",
-                      markup=False, highlight=False, soft_wrap=True)
-        images = [image for image in images if image.path not in unlisted]
-    heatmap_labels = [BACKGROUND, *clean_labels(labels)] if heatmaps and labels not in (None, AUTO) else None
-    jobs = {image.path: output_paths(image.stem, out_dir, scores=save_scores, heatmap_labels=heatmap_labels,
-                                     instances=instances)
-            for image in images}
-    refuse_to_overwrite_inputs(jobs)
-    check_output_folder(out_dir, [path for paths in jobs.values() for path in paths.values()])
+    check_output_folder(out_dir, [])
     if summary_path is not None:
         check_output_folder(summary_path.parent, [summary_path], "--summary")
     check_export_options(coco_path, yolo_folder, yolo_min_region)
-    request = run_request(options) if jobs else {}  # its templates' text needs open_clip (and torch): only for work
-    done = {path: record for path, record in ((path, done_record(paths)) for path, paths in jobs.items())
-            if record is not None}
-    if not overwrite:
-        refuse_outdated_outputs(done, labels_plan, request, out_dir)
-    remove_stale_temporaries([path for paths in jobs.values() for path in paths.values()])
-    todo = list(jobs) if overwrite else [path for path in jobs if path not in done]
-    run = BatchSummary(total=len(jobs) + len(unlisted), skipped=len(jobs) - len(todo), unlisted=len(unlisted))
-    extras = {"save_scores": save_scores, "heatmaps": heatmaps, "instances": instances}
-    with Interrupts() as interrupts:
-        try:
-            if todo and cluster is not None:
-                segment_on_ray(cluster, todo, jobs, labels_plan, extras, request, overwrite, workers,
-                               refine_workers, options, run, console, interrupts)
-            elif todo:
-                segment_here(todo, jobs, labels_plan, extras, request, workers, refine_workers, options, run,
-                             console, interrupts)
-        except KeyboardInterrupt:  # while the model loads, the labels are embedded or Ray starts: nothing in flight
-            run.interrupted = True
-            interrupts.finishing()
-        run.seconds = time.perf_counter() - started
+    from ..files import write_json
+    from ..inputs import parse_shard
+    from ..planning import OutputLayout, plan_run
+    from ..provenance import run_request
+
+    console = Console(stderr=True, quiet=quiet)
+    heatmap_labels = (BACKGROUND, *clean_labels(labels)) if heatmaps and labels not in (None, AUTO) else None
+    layout = OutputLayout(out_dir, save_scores, heatmap_labels, instances)
+    request = functools.cache(partial(run_request, options))  # made once needed: a record to compare, or work
+    with status(console, "planning: listing the inputs and the outputs done before"):
+        plan = plan_run(inputs, layout, labels_plan, request, recursive=recursive,
+                        shard=None if shard is None else parse_shard(shard), skip_unlisted=skip_unlisted,
+                        overwrite=overwrite, given_labels=labels if labels != AUTO else None)
+    with plan:
+        if not plan.found:
+            raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
+        if plan.unlisted:
+            console.print(f"skipping {plan.unlisted} of the {plan.images} images: {labels_file} does not list them",
+                          markup=False, highlight=False, soft_wrap=True)
         report = Console(quiet=quiet)
-        if len(jobs) == 1 and run.done == 1:
-            paths = next(iter(jobs.values()))
-            report.print(summary_table(run.last_classes))
-            report.print(f"wrote {', '.join(written_names(paths, heatmaps))}", soft_wrap=True, markup=False,
-                         highlight=False)
-        report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
-        if summary_path is not None:
-            write_json(summary_path, run.as_dict(), "the summary")
-        write_exports(console, report, out_dir, coco_path, yolo_folder, yolo_min_region, instances)
+        if dry_run:
+            report.print(plan.line(), soft_wrap=True, markup=False, highlight=False)
+            sys.exit(0)
+        plan.remove_leftovers()
+        run = BatchSummary(total=plan.images, skipped=plan.skipped, unlisted=plan.unlisted)
+        extras = {"save_scores": save_scores, "heatmaps": heatmaps, "instances": instances}
+        with Interrupts() as interrupts:
+            try:
+                if plan.todo_count and cluster is not None:
+                    segment_on_ray(cluster, plan, labels_plan, extras, request(), overwrite, workers, refine_workers,
+                                   options, run, console, interrupts)
+                elif plan.todo_count:
+                    segment_here(plan, labels_plan, extras, request(), workers, refine_workers, options, run,
+                                 console, interrupts)
+            except KeyboardInterrupt:  # while the model loads, the labels are embedded or Ray starts: none in flight
+                run.interrupted = True
+                interrupts.finishing()
+            run.seconds = time.perf_counter() - started
+            if plan.only is not None and run.done == 1:
+                report.print(summary_table(run.last_classes))
+                report.print(f"wrote {', '.join(written_names(plan.only[1], heatmaps))}", soft_wrap=True,
+                             markup=False, highlight=False)
+            report.print(run.line(), soft_wrap=True, markup=False, highlight=False)
+            if summary_path is not None:
+                write_json(summary_path, run.as_dict(), "the summary")
+            write_exports(console, report, out_dir, coco_path, yolo_folder, yolo_min_region, instances)
     sys.exit(INTERRUPTED if run.interrupted else 1 if run.failures else 0)
 
 
-def segment_here(todo: list[Path], jobs: dict[Path, dict[str, Path]], labels: Labeling, extras: dict[str, bool],
-                 request: dict, workers: int, refine_workers: Optional[int], options: dict, run: BatchSummary,
-                 console: Console, interrupts: Interrupts) -> None:
-    """Segment the images to do in this process (`batch.segment_and_write`) with one progress bar, counting each
-    image in `run` with the seconds of each stage."""
+def segment_here(plan: RunPlan, labels: Labeling, extras: dict[str, bool], request: dict, workers: int,
+                 refine_workers: Optional[int], options: dict, run: BatchSummary, console: Console,
+                 interrupts: Interrupts) -> None:
+    """Segment the plan's images to do in this process (`batch.segment_and_write`) with one progress bar, counting
+    each image in `run` with the seconds of each stage."""
     from ..batch import segment_and_write
 
     clock = time.perf_counter()
@@ -188,21 +181,20 @@ def segment_here(todo: list[Path], jobs: dict[Path, dict[str, Path]], labels: La
         run.stages_s["label_embeddings_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with image_progress(console) as progress:
-            task = progress.add_task("segmenting", total=len(todo))
+            task = progress.add_task("segmenting", total=plan.todo_count)
             run.interrupted = segment_and_write(
-                segmenter, todo, labels, jobs, extras, request, partial(account, run, progress, task), workers,
+                segmenter, plan.todo(), labels, extras, request, partial(account, run, progress, task), workers,
                 refine_workers, deferred=interrupts.deferred, finishing=interrupts.finishing)
         run.stages_s["segmenting_s"] = time.perf_counter() - clock
 
 
-def segment_on_ray(cluster_options, todo: list[Path], jobs: dict[Path, dict[str, Path]], labels: Labeling,
-                   extras: dict[str, bool], request: dict, overwrite: bool, workers: int,
-                   refine_workers: Optional[int], options: dict, run: BatchSummary, console: Console,
-                   interrupts: Interrupts) -> None:
-    """Segment the images to do on Ray workers (`distributed`), in chunks, with one progress bar for the whole
-    cluster, counting each image in `run`."""
+def segment_on_ray(cluster_options, plan: RunPlan, labels: Labeling, extras: dict[str, bool], request: dict,
+                   overwrite: bool, workers: int, refine_workers: Optional[int], options: dict, run: BatchSummary,
+                   console: Console, interrupts: Interrupts) -> None:
+    """Segment the plan's images to do on Ray workers (`distributed`), in chunks read from the plan as workers
+    take them, with one progress bar for the whole cluster, counting each image in `run`."""
     from ..batch import ImageOutcome
-    from ..distributed.cluster import RayCluster, chunked, run_chunks, worker_shape
+    from ..distributed.cluster import RayCluster, chunk_size, chunked, run_chunks, worker_shape
     from ..distributed.workers import SegmentJob, SegmentWorker
 
     clock = time.perf_counter()
@@ -216,13 +208,13 @@ def segment_on_ray(cluster_options, todo: list[Path], jobs: dict[Path, dict[str,
         run.stages_s["ray_start_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with image_progress(console) as progress:
-            task = progress.add_task(f"segmenting on {shape.workers} Ray workers", total=len(todo))
+            task = progress.add_task(f"segmenting on {shape.workers} Ray workers", total=plan.todo_count)
             count = partial(account, run, progress, task)
             run.interrupted = run_chunks(
-                actors, chunked(todo, shape.workers),
-                call=lambda actor, chunk: actor.segment.remote({image: jobs[image] for image in chunk}),
+                actors, chunked(plan.todo(), chunk_size(plan.todo_count, shape.workers)),
+                call=lambda actor, chunk: actor.segment.remote(dict(chunk)),
                 on_result=lambda chunk, outcomes: [count(outcome) for outcome in outcomes],
-                on_error=lambda chunk, reason: [count(ImageOutcome(image, reason)) for image in chunk],
+                on_error=lambda chunk, reason: [count(ImageOutcome(image, reason)) for image, _ in chunk],
                 finishing=interrupts.finishing, deferred=interrupts.deferred)
         run.stages_s["segmenting_s"] = time.perf_counter() - clock
         interrupts.finishing()  # every image is counted: a stop signal while Ray shuts down is only noted

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import itertools
 import logging
 import math
 import os
@@ -15,7 +16,7 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, ContextManager, Optional
+from typing import Any, Callable, ContextManager, Iterable, Iterator, Optional
 
 from ..errors import WildsegError, first_line, setting
 
@@ -188,17 +189,25 @@ def _last_line(error: BaseException) -> str:
     return next((line.strip() for line in reversed(str(error).splitlines()) if line.strip()), repr(error))
 
 
-def chunked(items: list, workers: int) -> list[list]:
-    """`items` in order, cut into about CHUNKS_PER_WORKER chunks per worker of at most MAX_CHUNK items."""
-    size = max(1, min(MAX_CHUNK, math.ceil(len(items) / (workers * CHUNKS_PER_WORKER))))
-    return [items[start : start + size] for start in range(0, len(items), size)]
+def chunk_size(count: int, workers: int) -> int:
+    """How many of `count` items go in one chunk: about CHUNKS_PER_WORKER chunks per worker, at most MAX_CHUNK
+    items each."""
+    return max(1, min(MAX_CHUNK, math.ceil(count / (workers * CHUNKS_PER_WORKER))))
 
 
-def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_result: Callable[[Any, Any], None],
+def chunked(items: Iterable, size: int) -> Iterator[list]:
+    """`items` in order, in lists of `size` (the last shorter), each taken from `items` only when it is asked for."""
+    items = iter(items)
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+def run_chunks(actors: list, chunks: Iterable, call: Callable[[Any, Any], Any], on_result: Callable[[Any, Any], None],
                on_error: Callable[[Any, str], None], finishing: Callable[[], None] = lambda: None,
                deferred: Callable[[], ContextManager] = contextlib.nullcontext) -> bool:
     """Run `call(actor, chunk)` (a Ray actor method's `remote`) for every chunk, IN_FLIGHT_PER_WORKER at a time
-    per actor, reporting `on_result(chunk, result)` as each returns, or `on_error(chunk, reason)` where the
+    per actor (each chunk taken from `chunks` when an actor is free for it, so that a stream of them is never held
+    whole), reporting `on_result(chunk, result)` as each returns, or `on_error(chunk, reason)` where the
     worker raised, inside `deferred()` (where a stop signal waits, so that a chunk is counted whole); see
     `ChunkRun` for lost workers and nodes. Ctrl-C (KeyboardInterrupt) stops handing out chunks and asks each
     actor to `stop`; then `finishing()` is called and the chunks in flight are collected for up to STOP_GRACE_S.
@@ -206,7 +215,7 @@ def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_r
     run = ChunkRun(actors, chunks, call, on_result, on_error)
     try:
         run.hand_out()
-        while run.running or (run.waiting and run.restarting):
+        while run.running or (run.has_waiting() and run.restarting):
             run.collect(None, deferred)
             run.hand_out()
         return False
@@ -220,8 +229,8 @@ def run_chunks(actors: list, chunks: list, call: Callable[[Any, Any], Any], on_r
 
 
 class ChunkRun:
-    """The chunks of a `run_chunks` call: those waiting, those in flight on which actor, and the actors that take
-    chunks (with how many each holds) or are being restarted.
+    """The chunks of a `run_chunks` call: those put back, those not handed out yet (a stream), those in flight on
+    which actor, and the actors that take chunks (with how many each holds) or are being restarted.
 
     A chunk whose actor died is put back first in line. The actor's other chunks in flight died with it, and the
     actor takes none until Ray has restarted it: a `ready` call with a deadline of RESTART_WAIT_S. Where the
@@ -229,20 +238,28 @@ class ChunkRun:
     is where its restarts are used up or its model does not load. A chunk run again skips the images its first
     attempt wrote (`SegmentWorker.segment`). When no actor is left, a one-line error."""
 
-    def __init__(self, actors: list, chunks: list, call: Callable[[Any, Any], Any],
+    def __init__(self, actors: list, chunks: Iterable, call: Callable[[Any, Any], Any],
                  on_result: Callable[[Any, Any], None], on_error: Callable[[Any, str], None]):
         self.call, self.on_result, self.on_error = call, on_result, on_error
-        self.waiting, self.running, self.restarting = deque(chunks), {}, {}
+        self.waiting, self.fresh, self.running, self.restarting = deque(), iter(chunks), {}, {}
         self.load = {actor: 0 for actor in actors}
         self.stopping = False
 
     def hand_out(self) -> None:
         """Give each actor that takes chunks the next waiting ones, up to IN_FLIGHT_PER_WORKER in flight."""
         for actor in self.load:
-            while self.load[actor] < IN_FLIGHT_PER_WORKER and self.waiting:
+            while self.load[actor] < IN_FLIGHT_PER_WORKER and self.has_waiting():
                 chunk = self.waiting.popleft()
                 self.running[self.call(actor, chunk)] = (actor, chunk)
                 self.load[actor] += 1
+
+    def has_waiting(self) -> bool:
+        """Whether a chunk waits: one put back, or the next of the stream (then taken from it and kept first)."""
+        if not self.waiting and not self.stopping:
+            chunk = next(self.fresh, None)
+            if chunk is not None:
+                self.waiting.append(chunk)
+        return bool(self.waiting)
 
     def collect(self, timeout: Optional[float], guard: Callable[[], ContextManager]) -> None:
         """Wait up to `timeout` (None: without end) for a chunk or a restarted actor, and take what came, each

@@ -14,7 +14,7 @@ from ..batch import ImageOutcome, Labeling, segment_and_write
 from ..errors import WildsegError
 from ..evaluation import Evaluation, Evaluator, PredictionStore, RunProtocol, evaluate
 from ..evaluation.runner import scored_prompts
-from .cluster import RayCluster, chunked, run_chunks, worker_shape
+from .cluster import RayCluster, chunk_size, chunked, run_chunks, worker_shape
 
 
 @dataclass(frozen=True)
@@ -84,8 +84,8 @@ class SegmentWorker(ModelWorker):
                         if classes is not None]
             finished = {outcome.image for outcome in outcomes}
             todo = [image for image in chunk if image not in finished]
-            images = (image for image in todo if not self.stopping.is_set())
-            segment_and_write(self.segmenter, images, self.job.labels, chunk, self.job.extras, self.job.request,
+            jobs = ((image, chunk[image]) for image in todo if not self.stopping.is_set())
+            segment_and_write(self.segmenter, jobs, self.job.labels, self.job.extras, self.job.request,
                               outcomes.append,
                               self.job.threads, self.job.refine_workers, folder=folder)
             return outcomes
@@ -153,7 +153,8 @@ def evaluate_on_ray(actors: list, ids: list[str], classes: int, store: Optional[
         on_images(len(chunk))
 
     clock = time.perf_counter()
-    if run_chunks(actors, chunked(ids, len(actors)), lambda actor, chunk: actor.evaluate.remote(chunk, store), add,
+    chunks = chunked(ids, chunk_size(len(ids), len(actors)))
+    if run_chunks(actors, chunks, lambda actor, chunk: actor.evaluate.remote(chunk, store), add,
                   fail, finishing):
         raise KeyboardInterrupt
     total.timings_s["total_s"] = time.perf_counter() - clock

@@ -1,0 +1,278 @@
+"""Planning a `wildseg segment` run before any work: which images of the inputs (and of a shard) it segments, which
+were done before, and the checks that keep the user's files safe (no output written over an input or where a
+folder is, no output made with other settings passed off as done).
+
+Planning streams. The inputs are listed once (`inputs.unique_inputs`, two hashes kept per input); each image's
+outputs are checked as it comes, from one listing of its output folder (`outputs.folder_entries`), so that a
+first run stats nothing per image and a resumed one reads only the records that exist. The images to do go to a
+temporary plan file, which `RunPlan.todo` reads back as the run segments them: a million inputs are planned
+without a list of them in memory, and a Ray driver hands them out in chunks as it reads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
+
+from .errors import WildsegError, setting
+from .inputs import shard_index, table_key, unique_inputs
+from .provenance import UNRECORDED, changed_settings, image_request
+
+if TYPE_CHECKING:
+    from .batch import Labeling
+    from .outputs import FolderEntries
+
+SHOWN_IMAGES = 3
+"""How many of the images a usage error concerns it names (then how many there are)."""
+LISTED_FOLDERS = 64
+"""How many output folders' listings planning keeps at once (images of one folder mostly come together)."""
+READ_BYTES = 1 << 20
+REQUESTS_KEPT = 64
+
+
+@dataclass(frozen=True)
+class OutputLayout:
+    """Where a run writes each image's outputs: under `out_dir`, at the image's output stem, with the scores, the
+    heat maps of `heatmap_labels` (background first) and the object map when they are asked for."""
+
+    out_dir: Path
+    scores: bool = False
+    heatmap_labels: Optional[tuple[str, ...]] = None
+    instances: bool = False
+
+    @cached_property
+    def suffixes(self) -> dict[str, str]:
+        """What each output's name adds to the image's name: '.png', '_overlay.jpg', '.json' and the others."""
+        return {kind: path.name[1:] for kind, path in self.paths("_").items()}
+
+    def paths(self, stem: str) -> dict[str, Path]:
+        """The output paths of the image with output stem `stem` (`outputs.output_paths`)."""
+        from .outputs import output_paths  # OpenCV, once an image is found: usage errors come at once
+
+        return output_paths(Path(stem), self.out_dir, scores=self.scores, heatmap_labels=self.heatmap_labels,
+                            instances=self.instances)
+
+
+class RunPlan:
+    """A planned run (`plan_run`): its counts, the one image's outputs when it has one image, and the images to
+    do, kept in a temporary file that is deleted when the plan is closed (it is a context manager)."""
+
+    def __init__(self, layout: OutputLayout):
+        self.layout = layout
+        self.found = 0
+        """Images the inputs hold, in every shard."""
+        self.images = 0
+        """Images of the shard (all of them without one), the unlisted ones included."""
+        self.unlisted = 0
+        """Images of the shard that the labels file does not list (skipped)."""
+        self.todo_count = 0
+        """Images to segment."""
+        self.only: Optional[tuple[Path, dict[str, Path]]] = None
+        """The image and its output paths where the shard holds one image with labels, else None."""
+        self.leftovers: list[Path] = []
+        """Temporary files that a killed earlier run left beside the outputs of the images planned."""
+        self.plan_file = tempfile.TemporaryFile(prefix="wildseg-plan-")
+
+    @property
+    def skipped(self) -> int:
+        """Images done before, and not segmented again."""
+        return self.images - self.unlisted - self.todo_count
+
+    def line(self) -> str:
+        """What the run would do, in one line."""
+        unlisted = f"{self.unlisted} skipped (not in the labels file), " if self.unlisted else ""
+        shard = f" of the {self.found} the inputs hold" if self.found != self.images else ""
+        return (f"would segment {self.todo_count} images: {self.skipped} skipped (done before), {unlisted}of "
+                f"{self.images} images{shard}")
+
+    def remove_leftovers(self) -> None:
+        """Delete the temporary files a killed earlier run left beside the outputs (`leftovers`)."""
+        for leftover in self.leftovers:
+            leftover.unlink(missing_ok=True)
+
+    def add(self, path: str, stem: str) -> None:
+        """Put an image (path, output stem) at the end of the images to do."""
+        self.plan_file.write(os.fsencode(path) + b"\0" + os.fsencode(stem) + b"\0")
+        self.todo_count += 1
+
+    def todo(self) -> Iterator[tuple[Path, dict[str, Path]]]:
+        """The images to do, in the order of the listing, with their output paths: read from the plan file as they
+        are taken."""
+        self.plan_file.flush()
+        self.plan_file.seek(0)
+        fields, rest = [], b""
+        while block := self.plan_file.read(READ_BYTES):
+            *complete, rest = (rest + block).split(b"\0")
+            fields.extend(complete)
+            for index in range(0, len(fields) - 1, 2):
+                path, stem = os.fsdecode(fields[index]), os.fsdecode(fields[index + 1])
+                yield Path(path), self.layout.paths(stem)
+            fields = fields[len(fields) - len(fields) % 2:]
+
+    def close(self) -> None:
+        self.plan_file.close()
+
+    def __enter__(self) -> "RunPlan":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def plan_run(inputs: Iterable[str], layout: OutputLayout, labeling: Labeling, request: Callable[[], dict], *,
+             recursive: bool = False, shard: Optional[tuple[int, int]] = None, skip_unlisted: bool = False,
+             overwrite: bool = False, given_labels: Optional[str] = None) -> RunPlan:
+    """Plan a run of `wildseg segment` over `inputs` (files, folders, glob patterns, @lists).
+
+    Args:
+        inputs: what the command was given.
+        layout: where the outputs go (the output folder is left out of the listing).
+        labeling: how the images get their labels (a labels file's table decides which are listed).
+        request: this run's `provenance.run_request`, called at each record found (cache it: it reads the templates).
+        recursive: search folders and ** patterns into their sub-folders.
+        shard: plan only shard K of N (`inputs.shard_index` of the output stems).
+        skip_unlisted: skip the images the labels file does not list, instead of failing.
+        overwrite: segment again the images done before (their records are then not read).
+        given_labels: the labels given, which an input that looks like a label is answered with.
+
+    Returns:
+        The RunPlan (to be closed), which names the temporary files a killed earlier run left (nothing is removed or
+        written in planning).
+
+    Raises:
+        WildsegError: an input is missing or two collide; an output path is a folder or an input; images lack
+            labels file entries (without `skip_unlisted`); images were done before with other settings (without
+            `overwrite`).
+    """
+    plan = RunPlan(layout)
+    try:
+        outdated, unlisted, inside_output, first = Counter(), [], set(), None
+        out_dir = os.path.abspath(layout.out_dir)
+        listings: dict[str, FolderEntries] = {}
+        requested = ImageRequests(request)
+        for path, stem in unique_inputs(inputs, recursive, layout.out_dir, given_labels):
+            plan.found += 1
+            if shard is not None and shard_index(stem, shard[1]) != shard[0]:
+                continue
+            plan.images += 1
+            absolute = os.path.abspath(path)
+            if absolute.startswith(out_dir + os.sep):
+                inside_output.add(absolute)
+            if labeling.table is not None and table_key(Path(path)) not in labeling.table:
+                plan.unlisted += 1
+                if len(unlisted) < SHOWN_IMAGES:
+                    unlisted.append(path)
+                continue
+            first = first or (path, stem)
+            folder, name = os.path.split(os.path.join(out_dir, stem))
+            entries = folder_listing(listings, folder)
+            if not entries or not done_before(path, folder, name, layout, entries, labeling, requested, overwrite,
+                                              outdated, plan.leftovers):
+                plan.add(path, stem)
+        if first is not None and plan.images - plan.unlisted == 1:
+            plan.only = Path(first[0]), layout.paths(first[1])
+        refuse_unlisted(plan, unlisted, labeling, skip_unlisted)
+        if inside_output:
+            refuse_to_overwrite_inputs(plan, inside_output)
+        refuse_outdated(outdated, plan.skipped, layout.out_dir)
+    except BaseException:
+        plan.close()
+        raise
+    return plan
+
+
+class ImageRequests:
+    """The requests of images (`provenance.image_request`) by what decides their labels, each made once while
+    there are few (with --labels, one for every image): comparing a million records costs one request."""
+
+    def __init__(self, request: Callable[[], dict]):
+        self.request, self.made = request, {}
+
+    def __call__(self, asked: dict) -> dict:
+        key = json.dumps(asked, sort_keys=True)
+        if key not in self.made:
+            if len(self.made) >= REQUESTS_KEPT:
+                self.made.clear()
+            self.made[key] = image_request(self.request(), asked)
+        return self.made[key]
+
+
+def folder_listing(listings: dict[str, FolderEntries], folder: str) -> FolderEntries:
+    """The entries of an output folder, listed at its first image and kept for the next ones (the LISTED_FOLDERS
+    latest folders)."""
+    from .outputs import folder_entries
+
+    if folder not in listings:
+        if len(listings) >= LISTED_FOLDERS:
+            del listings[next(iter(listings))]
+        listings[folder] = folder_entries(Path(folder))
+    return listings[folder]
+
+
+def done_before(image: str, folder: str, name: str, layout: OutputLayout, entries: FolderEntries,
+                labeling: Labeling, requested: Callable[[dict], dict], overwrite: bool, outdated: Counter,
+                leftovers: list[Path]) -> bool:
+    """Whether an image whose outputs go to `folder` (which holds `entries`) under `name` is done (as
+    `outputs.done_record` says, its files looked up in `entries`) and not to be segmented again; fails when one of
+    its output paths is a folder. Counts in `outdated` (None: images, else per setting) a done image made with
+    other settings than `requested` gives for its labels (`ImageRequests`), and adds to `leftovers` the temporary
+    files beside its outputs. Names are strings here: a million of them are checked."""
+    from .outputs import BASIC_OUTPUTS, is_record
+
+    names = {kind: name + suffix for kind, suffix in layout.suffixes.items()}
+    for output in names.values():
+        if output in entries.folders:
+            raise WildsegError(f"the output path {os.path.join(folder, output)} is a folder: move it away or choose "
+                               f"another {setting('out')}")
+        leftovers.extend(Path(folder, leftover) for leftover in entries.temporaries.get(output, ()))
+    needed = [names["record"], names["mask"], *(names[kind] for kind in names if kind not in BASIC_OUTPUTS)]
+    if overwrite or not all(output in entries.files for output in needed):
+        return False
+    try:
+        with open(os.path.join(folder, names["record"]), "rb") as file:
+            record = json.loads(file.read())
+    except (OSError, ValueError):
+        return False
+    if not is_record(record):
+        return False
+    changed = changed_settings(record, requested(labeling.asked(Path(os.path.abspath(image)))))
+    if changed is None or changed:
+        outdated[None] += 1
+        outdated.update(changed or [UNRECORDED])
+    return True
+
+
+def refuse_unlisted(plan: RunPlan, unlisted: list[str], labeling: Labeling, skip: bool) -> None:
+    """Unless `skip`, a usage error when the labels file lists not every image, naming the first few."""
+    if plan.unlisted and not skip:
+        named = ", ".join(unlisted)
+        more = f" and {plan.unlisted - len(unlisted)} more" if plan.unlisted > len(unlisted) else ""
+        raise WildsegError(f"{plan.unlisted} of the {plan.images} images have no entry in {setting('labels_file')} "
+                           f"{labeling.labels_file} ({named}{more}): add their rows, or give --skip-unlisted to "
+                           "segment only the images it lists")
+
+
+def refuse_to_overwrite_inputs(plan: RunPlan, inside_output: set[str]) -> None:
+    """A usage error when an image to do would write an output over an input (one of `inside_output`, the inputs
+    that lie in the output folder)."""
+    for image, paths in plan.todo():
+        if any(os.path.abspath(path) in inside_output for path in paths.values()):
+            raise WildsegError(f"the outputs of {image} would overwrite the input images: choose another --out folder")
+
+
+def refuse_outdated(outdated: Counter, done: int, out_dir: Path) -> None:
+    """A usage error when images done before (`done` of them) were made with other settings: naming each differing
+    setting and for how many images, with --overwrite and another --out as the ways on."""
+    images = outdated.pop(None, 0)
+    if images:
+        differing = ", ".join(f"{name if name == UNRECORDED else setting(name)} for {count}"
+                              for name, count in outdated.most_common())
+        raise WildsegError(f"{images} of the {done} images done before in {out_dir} were made with other "
+                           f"settings ({differing}): give --overwrite to segment them again with these, or "
+                           "choose another --out")
