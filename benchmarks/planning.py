@@ -70,19 +70,20 @@ def make_inputs(folder: Path, count: int) -> str:
 
 
 def done_record_text(labels: str) -> str:
-    """The JSON record of an image done by `wildseg segment --labels LABELS` with the default settings: its labels
-    and the request this run would compare (`provenance.image_request`)."""
+    """The JSON record of an image done by `wildseg segment --labels LABELS` with the default settings, as it writes
+    one: its labels and the request this run would compare (`provenance.image_request`) with its digest."""
     from wildseg.batch import LabelOptions, labeling
     from wildseg.cli.options import segmenter_values
     from wildseg.cli.segment import segment
-    from wildseg.provenance import image_request, run_request
+    from wildseg.provenance import image_request, request_digest, run_request
 
     given = segment.make_context("segment", ["image.jpg", "--labels", labels]).params
     named = inspect.signature(segment.callback).parameters
     options = segmenter_values({name: value for name, value in given.items() if name not in named})
     asked = labeling(LabelOptions(labels))
-    return json.dumps({"labels": ["background", *asked.known],
-                       "request": image_request(run_request(options), asked.asked(Path("image.jpg")))})
+    request = image_request(run_request(options), asked.asked(Path("image.jpg")))
+    return json.dumps({"labels": ["background", *asked.known], "request": request,
+                       "request_digest": request_digest(request)}, indent=2)
 
 
 def make_outputs(out: Path, count: int, record: str) -> None:

@@ -4,6 +4,7 @@ skipped. The mistakes that need no model run the command line in a subprocess, a
 model libraries were imported (torch, open_clip): before any model load."""
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -118,16 +119,41 @@ def test_equal_settings_written_otherwise_are_a_plain_resume(photos, tmp_path, t
 
 
 def test_a_record_without_its_settings_is_not_taken_as_done_with_these(photos, tmp_path, tiny_checkpoint):
-    """A record of a wildseg that did not write its request cannot be compared: it is refused, not resumed."""
+    """A record of a wildseg that did not write its request (nor its digest) cannot be compared: it is refused, not
+    resumed."""
     out = tmp_path / "out"
     given = ["segment", photos / "p0.png", "--labels", "cat", "--out", out, "--tta", "none",
              *tiny_cli_args(tiny_checkpoint)]
     assert run(*given).exit_code == 0
     record = json.loads((out / "p0.json").read_text())
-    del record["request"]
+    del record["request"], record["request_digest"]
     (out / "p0.json").write_text(json.dumps(record))
     code, lines, imported = before_loading(*given, cwd=tmp_path)
     assert code == 2 and imported == [] and "(settings unrecorded for 1)" in lines[0], lines
+
+
+def test_a_rerun_finds_a_record_done_by_its_request_digest_and_compares_one_without_it(photos, tmp_path,
+                                                                                        tiny_checkpoint):
+    """A record's `request_digest` is the SHA-256 of its request as JSON with sorted keys and no spaces (computed
+    here with hashlib). A rerun looks for that digest in the record's text: a record holding it is done with these
+    settings without being parsed (so even its request, altered here, is not read); one without it, or with
+    another, has its request compared setting by setting."""
+    out = tmp_path / "out"
+    given = ["segment", photos / "p0.png", "--labels", "cat", "--out", out, "--tta", "none",
+             *tiny_cli_args(tiny_checkpoint)]
+    assert run(*given).exit_code == 0
+    record = json.loads((out / "p0.json").read_text())
+    canonical = json.dumps(record["request"], sort_keys=True, separators=(",", ":")).encode()
+    assert record["request_digest"] == hashlib.sha256(canonical).hexdigest()
+
+    altered = {**record, "request": {**record["request"], "tta": "heavy"}}
+    cases = {"digest kept": (altered, 0, ""),
+             "digest removed": ({**altered, "request_digest": None}, 2, "(--tta for 1)"),
+             "another digest, the same request": ({**record, "request_digest": "0" * 64}, 0, "")}
+    for case, (written, code_expected, said) in cases.items():
+        (out / "p0.json").write_text(json.dumps(written, indent=2))
+        code, lines, imported = before_loading(*given, cwd=tmp_path)
+        assert code == code_expected and imported == [] and said in "".join(lines), (case, lines)
 
 
 def test_an_out_folder_that_cannot_be_created_is_a_usage_error_before_the_model_loads(photos, tmp_path):

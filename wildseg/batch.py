@@ -155,9 +155,10 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
                  request: dict) -> list[dict]:
     """Write one image's outputs (JSON last) with the `extras` asked for (`save_scores`, `heatmaps`, `instances`: the
     object map and the record's objects, `SegmentationResult.objects`), its `request` (`provenance.image_request`)
-    and its automatic-label record if any; returns the record's class rows. A write that fails raises a
-    WildsegError naming the folder."""
+    with its `request_digest` and its automatic-label record if any; returns the record's class rows. A write that
+    fails raises a WildsegError naming the folder."""
     from .outputs import write_outputs
+    from .provenance import request_digest
 
     result = item.result
     objects = result.objects() if extras.get("instances") else None
@@ -168,6 +169,7 @@ def save_outputs(item: BatchItem, paths: dict[str, Path], segmenter: Segmenter, 
         "classes": result.summary(),
         "settings": segmenter.settings(),
         "request": request,
+        "request_digest": request_digest(request),
         "timings_s": result.timings,
         **({"auto_labels": item.auto_labels} if item.auto_labels is not None else {}),
         **({} if objects is None else {"instances": [found.as_record(result.labels) for found in objects.objects]}),

@@ -73,7 +73,7 @@ def listed_inputs(
     """`expand_inputs`, keeping only the images of `shard` (K, N) when one is given, and how many images the inputs
     hold in all (`unique_inputs`, whose listing streams)."""
     kept, total = [], 0
-    for path, stem in unique_inputs(arguments, recursive, exclude, labels):
+    for path, _, stem in unique_inputs(arguments, recursive, exclude, labels):
         total += 1
         if shard is None or shard_index(stem, shard[1]) == shard[0]:
             kept.append(InputImage(Path(path), Path(stem)))
@@ -81,15 +81,16 @@ def listed_inputs(
 
 
 def unique_inputs(arguments: Iterable[str], recursive: bool = False, exclude: Optional[Path] = None,
-                  labels: Optional[str] = None) -> Iterator[tuple[str, str]]:
-    """(path, output stem as a POSIX path) of each image `expand_inputs` lists, in its order, as it is found: each
-    is checked for repeats and colliding stems with a hash of its path and stem kept, not the input, so that
-    listing millions of inputs holds two hashes per input."""
+                  labels: Optional[str] = None) -> Iterator[tuple[str, str, str]]:
+    """(path, its absolute form, output stem as a POSIX path) of each image `expand_inputs` lists, in its order, as
+    it is found: each is checked for repeats and colliding stems with a hash of its absolute path and stem kept, not
+    the input, so that listing millions of inputs holds two hashes per input."""
     arguments = list(arguments)
     seen_paths: set[int] = set()
     seen_stems: set[int] = set()
     for path, stem in _found(arguments, recursive, exclude, labels):
-        path_key = hash(os.path.abspath(path))
+        absolute = os.path.abspath(path)
+        path_key = hash(absolute)
         if path_key in seen_paths:
             continue
         stem_key = hash(stem.casefold())
@@ -97,7 +98,7 @@ def unique_inputs(arguments: Iterable[str], recursive: bool = False, exclude: Op
             _refuse_collision(arguments, recursive, exclude, labels, path, stem)
         seen_paths.add(path_key)
         seen_stems.add(stem_key)
-        yield path, stem
+        yield path, absolute, stem
 
 
 def _refuse_collision(arguments: list[str], recursive: bool, exclude: Optional[Path], labels: Optional[str],
@@ -165,13 +166,14 @@ def _scan(folder: Path, recursive: bool, exclude: Optional[Path]) -> Iterator[tu
                                  for entry in scanned)
         except PermissionError:  # as pathlib's rglob: an unreadable folder is passed over
             return
+        shown = os.path.join(str(folder), relative)
         for name, is_folder, is_file in entries:
-            inner = f"{relative}{name}"
             if recursive and is_folder:
-                yield from walk(os.path.join(directory, name), f"{inner}/")
-            elif (is_file or not recursive) and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                if excluded is None or not os.path.join(directory, name).startswith(excluded + os.sep):
-                    yield os.path.join(str(folder), inner), os.path.splitext(inner)[0]
+                yield from walk(os.path.join(directory, name), f"{relative}{name}/")
+            elif is_file or not recursive:
+                root, suffix = os.path.splitext(name)
+                if suffix.lower() in IMAGE_SUFFIXES:
+                    yield shown + name, relative + root
 
     yield from walk(os.path.abspath(folder), "")
 

@@ -106,6 +106,13 @@ def changed_settings(record: dict, request: dict) -> Optional[list[str]]:
     return sorted(both or (recorded.keys() ^ request.keys()))
 
 
+def request_digest(request: dict) -> str:
+    """SHA-256 of an image's request (`image_request`) as canonical JSON (sorted keys, no spaces): written into the
+    record beside the request as `request_digest`, so that a resumed run finds a record made with its settings by
+    finding that digest in the record's text, without parsing it."""
+    return hashlib.sha256(json.dumps(request, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 UNRECORDED = "settings unrecorded"
 """The name under which a record that holds no request is counted among those made with other settings."""
 
