@@ -163,8 +163,9 @@ def small_dino_checkpoint(tmp_path_factory):
 def test_segment_with_corrclip_end_to_end(oracle, l12_backbone, small_dino_checkpoint, tiny_sam2_folder, tmp_path,
                                           regions):
     """`--method corrclip` with superpixels and with SAM 2's masks (tiny random SAM 2, random DINO ViT-S/8, the
-    12-block tiny CLIP): exit 0, its windows and DINO recorded, and every region but the unsegmented one holds one
-    label (the map correction) where the mask is at the image's size; `--instances` writes a COCO file whose
+    12-block tiny CLIP, no test-time views, as CorrCLIP's protocols have none): exit 0, its windows and DINO
+    recorded, and every region but the unsegmented one holds one label (the map correction) where the mask is at
+    the image's size; `--instances` writes a COCO file whose
     annotations are those regions' pieces of each class (for SAM 2, none where no mask was painted). The labels
     are none of the 26 background words (road and sky are), so that the random model gives them some regions."""
     from pycocotools.coco import COCO
@@ -182,7 +183,7 @@ def test_segment_with_corrclip_end_to_end(oracle, l12_backbone, small_dino_check
     config.write_text(str(oracle["clip_config_json"]))
     result = CliRunner().invoke(main, [
         "segment", str(photo), "--labels", "car,person", "--method", "corrclip", "--regions", regions,
-        *(["--sam2-model", str(tiny_sam2_folder)] if regions == "sam2" else []), "--refine", "none",
+        *(["--sam2-model", str(tiny_sam2_folder)] if regions == "sam2" else []), "--refine", "none", "--tta", "none",
         "--dino-model", "vit_small_patch8_224.dino", "--dino-checkpoint", str(small_dino_checkpoint),
         "--model", ORACLE_L12, "--model-config", str(config), "--checkpoint", str(l12_backbone.checkpoint),
         "--device", "cpu", "--templates", "photo", "--out", str(tmp_path / "out"), "-q", "--instances",
