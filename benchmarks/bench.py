@@ -14,11 +14,14 @@ outputs (mask, overlay, JSON) like `wildseg segment`, from decoding to writing:
   per image, one view at a time, one forward and one backward per label and view, fp32, pydensecrf's
   CRF, then writing.
 
-Each path runs in its own process (so that peak memory is its own) after one untimed warm-up image. The
+The straightforward path runs first in a child process, then the fast path in this one, each after one untimed
+warm-up image: each peak memory is its own (the child is started before this process has done any work, as Linux
+keeps a process's peak across the start of a program). The
 table gives images per second, seconds per image of each stage (stages overlap in the fast path, so they
 may add up to more than the wall time) and peak memory; `--json FILE` writes it with `images_per_s` (fast
 path) and `speedup` (fast over straightforward) at the top level. Weights are random (`--pretrained none`)
-unless --checkpoint is given: speed does not depend on their values. Not a test: it reports figures.
+unless --checkpoint is given: speed does not depend on their values; with `--method dense --attention corrclip`,
+CorrCLIP's DINO (`--dino-model`) is random too, and its regions are SLIC's. Not a test: it reports figures.
 """
 
 import argparse
@@ -43,7 +46,9 @@ import wildseg
 from wildseg import Segmenter, SegmenterConfig
 from wildseg.autolabels import load_vocabulary
 from wildseg.backbone import load_backbone
+from wildseg.backbone.dino import load_dino
 from wildseg.backbone.loading import resolve_precision
+from wildseg.choices import DEFAULT_DINO_MODEL
 from wildseg.outputs import BackgroundWriter, output_paths, write_outputs
 from wildseg.timing import StageTimes
 
@@ -77,7 +82,22 @@ def build_segmenter(arguments, path_name: str) -> Segmenter:
     options = {"method": arguments.method, "tta": arguments.tta, "refine": arguments.refine,
                "templates": arguments.templates, "view_batch": arguments.view_batch}
     defaults = {"crf_backend": arguments.crf_backend, "attention": arguments.attention, "background_words": ()}
-    return Segmenter(backbone, SegmenterConfig.from_options(options, defaults))
+    config = SegmenterConfig.from_options(options, defaults)
+    dino = random_dino(arguments) if config.method_name == "corrclip" else None
+    return Segmenter(backbone, config, dino=dino)
+
+
+def random_dino(arguments) -> torch.nn.Module:
+    """CorrCLIP's DINO (`--dino-model`, with `--dino-architecture`'s timm arguments) with random weights, loaded by
+    `backbone.dino.load_dino` from a state dict of timm's initialisation, as a local checkpoint is."""
+    import timm
+
+    architecture = json.loads(arguments.dino_architecture)
+    with tempfile.TemporaryDirectory() as folder:
+        checkpoint = Path(folder) / "dino.pt"
+        torch.save(timm.create_model(arguments.dino_model, pretrained=False, num_classes=0, **architecture)
+                   .state_dict(), checkpoint)
+        return load_dino(arguments.dino_model, checkpoint, arguments.device, **architecture)
 
 
 def run_path(path_name: str, arguments) -> dict:
@@ -159,6 +179,8 @@ def environment(arguments) -> dict:
 def settings(arguments) -> dict:
     return {"model": arguments.model, "weights": str(arguments.checkpoint or "random"), "method": arguments.method,
             "attention": arguments.attention if arguments.method == "dense" else None, "tta": arguments.tta,
+            **({"dino_model": arguments.dino_model, "dino_architecture": json.loads(arguments.dino_architecture)}
+               if arguments.method == "dense" and arguments.attention == "corrclip" else {}),
             "refine": arguments.refine, "crf_backend": arguments.crf_backend, "labels": arguments.labels,
             "templates": arguments.templates,
             "view_batch": arguments.view_batch, "image_size": list(VOC_SIZE)}
@@ -187,6 +209,9 @@ def parse_arguments(argv=None):
     parser.add_argument("--reference-images", type=int, default=2, help="images timed on the straightforward path")
     parser.add_argument("--method", choices=["relevance", "dense"], default="relevance")
     parser.add_argument("--attention", default="naclip", help="dense method's attention")
+    parser.add_argument("--dino-model", default=DEFAULT_DINO_MODEL, help="CorrCLIP's DINO, by timm's name")
+    parser.add_argument("--dino-architecture", default="{}",
+                        help="timm arguments (JSON) that override the DINO's (a tiny one for smoke runs)")
     parser.add_argument("--tta", default="default")
     parser.add_argument("--refine", default="crf")
     parser.add_argument("--crf-backend", default="auto",
@@ -212,13 +237,12 @@ def main() -> None:
     if arguments.path is not None:
         print(json.dumps(run_path(arguments.path, arguments)))
         return
-    paths = {}
-    for name in PATHS:
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--path", name],
-                               capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            sys.exit(f"the {name} path failed:\n{child.stderr}")
-        paths[name] = json.loads(child.stdout.strip().splitlines()[-1])
+    child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--path", "straightforward"],
+                           capture_output=True, text=True, check=False)
+    if child.returncode != 0:
+        sys.exit(f"the straightforward path failed:\n{child.stderr}")
+    paths = {"fast": run_path("fast", arguments),
+             "straightforward": json.loads(child.stdout.strip().splitlines()[-1])}
     result = {
         "images_per_s": paths["fast"]["images_per_s"],
         "speedup": paths["fast"]["images_per_s"] / paths["straightforward"]["images_per_s"],

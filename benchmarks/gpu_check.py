@@ -1,7 +1,7 @@
 """Everything a GPU must show, in one call: the tests that need CUDA, the pipeline's speed and memory, fp16 against
 fp32, the torch CRF against pydensecrf, Ray with one GPU worker against one process, and the region sources.
 
-    python benchmarks/gpu_check.py --json gpu_check.json                 # on a GPU: about 8 minutes on an H100
+    python benchmarks/gpu_check.py --json gpu_check.json                 # on a GPU (sized for 8 minutes on an H100)
     python benchmarks/gpu_check.py --device cpu --small --json check.json  # the script itself, on the CPU
 
 Each step runs as its own process (the shipped scripts, with random ViT-B/16 weights unless --model is given) and
@@ -11,6 +11,7 @@ its outcome, seconds and figures are collected; a step that fails is reported an
   against pydensecrf), passed / failed / skipped;
 - `relevance_crf`, `dense_pamr`: `bench.py` with 21 labels on 512 images (images/s, peak GPU memory) for the default
   pipeline (relevance method, default TTA, CRF) and for NACLIP with PAMR, in `--precision` (default auto);
+- `corrclip_dino`: `bench.py` for CorrCLIP (64 images; its DINO ViT-B/8 random too, SLIC regions), the DINO path;
 - `fp16_agreement`: `precision.py --precision fp16` (speed ratio and pixels agreeing with fp32);
 - `ray`: `ray_bench.py` with one worker against one process;
 - `regions`: `region_speed.py` (SLIC, Felzenszwalb, SAM 2 Hiera-L) on the given images.
@@ -27,39 +28,44 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
-import torch
 from rich.console import Console
 from rich.table import Table
 
 BENCHMARKS = Path(__file__).resolve().parent
 ROOT = BENCHMARKS.parent
 STEP_TIMEOUT_S = 600
+SMOKE_DINO = {"embed_dim": 64, "depth": 3, "num_heads": 2}
+"""The DINO of the CorrCLIP step at smoke size: ViT-B/8's layout at width 64, 3 blocks, 2 heads."""
 
 
-def model_arguments(arguments) -> list[str]:
-    """The model options the benchmark scripts share."""
-    model = ["--model", arguments.model]
-    if arguments.model_config is not None:
-        model += ["--model-config", str(arguments.model_config)]
-    return model
+def model_arguments(model: str, config: Optional[Path]) -> list[str]:
+    """The model options the benchmark scripts share: an open_clip model and the config file that registers it."""
+    return ["--model", model, *(["--model-config", str(config)] if config is not None else [])]
 
 
 def steps(arguments, folder: Path) -> dict[str, list[str]]:
     """Each step's command line; its JSON goes to `folder / <step>.json` (the tests write a JUnit XML there)."""
     small = arguments.small
-    device, model = ["--device", arguments.device], model_arguments(arguments)
+    device, model = ["--device", arguments.device], model_arguments(arguments.model, arguments.model_config)
+    corrclip_model = model_arguments(arguments.corrclip_model or arguments.model,
+                                     arguments.corrclip_model_config or arguments.model_config)
     light = ["--tta", "none", "--templates", "photo"] if small else []
     images, labels = ("4", "2") if small else ("512", "21")
-    bench = [str(BENCHMARKS / "bench.py"), *device, *model, *light, "--images", images, "--labels", labels,
-             "--reference-images", "1" if small else "4", "--precision", arguments.precision]
+    bench = [str(BENCHMARKS / "bench.py"), *device, *light, "--labels", labels, "--precision", arguments.precision]
+    pipeline = [*bench, *model, "--images", images, "--reference-images", "1" if small else "4"]
+    tiny_dino = ["--dino-architecture", json.dumps(SMOKE_DINO)] if small else []
     commands = {
         "tests": ["-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", *map(str, arguments.tests),
                   f"--junitxml={folder / 'tests.xml'}"],
-        "relevance_crf": [*bench, "--method", "relevance", "--refine", "crf",
+        "relevance_crf": [*pipeline, "--method", "relevance", "--refine", "crf",
                           "--json", str(folder / "relevance_crf.json")],
-        "dense_pamr": [*bench, "--method", "dense", "--attention", "naclip", "--refine", "pamr",
+        "dense_pamr": [*pipeline, "--method", "dense", "--attention", "naclip", "--refine", "pamr",
                        "--json", str(folder / "dense_pamr.json")],
+        "corrclip_dino": [*bench, *corrclip_model, "--images", "2" if small else "64", "--reference-images", "1",
+                          "--method", "dense", "--attention", "corrclip", "--refine", "none", *tiny_dino,
+                          "--json", str(folder / "corrclip_dino.json")],
         "fp16_agreement": [str(BENCHMARKS / "precision.py"), *device, *model, *light, "--precision", "fp16",
                            "--labels", labels, "--limit", "1" if small else "8",
                            "--images", *map(str, arguments.images), "--json", str(folder / "fp16_agreement.json")],
@@ -106,7 +112,7 @@ def headline(name: str, figures: dict) -> str:
     """A step's main figures in a few words."""
     if name == "tests":
         return f"{figures['passed']} passed, {figures['failed']} failed, {figures['skipped']} skipped"
-    if name in ("relevance_crf", "dense_pamr"):
+    if name in ("relevance_crf", "dense_pamr", "corrclip_dino"):
         memory = figures["paths"]["fast"]["peak_gpu_memory_mb"]
         return (f"{figures['images_per_s']:.2f} images/s" + ("" if memory is None else f", {memory:.0f} MB GPU peak"))
     if name == "fp16_agreement":
@@ -116,14 +122,32 @@ def headline(name: str, figures: dict) -> str:
     return ", ".join(f"{source} {row['seconds_per_image']:.3f} s" for source, row in figures["sources"].items())
 
 
+def default_device() -> str:
+    """cuda where torch finds a GPU, else cpu (torch is imported only here and in `device_name`: the steps import
+    it themselves, and `--device cpu` starts faster without it)."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def device_name() -> str:
+    """The GPU's name, as torch gives it."""
+    import torch
+
+    return torch.cuda.get_device_name()
+
+
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda where there is one")
     parser.add_argument("--small", action="store_true", help="every step at smoke size (for the CPU)")
     parser.add_argument("--images", type=Path, nargs="+", default=[ROOT / "examples" / "images"],
                         help="folders of real images for fp16_agreement and regions (default: the example photos)")
     parser.add_argument("--model", default="ViT-B-16")
     parser.add_argument("--model-config", type=Path, help="an open_clip model config (JSON) to register first")
+    parser.add_argument("--corrclip-model", help="the open_clip model of the corrclip_dino step (default: --model's; "
+                                                     "CorrCLIP needs at least 5 blocks)")
+    parser.add_argument("--corrclip-model-config", type=Path, help="its config file (default: --model-config)")
     parser.add_argument("--sam2-model", help="a saved SAM 2 for the regions step (default: random Hiera-L)")
     parser.add_argument("--ray-address", help="a running Ray cluster for the ray step (default: a local one)")
     parser.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"], default="auto",
@@ -137,7 +161,8 @@ def parse_arguments(argv=None):
 
 def main() -> None:
     arguments = parse_arguments()
-    result = {"device": torch.cuda.get_device_name() if arguments.device == "cuda" else
+    arguments.device = arguments.device or default_device()
+    result = {"device": device_name() if arguments.device == "cuda" else
               f"CPU ({os.cpu_count()} cores)", "small": arguments.small, "steps": {}}
     table = Table(title=f"gpu_check on {result['device']}")
     for column in ("step", "outcome", "seconds", "figures"):

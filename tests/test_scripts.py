@@ -13,10 +13,13 @@ import torch
 from conftest import TINY_MODEL, camvid_coarse_confusions, shared_dataset
 
 from wildseg.backbone import load_backbone
+from wildseg.choices import DEFAULT_DINO_MODEL
 from wildseg.metrics import mean_iou
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "tests" / "configs" / f"{TINY_MODEL}.json"
+TINY_L12 = "wildseg-tiny-l12-openai"
+"""A tiny open_clip ViT of 12 blocks: CorrCLIP's spatial branch averages middle blocks."""
 
 
 def run_script(*arguments, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -77,9 +80,9 @@ def test_precision_compares_bf16_with_fp32_on_the_same_weights(tmp_path):
 def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sam2_folder, tmp_path):
     """`gpu_check.py --device cpu --small`: every step ran and reported its figures; the CUDA tests are collected
     and skipped here (no GPU). Its steps are the other benchmarks' smoke runs: bench.py (both paths, in bf16,
-    every stage timed), ray_bench.py (one process and Ray, both done, Ray's start-up timed apart) and region_speed.py
-    (with a saved tiny SAM 2 on one CamVid frame: a row per source, the superpixel counts those of scikit-image run
-    here)."""
+    every stage timed; CorrCLIP with a tiny random DINO too), ray_bench.py (one process and Ray, both done, Ray's
+    start-up timed apart) and region_speed.py (with a saved tiny SAM 2 on one CamVid frame: a row per source, the
+    superpixel counts those of scikit-image run here)."""
     from PIL import Image
 
     from wildseg.refinement.regions import superpixels
@@ -87,14 +90,16 @@ def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sa
     report = tmp_path / "check.json"
     gpu_tests = [ROOT / "tests" / "test_precision.py", ROOT / "tests" / "test_lattice.py"]  # where the marks are
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--device", "cpu", "--small",
-                             "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--images",
+                             "--model", TINY_MODEL, "--model-config", str(TINY_CONFIG), "--corrclip-model",
+                             TINY_L12, "--corrclip-model-config", str(ROOT / "tests" / "configs" / f"{TINY_L12}.json"),
+                             "--images",
                              str(shared_dataset("camvid") / "images"), "--sam2-model", str(tiny_sam2_folder),
                              "--ray-address", ray_address, "--precision", "bf16", "--tests", *map(str, gpu_tests),
                              "--json", str(report)],
                             capture_output=True, text=True, cwd=ROOT, timeout=600)
     assert result.returncode == 0, result.stderr
     steps = json.loads(report.read_text())["steps"]
-    assert list(steps) == ["tests", "relevance_crf", "dense_pamr", "fp16_agreement", "ray", "regions"]
+    assert list(steps) == ["tests", "relevance_crf", "dense_pamr", "corrclip_dino", "fp16_agreement", "ray", "regions"]
     assert all(step["ok"] and "figures" in step for step in steps.values()), result.stdout
     tests = steps["tests"]["figures"]
     assert tests["passed"] == tests["failed"] == 0 and tests["skipped"] >= 5, "the gpu tests, skipped without one"
@@ -107,6 +112,9 @@ def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sa
         assert {"decode", "forward", "backward", "refine", "write"} <= ran, "each stage that ran is timed"
         assert path["peak_cpu_memory_mb"] > 0 and path["peak_gpu_memory_mb"] is None
     assert steps["dense_pamr"]["figures"]["settings"]["attention"] == "naclip"
+    corrclip = steps["corrclip_dino"]["figures"]
+    assert corrclip["settings"]["attention"] == "corrclip" and corrclip["settings"]["dino_model"] == DEFAULT_DINO_MODEL
+    assert [corrclip["paths"][name]["images"] for name in ("fast", "straightforward")] == [2, 1]
     assert set(steps["fp16_agreement"]["figures"]["seconds_per_image"]) == {"fp32", "fp16"}
     ray = steps["ray"]["figures"]
     assert [ray["summaries"][name]["done"] for name in ("one process", "ray")] == [4, 4], "each run did every image"
