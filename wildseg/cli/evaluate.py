@@ -135,7 +135,7 @@ def evaluate_run(console: Console, dataset, dataset_key: str, ids: list[str], pr
     """One method over the images under its protocol (`evaluation.run_protocol`), by a segmenter here (on
     `backbone` when one is loaded) or the Ray workers of `cluster`; its report, and the backbone a next run can
     reuse."""
-    from ..distributed.workers import RayEvaluator
+    from ..distributed.evaluation import RayEvaluator
     from ..evaluation import (
         LocalEvaluator,
         PredictionStore,
