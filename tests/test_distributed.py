@@ -174,6 +174,85 @@ def test_ctrl_c_while_the_workers_load_the_model_writes_the_summary(ray_address,
     assert counts["interrupted"] and counts["done"] == 0 and not out.exists()
 
 
+HELD_LISTING = """
+import sys, time
+from pathlib import Path
+import wildseg.cli.segment, wildseg.planning
+from wildseg.cli import main
+
+listed, out, before = wildseg.planning.unique_inputs, Path(sys.argv[1]), int(sys.argv[2])
+
+def held(*arguments):
+    listing = listed(*arguments)
+    for _ in range(before):
+        yield next(listing)
+    deadline = time.monotonic() + 120
+    while not any(out.rglob("*.json")):
+        if time.monotonic() > deadline:
+            sys.exit("the listing waited 120 s for a record: no image was handed out while it listed")
+        time.sleep(0.05)
+    yield from listing
+
+wildseg.planning.unique_inputs = held
+wildseg.cli.segment.HAND_OUT_AFTER_S = 0.0
+sys.argv = ["wildseg", *sys.argv[3:]]
+main()
+"""
+"""`wildseg segment` with its listing held after the first N images until a record is written under OUT (argv:
+OUT N ARGUMENTS...), and the hand-out begun at once: a run ends only if its images are handed out as listed."""
+
+
+def held_listing_command(out: Path, before: int, command: list[str]) -> list[str]:
+    """`command` (a `segment_command`) run by HELD_LISTING, its listing held after `before` images."""
+    return [sys.executable, "-c", HELD_LISTING, str(out), str(before), *command[3:]]
+
+
+def test_a_first_run_of_a_folder_is_handed_out_as_it_is_listed_and_writes_one_process_s_files(
+        ray_address, tmp_path, tiny_checkpoint):
+    folder = camvid_pictures(tmp_path / "images", 8)
+    single = subprocess.run(segment_command(folder, tmp_path / "single", tiny_checkpoint), capture_output=True,
+                            text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr
+    out, summary = tmp_path / "ray", tmp_path / "summary.json"
+    run = subprocess.run(held_listing_command(out, 7, segment_command(folder, out, tiny_checkpoint, "--ray",
+                                                                      ray_address, "--summary", summary)),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr
+    counts = json.loads(summary.read_text())
+    assert (counts["images"], counts["done"], counts["skipped"], counts["failed"]) == (8, 8, 0, 0), \
+        "the summary counts the whole listing, which ended after the first images were done"
+    assert outputs(out) == outputs(tmp_path / "single")
+
+
+def test_a_collision_found_while_handing_out_stops_the_run_with_whole_files_that_a_rerun_keeps(
+        ray_address, tmp_path, tiny_checkpoint):
+    """`zz.jpg` and `zz.png` would write the same outputs: the listing finds it after the first images were handed
+    out. The run stops with the one-line error, every record it wrote is whole, none half-written; once the user
+    removes one of the two, a run in one process keeps what was done."""
+    folder = camvid_pictures(tmp_path / "images", 6)
+    Image.open(folder / sorted(path.name for path in folder.iterdir())[0]).save(folder / "zz.jpg")
+    (folder / "zz.png").write_bytes((folder / "zz.jpg").read_bytes())
+    out = tmp_path / "out"
+    run = subprocess.run(held_listing_command(out, 7, segment_command(folder, out, tiny_checkpoint, "--ray",
+                                                                      ray_address)),
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 2, run.stderr
+    assert run.stderr.strip().splitlines()[-1] == (
+        f"wildseg: error: {folder / 'zz.jpg'} and {folder / 'zz.png'} would write the same outputs zz.*: give their "
+        "common folder instead, or segment them in two runs")
+    records = sorted(out.glob("*.json"))
+    assert records and not list(out.glob(".*")), "images were done before the error, and no file is half-written"
+    assert all((out / f"{record.stem}.png").is_file() for record in records)
+    (folder / "zz.png").unlink()
+    summary = tmp_path / "summary.json"
+    resumed = subprocess.run(segment_command(folder, out, tiny_checkpoint, "--summary", summary),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    counts = json.loads(summary.read_text())
+    assert (counts["skipped"], counts["done"]) == (len(records), 7 - len(records)), \
+        "the records of the stopped run count as done with these settings"
+
+
 def test_ray_usage_errors_are_one_line(tmp_path, monkeypatch, tiny_checkpoint):
     image = tmp_path / "a.png"
     Image.new("RGB", (32, 24)).save(image)

@@ -7,6 +7,10 @@ outputs are checked as it comes, from one listing of its output folder (`outputs
 first run stats nothing per image and a resumed one reads only the records that exist. The images to do go to a
 temporary plan file, which `RunPlan.todo` reads back as the run segments them: a million inputs are planned
 without a list of them in memory, and a Ray driver hands them out in chunks as it reads.
+
+Where no check can refuse the run once the listing has begun (`hands_out_as_listed`: a first run of one folder),
+a Ray driver plans in the background and hands out the images as they are planned (`plan_run`'s
+`hand_out_after`): `RunPlan.todo` then follows the plan file as it grows.
 """
 
 from __future__ import annotations
@@ -14,9 +18,10 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import threading
 from collections import Counter
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Optional
 
@@ -34,6 +39,10 @@ LISTED_FOLDERS = 64
 """How many output folders' listings planning keeps at once (images of one folder mostly come together)."""
 READ_BYTES = 1 << 20
 """How much of the plan file is read at once."""
+WRITE_BYTES = 1 << 16
+"""How much of the plan is gathered in memory before it is written to the plan file."""
+FOLLOW_S = 0.05
+"""How often `RunPlan.todo` looks for images that a listing in the background has added."""
 REQUESTS_KEPT = 64
 """How many images' requests `ImageRequests` keeps (one per label set)."""
 RECORD_HEAD = 1 << 16
@@ -91,7 +100,15 @@ class RunPlan:
         """The image and its output paths where the shard holds one image with labels, else None."""
         self.leftovers: list[Path] = []
         """Temporary files that a killed earlier run left beside the outputs of the images planned."""
-        self.plan_file = tempfile.TemporaryFile(prefix="wildseg-plan-")
+        self.plan_file = tempfile.TemporaryFile(prefix="wildseg-plan-", buffering=0)
+        self.pending, self.written = bytearray(), 0
+        self.listed = False
+        """Whether planning has ended: the counts are then final and the plan file holds every image to do."""
+        self.failure: Optional[BaseException] = None
+        """The error that ended planning, if one did."""
+        self.cancelled = False
+        self.progressed = threading.Condition()
+        self.lister: Optional[threading.Thread] = None
 
     @property
     def skipped(self) -> int:
@@ -112,16 +129,55 @@ class RunPlan:
 
     def add(self, path: str, stem: str) -> None:
         """Put an image (path, output stem) at the end of the images to do."""
-        self.plan_file.write(os.fsencode(path) + b"\0" + os.fsencode(stem) + b"\0")
+        self.pending += os.fsencode(path) + b"\0" + os.fsencode(stem) + b"\0"
         self.todo_count += 1
+        if len(self.pending) >= WRITE_BYTES:
+            self.write()
 
-    def todo(self) -> Iterator[tuple[Path, dict[str, Path]]]:
+    def write(self) -> None:
+        """Write the images gathered to the plan file."""
+        with self.progressed:
+            while self.pending and not self.cancelled:
+                count = os.pwrite(self.plan_file.fileno(), self.pending, self.written)
+                self.written += count
+                del self.pending[:count]
+            self.pending.clear()
+            self.progressed.notify_all()
+
+    def end(self, failure: Optional[BaseException] = None) -> None:
+        """Planning has ended (with `failure`, the error that ended it, if one did)."""
+        self.write()
+        with self.progressed:
+            self.failure, self.listed = failure, True
+            self.progressed.notify_all()
+
+    def wait(self, timeout: Optional[float]) -> bool:
+        """Wait up to `timeout` seconds (None: until it ends) for planning to end; whether it has. Raises the error
+        that ended it."""
+        with self.progressed:
+            self.progressed.wait_for(lambda: self.listed, timeout)
+            if self.failure is not None:
+                raise self.failure
+            return self.listed
+
+    def todo(self, follow: bool = True) -> Iterator[tuple[Path, dict[str, Path]]]:
         """The images to do, in the order of the listing, with their output paths: read from the plan file as they
-        are taken."""
-        self.plan_file.flush()
-        self.plan_file.seek(0)
-        fields, rest = [], b""
-        while block := self.plan_file.read(READ_BYTES):
+        are taken. While planning goes on in the background this follows it, images not yet written to the file
+        included (unless not `follow`: then only those written), and raises the error that ended it."""
+        offset, fields, rest = 0, [], b""
+        while True:
+            with self.progressed:
+                while follow and offset == self.written + len(self.pending) and not self.listed:
+                    self.progressed.wait(FOLLOW_S)  # the listing adds images without waking the reader
+                if follow and self.failure is not None:
+                    raise self.failure
+                start, end = offset - self.written, self.written
+                if start >= 0 and not (follow and start < len(self.pending)):
+                    return
+                block = bytes(self.pending[start:start + READ_BYTES]) if start >= 0 else None
+            if block is None:
+                block = os.pread(self.plan_file.fileno(), min(READ_BYTES, end - offset), offset)
+            offset += len(block)
             *complete, rest = (rest + block).split(b"\0")
             fields.extend(complete)
             for index in range(0, len(fields) - 1, 2):
@@ -130,6 +186,10 @@ class RunPlan:
             fields = fields[len(fields) - len(fields) % 2:]
 
     def close(self) -> None:
+        """Stop planning where it goes on in the background, and delete the plan file."""
+        self.cancelled = True
+        if self.lister is not None:
+            self.lister.join()
         self.plan_file.close()
 
     def __enter__(self) -> "RunPlan":
@@ -141,7 +201,8 @@ class RunPlan:
 
 def plan_run(inputs: Iterable[str], layout: OutputLayout, labeling: Labeling, request: Callable[[], dict], *,
              recursive: bool = False, shard: Optional[tuple[int, int]] = None, skip_unlisted: bool = False,
-             overwrite: bool = False, given_labels: Optional[str] = None) -> RunPlan:
+             overwrite: bool = False, given_labels: Optional[str] = None,
+             hand_out_after: Optional[float] = None) -> RunPlan:
     """Plan a run of `wildseg segment` over `inputs` (files, folders, glob patterns, @lists).
 
     Args:
@@ -154,50 +215,100 @@ def plan_run(inputs: Iterable[str], layout: OutputLayout, labeling: Labeling, re
         skip_unlisted: skip the images the labels file does not list, instead of failing.
         overwrite: segment again the images done before (their records are then not read).
         given_labels: the labels given, which an input that looks like a label is answered with.
+        hand_out_after: None to plan the whole run before returning; else plan in the background and return once
+            planning has ended or after this many seconds, whichever comes first (`RunPlan.listed` says which; for
+            runs that `hands_out_as_listed`, whose images can be handed out while the listing goes on).
 
     Returns:
         The RunPlan (to be closed), which names the temporary files a killed earlier run left (nothing is removed or
         written in planning).
 
     Raises:
-        WildsegError: an input is missing or two collide; an output path is a folder or an input; images lack
-            labels file entries (without `skip_unlisted`); images were done before with other settings (without
-            `overwrite`).
+        WildsegError: the inputs hold no image, an input is missing or two collide; an output path is a folder or an
+            input; images lack labels file entries (without `skip_unlisted`); images were done before with other
+            settings (without `overwrite`). In the background, an error found after `hand_out_after` is raised by
+            `RunPlan.todo` and `RunPlan.wait`.
     """
     plan = RunPlan(layout)
+    listing = partial(fill_plan, plan, inputs, labeling, request, recursive, shard, skip_unlisted, overwrite,
+                      given_labels)
+    if hand_out_after is not None:
+        plan.lister = threading.Thread(target=plan_in_background, args=(plan, listing), name="wildseg-planning",
+                                       daemon=True)
+        plan.lister.start()
     try:
-        outdated, unlisted, inside_output, first = Counter(), [], set(), None
-        out_dir = os.path.abspath(layout.out_dir)
-        listings: dict[str, FolderEntries] = {}
-        requests = ImageRequests(request, labeling)
-        for path, absolute, stem in unique_inputs(inputs, recursive, layout.out_dir, given_labels):
-            plan.found += 1
-            if shard is not None and shard_index(stem, shard[1]) != shard[0]:
-                continue
-            plan.images += 1
-            if absolute.startswith(out_dir + os.sep):
-                inside_output.add(absolute)
-            if labeling.table is not None and table_key(Path(path)) not in labeling.table:
-                plan.unlisted += 1
-                if len(unlisted) < SHOWN_IMAGES:
-                    unlisted.append(path)
-                continue
-            first = first or (path, stem)
-            folder, name = os.path.split(os.path.join(out_dir, stem))
-            entries = listings[folder] if folder in listings else folder_listing(listings, folder)
-            if not entries or not done_before(absolute, folder, name, layout, entries, requests, overwrite, outdated,
-                                              plan.leftovers):
-                plan.add(path, stem)
-        if first is not None and plan.images - plan.unlisted == 1:
-            plan.only = Path(first[0]), layout.paths(first[1])
-        refuse_unlisted(plan, unlisted, labeling, skip_unlisted)
-        if inside_output:
-            refuse_to_overwrite_inputs(plan, inside_output)
-        refuse_outdated(outdated, plan.skipped, layout.out_dir)
+        if hand_out_after is None:
+            listing()
+            plan.end()
+        plan.wait(hand_out_after)
     except BaseException:
         plan.close()
         raise
     return plan
+
+
+def plan_in_background(plan: RunPlan, listing: Callable[[], None]) -> None:
+    """Run `listing` (`fill_plan`) and end the plan with the error that stopped it, if one did."""
+    try:
+        listing()
+    except BaseException as error:  # handed to the thread that reads the plan, which raises it
+        plan.end(error)
+    else:
+        plan.end()
+
+
+def fill_plan(plan: RunPlan, inputs: Iterable[str], labeling: Labeling, request: Callable[[], dict], recursive: bool,
+              shard: Optional[tuple[int, int]], skip_unlisted: bool, overwrite: bool, given_labels: Optional[str]
+              ) -> None:
+    """List the inputs into `plan` and make the checks of `plan_run` (its arguments), until the plan is closed."""
+    layout = plan.layout
+    outdated, unlisted, inside_output, first = Counter(), [], set(), None
+    out_dir = os.path.abspath(layout.out_dir)
+    listings: dict[str, FolderEntries] = {}
+    requests = ImageRequests(request, labeling)
+    for path, absolute, stem in unique_inputs(inputs, recursive, layout.out_dir, given_labels):
+        if plan.cancelled:
+            return
+        plan.found += 1
+        if shard is not None and shard_index(stem, shard[1]) != shard[0]:
+            continue
+        plan.images += 1
+        if absolute.startswith(out_dir + os.sep):
+            inside_output.add(absolute)
+        if labeling.table is not None and table_key(Path(path)) not in labeling.table:
+            plan.unlisted += 1
+            if len(unlisted) < SHOWN_IMAGES:
+                unlisted.append(path)
+            continue
+        first = first or (path, stem)
+        folder, name = os.path.split(os.path.join(out_dir, stem))
+        entries = listings[folder] if folder in listings else folder_listing(listings, folder)
+        if not entries or not done_before(absolute, folder, name, layout, entries, requests, overwrite, outdated,
+                                          plan.leftovers):
+            plan.add(path, stem)
+    plan.write()
+    if not plan.found:
+        raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
+    if first is not None and plan.images - plan.unlisted == 1:
+        plan.only = Path(first[0]), layout.paths(first[1])
+    refuse_unlisted(plan, unlisted, labeling, skip_unlisted)
+    if inside_output:
+        refuse_to_overwrite_inputs(plan, inside_output)
+    refuse_outdated(outdated, plan.skipped, layout.out_dir)
+
+
+def hands_out_as_listed(inputs: list[str], out_dir: Path, labeling: Labeling) -> bool:
+    """Whether a run's images can be handed out as they are listed, no check being able to refuse the run once its
+    listing has begun: a first run (its output folder empty or missing: no image done before, with other settings
+    or not, no output in the place of a folder, no input that an output could overwrite) of one folder (whose
+    images' output stems are their paths in it) without a labels file. Two images of the folder that would write
+    the same outputs (`a.jpg` and `a.png`) still stop such a run where the listing finds them."""
+    if len(inputs) != 1 or inputs[0].startswith("@") or not Path(inputs[0]).is_dir() or labeling.table is not None:
+        return False
+    if not out_dir.is_dir():
+        return not out_dir.exists()
+    with os.scandir(out_dir) as entries:
+        return next(entries, None) is None
 
 
 class ImageRequests:
@@ -291,7 +402,7 @@ def refuse_unlisted(plan: RunPlan, unlisted: list[str], labeling: Labeling, skip
 def refuse_to_overwrite_inputs(plan: RunPlan, inside_output: set[str]) -> None:
     """A usage error when an image to do would write an output over an input (one of `inside_output`, the inputs
     that lie in the output folder)."""
-    for image, paths in plan.todo():
+    for image, paths in plan.todo(follow=False):
         if any(os.path.abspath(path) in inside_output for path in paths.values()):
             raise WildsegError(f"the outputs of {image} would overwrite the input images: choose another --out folder")
 

@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from ..planning import RunPlan
 
 AUTO = "auto"
+HAND_OUT_AFTER_S = 2.0
+"""How long a `--ray` run that can hand out its images as it lists them (`planning.hands_out_as_listed`) plans
+before it starts the cluster: a shorter listing is whole, and all of its checks made, before Ray starts."""
 
 
 @click.command()
@@ -114,20 +117,20 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
     check_export_options(coco_path, yolo_folder, yolo_min_region)
     from ..files import write_json
     from ..inputs import parse_shard
-    from ..planning import OutputLayout, plan_run
+    from ..planning import OutputLayout, hands_out_as_listed, plan_run
     from ..provenance import run_request
 
     console = Console(stderr=True, quiet=quiet)
     heatmap_labels = (BACKGROUND, *clean_labels(labels)) if heatmaps and labels not in (None, AUTO) else None
     layout = OutputLayout(out_dir, save_scores, heatmap_labels, instances)
     request = functools.cache(partial(run_request, options))  # made once needed: a record to compare, or work
+    streamed = cluster is not None and not dry_run and hands_out_as_listed(list(inputs), out_dir, labels_plan)
     with status(console, "planning: listing the inputs and the outputs done before"):
         plan = plan_run(inputs, layout, labels_plan, request, recursive=recursive,
                         shard=None if shard is None else parse_shard(shard), skip_unlisted=skip_unlisted,
-                        overwrite=overwrite, given_labels=labels if labels != AUTO else None)
+                        overwrite=overwrite, given_labels=labels if labels != AUTO else None,
+                        hand_out_after=HAND_OUT_AFTER_S if streamed else None)
     with plan:
-        if not plan.found:
-            raise WildsegError("the inputs hold no image (jpg, jpeg, png, bmp, tif, tiff, webp): check the paths")
         if plan.unlisted:
             console.print(f"skipping {plan.unlisted} of the {plan.images} images: {labels_file} does not list them",
                           markup=False, highlight=False, soft_wrap=True)
@@ -140,7 +143,7 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
         extras = {"save_scores": save_scores, "heatmaps": heatmaps, "instances": instances}
         with Interrupts() as interrupts:
             try:
-                if plan.todo_count and cluster is not None:
+                if (plan.todo_count or not plan.listed) and cluster is not None:
                     segment_on_ray(cluster, plan, labels_plan, extras, request(), overwrite, workers, refine_workers,
                                    options, run, console, interrupts)
                 elif plan.todo_count:
@@ -149,6 +152,8 @@ def segment(inputs, labels, vocab, auto_min_area, auto_min_score, labels_file, s
             except KeyboardInterrupt:  # while the model loads, the labels are embedded or Ray starts: none in flight
                 run.interrupted = True
                 interrupts.finishing()
+            plan.wait(None)  # a run handed out as listed counts the images of the whole listing
+            run.total, run.skipped, run.unlisted = plan.images, plan.skipped, plan.unlisted
             run.seconds = time.perf_counter() - started
             if plan.only is not None and run.done == 1:
                 report.print(summary_table(run.last_classes))
@@ -192,7 +197,9 @@ def segment_on_ray(cluster_options, plan: RunPlan, labels: Labeling, extras: dic
                    overwrite: bool, workers: int, refine_workers: Optional[int], options: dict, run: BatchSummary,
                    console: Console, interrupts: Interrupts) -> None:
     """Segment the plan's images to do on Ray workers (`distributed`), in chunks read from the plan as workers
-    take them, with one progress bar for the whole cluster, counting each image in `run`."""
+    take them (while it is still planned, for a run handed out as listed: the chunks' size then follows from the
+    images planned once the workers are ready), with one progress bar for the whole cluster (its total known once
+    the listing ends), counting each image in `run`."""
     from ..batch import ImageOutcome
     from ..distributed.cluster import RayCluster, chunk_size, chunked, run_chunks, worker_shape
     from ..distributed.workers import SegmentJob, SegmentWorker
@@ -208,8 +215,14 @@ def segment_on_ray(cluster_options, plan: RunPlan, labels: Labeling, extras: dic
         run.stages_s["ray_start_s"] = time.perf_counter() - clock
         clock = time.perf_counter()
         with image_progress(console) as progress:
-            task = progress.add_task(f"segmenting on {shape.workers} Ray workers", total=plan.todo_count)
-            count = partial(account, run, progress, task)
+            task = progress.add_task(f"segmenting on {shape.workers} Ray workers",
+                                     total=plan.todo_count if plan.listed else None)
+
+            def count(outcome: ImageOutcome) -> None:
+                if plan.listed:  # the total, once the listing has ended
+                    progress.update(task, total=plan.todo_count)
+                account(run, progress, task, outcome)
+
             run.interrupted = run_chunks(
                 actors, chunked(plan.todo(), chunk_size(plan.todo_count, shape.workers)),
                 call=lambda actor, chunk: actor.segment.remote(dict(chunk)),

@@ -209,9 +209,10 @@ def run_chunks(actors: list, chunks: Iterable, call: Callable[[Any, Any], Any], 
     per actor (each chunk taken from `chunks` when an actor is free for it, so that a stream of them is never held
     whole), reporting `on_result(chunk, result)` as each returns, or `on_error(chunk, reason)` where the
     worker raised, inside `deferred()` (where a stop signal waits, so that a chunk is counted whole); see
-    `ChunkRun` for lost workers and nodes. Ctrl-C (KeyboardInterrupt) stops handing out chunks and asks each
-    actor to `stop`; then `finishing()` is called and the chunks in flight are collected for up to STOP_GRACE_S.
-    Returns whether it was interrupted."""
+    `ChunkRun` for lost workers and nodes. Ctrl-C (KeyboardInterrupt), or a WildsegError from `chunks` (a listing
+    that found a usage error while its images were handed out), stops handing out chunks and asks each actor to
+    `stop`; then `finishing()` is called and the chunks in flight are collected for up to STOP_GRACE_S, so that no
+    output is left half-written. Returns whether it was interrupted; raises the WildsegError."""
     run = ChunkRun(actors, chunks, call, on_result, on_error)
     try:
         run.hand_out()
@@ -219,12 +220,14 @@ def run_chunks(actors: list, chunks: Iterable, call: Callable[[Any, Any], Any], 
             run.collect(None, deferred)
             run.hand_out()
         return False
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, WildsegError) as stopped:
         run.stop()
         finishing()
         deadline = time.monotonic() + STOP_GRACE_S
         while run.running and time.monotonic() < deadline:
             run.collect(max(0.0, deadline - time.monotonic()), contextlib.nullcontext)  # signals now only noted
+        if isinstance(stopped, WildsegError):
+            raise
         return True
 
 
