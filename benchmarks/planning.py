@@ -8,8 +8,13 @@ process of its own, `wildseg segment FOLDER --recursive --labels thing` planning
   checked for repeats and hashed into its shard, and none is left to do, so the run ends before any model loads);
 - a first run: `--dry-run`, no output yet (every image planned to do, in the plan file);
 - a resumed run: `--dry-run` again once every image has a record (made with this run's request, so done) and a
-  mask: every record is read and compared, and none is left to do.
-Reports seconds and the peak memory of that process: the cost of planning. Not a test: it reports figures.
+  mask: every record is read and compared, and none is left to do;
+- with `--ray ADDRESS`, a first run on Ray: `--ray ADDRESS --ray-workers 1 --pretrained none --shard K/1000`, K the
+  shard of the first input (about one input in 1,000 handed out, each an empty file that fails in the worker), into
+  an empty output folder: a run whose images are handed out as they are listed once its listing takes 2 s; and the
+  same run into an output folder that holds an unrelated file, which is planned whole before Ray starts.
+Reports seconds and the peak memory of that process (for Ray, the driver's), and for Ray the run's summary: the
+cost of planning. Not a test: it reports figures.
 """
 
 import argparse
@@ -30,6 +35,9 @@ from wildseg.inputs import shard_index
 
 FILES_PER_FOLDER = 1000
 SHARDS = 1_000_000
+RAY_SHARDS = 1000
+CASES = {"empty_shard": "empty shard", "first_run": "first run", "resumed": "resumed",
+         "ray": "on Ray, handed out as listed", "ray_whole": "on Ray, planned whole"}
 MEASURED_RUN = """
 import resource, runpy, sys
 
@@ -55,6 +63,11 @@ print(done_record_text(sys.argv[1]))
 counts their parent's (Linux keeps it across exec)."""
 
 
+def input_stem(index: int) -> str:
+    """The output stem of input `index` of `make_inputs`."""
+    return f"{index // FILES_PER_FOLDER:05d}/{index:08d}"
+
+
 def make_inputs(folder: Path, count: int) -> str:
     """`count` empty .jpg files under `folder`, `FILES_PER_FOLDER` per sub-folder; returns the first shard K/SHARDS
     that holds none of them (`wildseg.inputs.shard_index` of their output stems)."""
@@ -64,8 +77,7 @@ def make_inputs(folder: Path, count: int) -> str:
             sub_folder = folder / f"{index // FILES_PER_FOLDER:05d}"
             sub_folder.mkdir()
         os.close(os.open(sub_folder / f"{index:08d}.jpg", os.O_CREAT | os.O_WRONLY, 0o644))
-        stem = f"{sub_folder.name}/{index:08d}"
-        used.add(shard_index(stem, SHARDS))
+        used.add(shard_index(input_stem(index), SHARDS))
     return f"{next(shard for shard in range(1, SHARDS + 1) if shard not in used)}/{SHARDS}"
 
 
@@ -111,11 +123,23 @@ def plan(folder: Path, out: Path, options: list[str]) -> dict:
             "said": (finished.stdout.strip().splitlines() or [""])[-1]}
 
 
+def on_ray(folder: Path, out: Path, address: str, summary: Path, options: list[str]) -> dict:
+    """`plan` of a first run on the Ray cluster at `address` (one worker, random weights) of the shard of the first
+    input in RAY_SHARDS, with the counts and stages of its summary."""
+    shard = f"{shard_index(input_stem(0), RAY_SHARDS)}/{RAY_SHARDS}"
+    row = plan(folder, out, ["--ray", address, "--ray-workers", "1", "--pretrained", "none", "--shard", shard, "-q",
+                             "--summary", str(summary), *options])
+    counts = json.loads(summary.read_text())
+    return {**row, "shard": shard, **{key: counts[key] for key in ("images", "done", "failed", "stages_s")}}
+
+
 def parse_arguments(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--folder", type=Path, help="where to make the inputs (default: a temporary folder)")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--ray", metavar="ADDRESS", help="also a first run on this Ray cluster (local: one started "
+                                                         "for it)")
     parser.add_argument("segment_options", nargs="*", help="after --: more options of wildseg segment")
     return parser.parse_args(argv)
 
@@ -136,16 +160,27 @@ def main() -> None:
             row["first_run"] = plan(folder, out, ["--dry-run", *arguments.segment_options])
             make_outputs(out, count, record)
             row["resumed"] = plan(folder, out, ["--dry-run", *arguments.segment_options])
+            if arguments.ray is not None:
+                summary = Path(temporary) / f"summary_{count}.json"
+                row["ray"] = on_ray(folder, Path(temporary) / f"out_{count}_ray", arguments.ray, summary,
+                                    arguments.segment_options)
+                kept = Path(temporary) / f"out_{count}_ray_whole"
+                kept.mkdir()
+                (kept / "notes.txt").write_text("not an output of wildseg\n")
+                row["ray_whole"] = on_ray(folder, kept, arguments.ray, summary, arguments.segment_options)
     result = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "command": "wildseg segment FOLDER --recursive --labels thing, with --shard K/1000000 (an empty shard) "
-                         "or --dry-run (a first and a resumed run)", "inputs": rows}
+                         "or --dry-run (a first and a resumed run), or --ray ADDRESS --ray-workers 1 --pretrained none "
+                         "--shard K/1000 (on Ray, into an empty folder: handed out as listed, and into a folder "
+                         "holding a file: planned whole)", "inputs": rows}
     table = Table(title=f"planning N inputs: seconds and peak memory (MB) ({result['machine']})")
     table.add_column("inputs", justify="right")
-    for column in ("empty shard", "first run", "resumed"):
-        table.add_column(column, justify="right")
+    cases = [case for case in CASES if not case.startswith("ray") or arguments.ray is not None]
+    for case in cases:
+        table.add_column(CASES[case], justify="right")
     for count, row in rows.items():
         table.add_row(f"{count:,}", *(f"{row[case]['seconds']:.1f} s, {row[case]['peak_memory_mb']:.0f} MB"
-                                      for case in ("empty_shard", "first_run", "resumed")))
+                                      for case in cases))
     Console().print(table)
     if arguments.json is not None:
         arguments.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -127,21 +127,31 @@ def test_gpu_check_runs_every_step_on_the_cpu_at_smoke_size(ray_address, tiny_sa
     assert all(row["seconds_per_image"] > 0 for row in regions["sources"].values())
 
 
-def test_planning_plans_an_empty_shard_a_first_and_a_resumed_run(tmp_path):
-    """Two small counts: each run ends without work (exit 0); the dry runs say that a first run would segment every
-    input and a resumed one, whose records the script made, none; the shard it picked holds none of the inputs, by
-    `in_shard`."""
+def test_planning_plans_an_empty_shard_a_first_and_a_resumed_run_and_one_on_ray(tmp_path, ray_address):
+    """Two small counts: each run without Ray ends without work (exit 0); the dry runs say that a first run would
+    segment every input and a resumed one, whose records the script made, none; the shard it picked holds none of the
+    inputs, by `in_shard`. On Ray, the shard of the first input is handed out: each of its images (empty files)
+    fails in the worker (exit 1), and the summary counts them."""
     from wildseg.inputs import expand_inputs, in_shard, parse_shard
 
-    report = tmp_path / "planning.json"
+    report, on_ray_report = tmp_path / "planning.json", tmp_path / "ray.json"
     run_script(ROOT / "benchmarks" / "planning.py", "--counts", 300, 2000, "--folder", tmp_path, "--json", report)
+    run_script(ROOT / "benchmarks" / "planning.py", "--counts", 300, "--folder", tmp_path, "--ray", ray_address,
+               "--json", on_ray_report)
     rows = json.loads(report.read_text())["inputs"]
+    on_ray, planned_whole = (json.loads(on_ray_report.read_text())["inputs"]["300"][case] for case in
+                             ("ray", "ray_whole"))
     assert set(rows) == {"300", "2000"}
     for count, row in rows.items():
         runs = [row[case] for case in ("empty_shard", "first_run", "resumed")]
         assert all(run["exit_code"] == 0 and run["seconds"] > 0 and run["peak_memory_mb"] > 0 for run in runs)
         assert row["first_run"]["said"] == f"would segment {count} images: 0 skipped (done before), of {count} images"
         assert row["resumed"]["said"] == f"would segment 0 images: {count} skipped (done before), of {count} images"
+        assert "ray" not in row
+    assert on_ray["exit_code"] == 1 and on_ray["done"] == 0 and on_ray["failed"] == on_ray["images"] >= 1
+    assert {"ray_start_s", "segmenting_s"} <= set(on_ray["stages_s"]) and on_ray["peak_memory_mb"] > 0
+    assert {key: planned_whole[key] for key in ("exit_code", "shard", "images", "done", "failed")} == {
+        key: on_ray[key] for key in ("exit_code", "shard", "images", "done", "failed")}, "the same run, planned whole"
     folder = tmp_path / "again"
     folder.mkdir()
     from planning import make_inputs
@@ -150,3 +160,6 @@ def test_planning_plans_an_empty_shard_a_first_and_a_resumed_run(tmp_path):
     assert shard == rows["300"]["shard"]
     images = expand_inputs([str(folder)], recursive=True)
     assert len(images) == 300 and not any(in_shard(image, parse_shard(shard)) for image in images)
+    ray_shard = parse_shard(on_ray["shard"])
+    assert in_shard(images[0], ray_shard) and on_ray["images"] == sum(
+        in_shard(image, ray_shard) for image in images), "the Ray run's shard: the first input's, counted whole"
